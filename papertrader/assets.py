@@ -1,0 +1,66 @@
+"""The asset list (spec 2.3.1): the tradable companies and their reference prices."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import attr
+
+from papertrader.money import parse_amount
+
+COLUMNS = ("symbol", "name", "exchange", "sector", "industry", "reference_price")
+_SYMBOL = re.compile(r"^[A-Z][A-Z0-9.\-]{0,9}$")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Asset:
+    """One tradable asset; ``reference_cents`` seeds the simulated market."""
+
+    symbol: str
+    name: str
+    exchange: str
+    sector: str
+    industry: str
+    reference_cents: int
+
+
+def parse_assets(lines: list[str], origin: str = "assets") -> tuple[dict[str, Asset], list[str]]:
+    """Parse CSV lines (with a header row) into assets keyed by symbol.
+
+    Returns the assets and every problem found, so a caller can report them all.
+    """
+    problems: list[str] = []
+    assets: dict[str, Asset] = {}
+    reader = csv.DictReader(lines)
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        return {}, [f"{origin}: missing column(s): {', '.join(missing)}"]
+    for row in reader:
+        where = f"{origin}:{reader.line_num}"
+        symbol = (row["symbol"] or "").strip().upper()
+        if not _SYMBOL.match(symbol):
+            problems.append(f"{where}: bad symbol {row['symbol']!r}")
+            continue
+        if symbol in assets:
+            problems.append(f"{where}: duplicate symbol {symbol}")
+            continue
+        try:
+            cents = parse_amount(row["reference_price"] or "")
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if cents <= 0:
+            problems.append(f"{where}: reference price must be positive")
+            continue
+        assets[symbol] = Asset(
+            symbol=symbol,
+            name=(row["name"] or "").strip(),
+            exchange=(row["exchange"] or "").strip(),
+            sector=(row["sector"] or "").strip(),
+            industry=(row["industry"] or "").strip(),
+            reference_cents=cents,
+        )
+    if not assets and not problems:
+        problems.append(f"{origin}: no assets listed")
+    return assets, problems

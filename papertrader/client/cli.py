@@ -1,0 +1,339 @@
+"""The ``papertrader`` command: trade from a terminal or a script.
+
+Exit codes: 0 success, 1 the server refused (the message says why),
+2 bad usage or no connection.  ``--json`` prints machine-readable results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from OpenSSL.SSL import Error as TLSError
+from twisted.internet import task
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectError, ConnectionClosed
+
+from papertrader import tls
+from papertrader.client.library import PaperTraderClient, TLSHandshakeFailed, connect
+from papertrader.config import default_data_dir
+from papertrader.errors import PaperTraderError
+from papertrader.money import format_cents
+
+DEFAULT_PORT = 2049
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A problem on this side (usage, files, connection), reported with exit code 2."""
+
+
+def config_dir() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "papertrader")
+
+
+def session_path() -> str:
+    return os.path.join(config_dir(), "session.json")
+
+
+def save_session(session: dict[str, Any]) -> None:
+    """Write the session file readable by the user alone (mode 0600)."""
+    os.makedirs(config_dir(), mode=0o700, exist_ok=True)
+    path = session_path()
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(session, f)
+    os.chmod(path + ".tmp", 0o600)
+    os.replace(path + ".tmp", path)
+
+
+def load_session() -> dict[str, Any] | None:
+    try:
+        with open(session_path(), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def forget_session() -> None:
+    try:
+        os.unlink(session_path())
+    except FileNotFoundError:
+        pass
+
+
+def read_password(args: argparse.Namespace, confirm: bool = False) -> str:
+    """From ``--password-file`` (first line) or a prompt; never from the command line."""
+    if args.password_file:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise CommandError(f"cannot read password file: {e.strerror}") from None
+        if not password:
+            raise CommandError("password file is empty")
+        return password
+    if not sys.stdin.isatty():
+        raise CommandError("no terminal to prompt for a password; use --password-file FILE")
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Password again: ") != password:
+        raise CommandError("the passwords do not match")
+    return password
+
+
+def resolve_server(args: argparse.Namespace, session: dict[str, Any] | None) -> tuple[str, int, str]:
+    """Which worker to talk to and which CA to trust.
+
+    ``--server``/``--ca`` win; then the session's server; then the local
+    deployment in ``--data-dir`` (its worker address file and CA).
+    """
+    data_dir = args.data_dir or default_data_dir()
+    server = args.server or (session or {}).get("server")
+    if server is None:
+        addresses = sorted(glob.glob(os.path.join(data_dir, "worker-*.address")))
+        if not addresses:
+            raise CommandError(
+                f"no --server given and no local deployment found in {data_dir}; "
+                "start one with 'twistd -n papertrader-master' or pass --server HOST:PORT"
+            )
+        with open(addresses[0], encoding="ascii") as f:
+            server = f.read().strip()
+    try:
+        host, port = tls.split_address(server, DEFAULT_PORT)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    ca = args.ca or (session or {}).get("ca") or os.path.join(data_dir, "tls", "ca.pem")
+    if not os.access(ca, os.R_OK):
+        raise CommandError(f"cannot read the CA certificate {ca}; pass --ca FILE")
+    return host, port, os.path.abspath(ca)
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def _session_token(session: dict[str, Any] | None) -> str:
+    if not session or not session.get("token"):
+        raise CommandError("not logged in; run 'papertrader login USERNAME' first")
+    return session["token"]
+
+
+# ------------------------------------------------------------------ commands
+
+
+@inlineCallbacks
+def cmd_register(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    password = read_password(args, confirm=True)
+    answer = yield client.register(args.username, args.email, password)
+    _print(args, answer, f"registered {answer['username']}; now run 'papertrader login {answer['username']}'")
+
+
+@inlineCallbacks
+def cmd_login(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    password = read_password(args)
+    answer = yield client.login(args.username, password, remember=args.remember)
+    host, port, ca = where
+    save_session(
+        {
+            "token": answer["token"],
+            "username": answer["username"],
+            "expires_at": answer["expires_at"],
+            "server": f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
+            "ca": ca,
+        }
+    )
+    _print(
+        args,
+        {"username": answer["username"], "expires_at": answer["expires_at"]},
+        f"logged in as {answer['username']} until {answer['expires_at']}",
+    )
+
+
+@inlineCallbacks
+def cmd_logout(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    client.token = _session_token(session)
+    try:
+        yield client.logout()
+    finally:
+        forget_session()
+    _print(args, {}, "logged out")
+
+
+@inlineCallbacks
+def cmd_quote(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    q = yield client.quote(args.symbol)
+    _print(
+        args,
+        {**q, "price": format_cents(q["price_cents"])},
+        f"{q['symbol']}  {format_cents(q['price_cents'])}  {q['name']} ({q['exchange']}) as of {q['as_of']}",
+    )
+
+
+def _order_command(side: str) -> Any:
+    @inlineCallbacks
+    def run(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+        client.token = _session_token(session)
+        updates: dict[int, dict[str, Any]] = {}
+        waiting: dict[int, Deferred] = {}
+
+        def arrived(update: dict[str, Any]) -> None:
+            updates[update["order_id"]] = update
+            if update["order_id"] in waiting:
+                waiting.pop(update["order_id"]).callback(update)
+
+        client.on_order_update(arrived)
+        place = client.buy if side == "buy" else client.sell
+        answer = yield place(args.symbol, args.quantity)
+        order_id = answer["order_id"]
+        if not args.wait:
+            _print(
+                args,
+                {"order_id": order_id, "status": "queued"},
+                f"order {order_id} queued: {side} {args.quantity} {args.symbol.upper()} "
+                "at the next price update",
+            )
+            return
+        update = updates.get(order_id)
+        if update is None:
+            d = waiting[order_id] = Deferred()
+            update = yield d
+        if update["status"] == "filled":
+            text = (
+                f"order {order_id} filled: {side} {update['quantity']} {update['symbol']} at "
+                f"{format_cents(update['price_cents'])} on {update['settled_at']}"
+            )
+        else:
+            text = f"order {order_id} rejected: {update.get('reason', '')}"
+        _print(args, update, text)
+        if update["status"] != "filled":
+            raise SystemExit(EXIT_REFUSED)
+
+    return run
+
+
+@inlineCallbacks
+def cmd_orders(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    client.token = _session_token(session)
+    answer = yield client.orders(args.limit)
+    lines = [f"{'ID':>8}  {'SIDE':4}  {'SYMBOL':6}  {'QTY':>8}  {'STATUS':8}  {'PRICE':>10}  DETAIL"]
+    for o in answer["orders"]:
+        price = format_cents(o["price_cents"]) if "price_cents" in o else "-"
+        detail = o.get("reason") or o.get("settled_at") or f"placed {o['created_at']}"
+        lines.append(
+            f"{o['order_id']:>8}  {o['side']:4}  {o['symbol']:6}  {o['quantity']:>8}  "
+            f"{o['status']:8}  {price:>10}  {detail}"
+        )
+    _print(args, answer["orders"], "\n".join(lines))
+
+
+@inlineCallbacks
+def cmd_portfolio(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    client.token = _session_token(session)
+    p = yield client.portfolio()
+    lines = [f"{p['username']}: cash {format_cents(p['cash_cents'])}"]
+    for pos in p["positions"]:
+        lines.append(
+            f"  {pos['symbol']:6} {pos['quantity']:>8} x {format_cents(pos['price_cents']):>10}"
+            f" = {format_cents(pos['value_cents']):>12}"
+        )
+    lines.append(f"total {format_cents(p['total_cents'])} (prices as of {p['as_of'] or 'n/a'})")
+    _print(args, p, "\n".join(lines))
+
+
+@inlineCallbacks
+def cmd_history(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    client.token = _session_token(session)
+    answer = yield client.history(args.limit)
+    lines = [f"{'SETTLED AT':32}  {'ORDER':>7}  {'SIDE':4}  {'SYMBOL':6}  {'QTY':>8}  {'PRICE':>10}  {'TOTAL':>12}"]
+    for t in answer["transactions"]:
+        lines.append(
+            f"{t['settled_at']:32}  {t['order_id']:>7}  {t['side']:4}  {t['symbol']:6}  {t['quantity']:>8}  "
+            f"{format_cents(t['price_cents']):>10}  {format_cents(t['total_cents']):>12}"
+        )
+    _print(args, answer["transactions"], "\n".join(lines))
+
+
+# ------------------------------------------------------------------ parsing and running
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", metavar="HOST:PORT", help="worker to connect to (default: the local deployment)")
+    common.add_argument("--ca", metavar="FILE", help="CA certificate to trust (default: the local deployment's)")
+    common.add_argument("--data-dir", metavar="DIR", help="local deployment's data directory")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    parser = argparse.ArgumentParser(prog="papertrader", description="Trade stocks with fake money on PaperTrader.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, run: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(run=run)
+        return p
+
+    p = add("register", cmd_register, "create an account")
+    p.add_argument("username")
+    p.add_argument("email")
+    p.add_argument("--password-file", metavar="FILE", help="read the password from FILE's first line")
+    p = add("login", cmd_login, "log in and keep the session for later commands")
+    p.add_argument("username")
+    p.add_argument("--remember", action="store_true", help="keep the session for longer")
+    p.add_argument("--password-file", metavar="FILE", help="read the password from FILE's first line")
+    add("logout", cmd_logout, "end the saved session")
+    p = add("quote", cmd_quote, "show an asset's latest price")
+    p.add_argument("symbol")
+    for side in ("buy", "sell"):
+        p = add(side, _order_command(side), f"queue a market {side} order for the next price update")
+        p.add_argument("symbol")
+        p.add_argument("quantity", help="whole number of shares")
+        p.add_argument("--wait", action="store_true", help="wait until the order settles and show the fill")
+    p = add("orders", cmd_orders, "list your recent orders and their status")
+    p.add_argument("--limit", type=int, default=20)
+    add("portfolio", cmd_portfolio, "show your cash and positions")
+    p = add("history", cmd_history, "list your settled trades with the time each went through")
+    p.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+@inlineCallbacks
+def run(reactor: Any, args: argparse.Namespace) -> Any:
+    session = load_session()
+    try:
+        where = resolve_server(args, session)
+        host, port, ca = where
+        try:
+            client = yield connect(reactor, host, port, ca)
+        except (ConnectError, TLSError, TLSHandshakeFailed, OSError) as e:
+            raise CommandError(f"cannot connect to {host}:{port}: {e}") from None
+        try:
+            yield args.run(client, args, session, where)
+        finally:
+            client.close()
+    except CommandError as e:
+        _fail(str(e), EXIT_USAGE)
+    except PaperTraderError as e:
+        _fail(str(e), EXIT_REFUSED)
+    except ConnectionClosed:
+        _fail("the server closed the connection", EXIT_USAGE)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"papertrader: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    task.react(run, (args,))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The deployment's configuration (spec 2.3) as one validated object.
+
+Values come from an INI file (section ``[papertrader]``, see
+``etc/papertrader.ini``) and may each be overridden on the command line.
+Every problem is collected and reported together; unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attr
+
+from papertrader.assets import Asset, parse_assets
+from papertrader.errors import ConfigError
+from papertrader.money import parse_amount
+
+SECTION = "papertrader"
+
+
+def default_data_dir() -> str:
+    """Where a deployment keeps its database and certificates unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "papertrader")
+
+
+def default_assets_file() -> str:
+    """The sample asset list: installed under ``share/papertrader`` or in a source checkout."""
+    installed = os.path.join(sys.prefix, "share", "papertrader", "assets.csv")
+    if os.path.exists(installed):
+        return installed
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "assets.csv")
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class MasterConfig:
+    """Everything a master (and the local workers it starts) needs to run."""
+
+    assets: Mapping[str, Asset]
+    assets_file: str
+    workers: int = 1
+    log_memory_entries: int = 1000
+    update_interval: float = 60.0
+    listen: str = "tcp:2048:interface=127.0.0.1"
+    worker_listen: str = "tcp:2049:interface=127.0.0.1"
+    data_dir: str = attr.Factory(default_data_dir)
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
+    bcrypt_cost: int = 12
+    starting_cash_cents: int = 10_000_000
+    max_order_quantity: int = 100_000
+    session_lifetime: float = 24 * 3600.0
+    remember_lifetime: float = 30 * 24 * 3600.0
+    price_seed: int | None = None
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _endpoint(text: str) -> str:
+    if not text.startswith(("tcp:", "tcp6:", "unix:")):
+        raise ValueError(f"expected a tcp:, tcp6: or unix: endpoint string, got {text!r}")
+    return text
+
+
+def _hostnames(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("at least one hostname is needed")
+    return names
+
+
+def _cash(text: str) -> int:
+    return parse_amount(text)
+
+
+def _seed(text: str) -> int | None:
+    return None if text.strip() == "" else int(text)
+
+
+# key -> (attribute, parser); keys are the INI names, options use dashes.
+_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "assets": ("assets_file", str),
+    "workers": ("workers", _int_in(0, 64)),
+    "log_memory_entries": ("log_memory_entries", _int_in(1, 10_000_000)),
+    "update_interval": ("update_interval", _positive_seconds),
+    "listen": ("listen", _endpoint),
+    "worker_listen": ("worker_listen", _endpoint),
+    "data_dir": ("data_dir", str),
+    "hostnames": ("hostnames", _hostnames),
+    "bcrypt_cost": ("bcrypt_cost", _int_in(4, 31)),
+    "starting_cash": ("starting_cash_cents", _cash),
+    "max_order_quantity": ("max_order_quantity", _int_in(1, 1_000_000_000)),
+    "session_lifetime": ("session_lifetime", _positive_seconds),
+    "remember_lifetime": ("remember_lifetime", _positive_seconds),
+    "price_seed": ("price_seed", _seed),
+}
+
+KEYS = tuple(_PARSERS)
+
+
+def load_master_config(path: str | None, overrides: Mapping[str, str | None]) -> MasterConfig:
+    """Read ``path`` (if any), apply non-None ``overrides``, validate, return the config.
+
+    Raises `ConfigError` listing every problem. Relative paths in the file are
+    taken relative to the file's folder.
+    """
+    problems: list[str] = []
+    raw: dict[str, str] = {}
+    base = os.getcwd()
+    if path is not None:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except (OSError, UnicodeDecodeError, configparser.Error) as e:
+            raise ConfigError([f"cannot read configuration {path}: {e}"]) from None
+        if not parser.has_section(SECTION):
+            raise ConfigError([f"{path}: no [{SECTION}] section"])
+        for section in parser.sections():
+            if section != SECTION:
+                problems.append(f"{path}: unknown section [{section}]")
+        base = os.path.dirname(os.path.abspath(path))
+        for key, value in parser.items(SECTION):
+            if key not in _PARSERS:
+                problems.append(f"{path}: unknown key {key!r}")
+            else:
+                raw[key] = value
+        for key in ("assets", "data_dir"):
+            if key in raw:
+                raw[key] = os.path.join(base, os.path.expanduser(raw[key]))
+    for key, value in overrides.items():
+        if key not in _PARSERS:
+            problems.append(f"unknown setting {key!r}")
+        elif value is not None:
+            raw[key] = value
+
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        attribute, parse = _PARSERS[key]
+        try:
+            values[attribute] = parse(text)
+        except ValueError as e:
+            problems.append(f"{key}: {e}")
+
+    assets_file = values.pop("assets_file", None) or default_assets_file()
+    assets: dict[str, Asset] = {}
+    try:
+        with open(assets_file, encoding="utf-8", newline="") as f:
+            assets, asset_problems = parse_assets(f.readlines(), assets_file)
+        problems.extend(asset_problems)
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"assets: cannot read {assets_file}: {e}")
+
+    if "data_dir" in values:
+        values["data_dir"] = os.path.abspath(os.path.expanduser(values["data_dir"]))
+        if os.path.exists(values["data_dir"]) and not os.path.isdir(values["data_dir"]):
+            problems.append(f"data_dir: {values['data_dir']} exists and is not a directory")
+    if problems:
+        raise ConfigError(problems)
+    return MasterConfig(assets=assets, assets_file=os.path.abspath(assets_file), **values)

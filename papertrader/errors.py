@@ -1,0 +1,52 @@
+"""Failures every tier can report, each carrying a human-readable reason.
+
+These are plain exceptions so that domain code raises them without knowing
+about the wire; `papertrader.protocol` declares them on each AMP Command so
+they cross every link intact.
+"""
+
+from __future__ import annotations
+
+
+class PaperTraderError(Exception):
+    """Base of every expected failure; ``str(error)`` is the reason shown to users."""
+
+
+class RegisterFailed(PaperTraderError):
+    """A registration was refused (taken username or email, malformed input)."""
+
+
+class LoginFailed(PaperTraderError):
+    """Wrong username or password; deliberately does not say which."""
+
+
+class SessionInvalid(PaperTraderError):
+    """The session token is missing, unknown, forged or expired."""
+
+
+class PurchaseFailed(PaperTraderError):
+    """A buy order was refused before it was queued."""
+
+
+class SellFailed(PaperTraderError):
+    """A sell order was refused before it was queued."""
+
+
+class DataFailed(PaperTraderError):
+    """Requested market or account data does not exist."""
+
+
+class ServiceUnavailable(PaperTraderError):
+    """A tier behind this one (master, database) cannot be reached right now."""
+
+
+class WorkerRefused(PaperTraderError):
+    """The master refused a worker's handshake."""
+
+
+class ConfigError(PaperTraderError):
+    """The configuration is invalid; carries every problem found at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems

@@ -1,0 +1,1 @@
+"""The master server: the only holder of accounts, orders and prices."""

@@ -1,0 +1,216 @@
+"""The master's domain: what each request means, independent of AMP.
+
+`Exchange` ties accounts, the order desk, the price board and the database
+together; the AMP responders in `papertrader.master.protocol` only translate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from papertrader.errors import (
+    DataFailed,
+    PaperTraderError,
+    PurchaseFailed,
+    SellFailed,
+    ServiceUnavailable,
+)
+from papertrader.master.accounts import Accounts
+from papertrader.master.database import Database
+from papertrader.master.market import PriceBoard, PriceSource
+from papertrader.master.trading import (
+    BUY,
+    SIDES,
+    NewOrder,
+    OrderDesk,
+    Settlement,
+    parse_quantity,
+    refuse_reason,
+    settle_orders,
+)
+from papertrader.protocol import MAX_LIST_LIMIT
+from papertrader.timestamps import iso
+
+TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
+
+
+class Exchange:
+    """Accepts orders into the queue and settles the queue on every price update."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        database: Database,
+        accounts: Accounts,
+        board: PriceBoard,
+        source: PriceSource,
+        clock: IReactorTime,
+        max_order_quantity: int,
+    ) -> None:
+        self._db = database
+        self.accounts = accounts
+        self.board = board
+        self._source = source
+        self._clock = clock
+        self._max_quantity = max_order_quantity
+        self._desk = OrderDesk(clock, self._commit_orders)
+        self._tick_listeners: list[TickListener] = []
+
+    def on_tick(self, listener: TickListener) -> None:
+        """Call ``listener(tick, as_of, prices, settlements)`` after every settled update."""
+        self._tick_listeners.append(listener)
+
+    # ------------------------------------------------------------ orders
+
+    @inlineCallbacks
+    def submit_order(
+        self,
+        side: str,
+        token: str,
+        symbol: str,
+        quantity: str,
+        received_at: str,
+        client_address: str,
+        worker: str,
+    ) -> Any:
+        """Validate an order and queue it durably; fires with ``(order_id, username)``.
+
+        Raises SessionInvalid, PurchaseFailed/SellFailed (with the reason) or
+        ServiceUnavailable when the database cannot take it.
+        """
+        failed = PurchaseFailed if side == BUY else SellFailed
+        if side not in SIDES:
+            raise failed(f"unknown order side {side!r}")
+        session = yield self.accounts.authenticate(token)
+        symbol = symbol.strip().upper()
+        if symbol not in self.board.assets:
+            raise failed(f"unknown symbol {symbol!r}")
+        try:
+            count = parse_quantity(quantity, self._max_quantity)
+        except ValueError as e:
+            raise failed(str(e)) from None
+        if symbol not in self.board.prices:
+            raise failed("the market has no price yet; try again after the next update")
+        order = NewOrder(
+            session.user_id, session.username, side, symbol, count, received_at, client_address, worker
+        )
+        result = yield self._desk.place(order)
+        if isinstance(result, str):
+            raise failed(result)
+        returnValue((result, session.username))
+
+    def _commit_orders(self, orders: list[NewOrder]) -> Deferred[list[int | str]]:
+        d = self._db.queue_orders(orders, self.board.prices, refuse_reason, iso(self._clock.seconds()))
+        return d.addErrback(self._unavailable, "order not accepted")
+
+    def _unavailable(self, failure: Failure, what: str) -> None:
+        if failure.check(PaperTraderError):
+            failure.raiseException()
+        self.log.failure("database failure: {what}", failure, what=what)
+        raise ServiceUnavailable(f"the database is unavailable; {what}")
+
+    # ------------------------------------------------------------ reading
+
+    def asset_value(self, symbol: str) -> dict[str, Any]:
+        """The latest price of ``symbol``."""
+        symbol = symbol.strip().upper()
+        asset = self.board.assets.get(symbol)
+        if asset is None:
+            raise DataFailed(f"unknown symbol {symbol!r}")
+        if symbol not in self.board.prices:
+            raise DataFailed("the market has no price yet; try again after the next update")
+        return {
+            "symbol": symbol,
+            "name": asset.name,
+            "exchange": asset.exchange,
+            "price_cents": self.board.prices[symbol],
+            "as_of": self.board.as_of,
+        }
+
+    @inlineCallbacks
+    def orders(self, token: str, limit: int | None) -> Any:
+        """The user's newest orders."""
+        session = yield self.accounts.authenticate(token)
+        rows = yield self._read(self._db.list_orders(session.user_id, _limit(limit)))
+        returnValue(rows)
+
+    @inlineCallbacks
+    def portfolio(self, token: str) -> Any:
+        """Cash and positions valued at the latest prices."""
+        session = yield self.accounts.authenticate(token)
+        cash, holdings = yield self._read(self._db.portfolio(session.user_id))
+        positions = []
+        for symbol, quantity in holdings.items():
+            price = self.board.prices.get(symbol, 0)
+            positions.append(
+                {"symbol": symbol, "quantity": quantity, "price_cents": price, "value_cents": price * quantity}
+            )
+        returnValue(
+            {
+                "username": session.username,
+                "cash_cents": cash,
+                "positions": positions,
+                "total_cents": cash + sum(p["value_cents"] for p in positions),
+                "as_of": self.board.as_of or "",
+            }
+        )
+
+    @inlineCallbacks
+    def history(self, token: str, limit: int | None) -> Any:
+        """The user's settled trades, newest first."""
+        session = yield self.accounts.authenticate(token)
+        rows = yield self._read(self._db.history(session.user_id, _limit(limit)))
+        returnValue(rows)
+
+    def _read(self, d: Deferred) -> Deferred:
+        return d.addErrback(self._unavailable, "try again later")
+
+    # ------------------------------------------------------------ the market loop
+
+    @inlineCallbacks
+    def resume(self) -> Any:
+        """Restore the latest recorded prices, so quotes work before the first new update."""
+        latest = yield self._db.latest_prices()
+        if latest is not None:
+            tick, as_of, prices = latest
+            self.board.update(tick, as_of, prices)
+            resume_from = getattr(self._source, "resume_from", None)
+            if resume_from is not None:
+                resume_from(prices)
+
+    @inlineCallbacks
+    def tick(self) -> Any:
+        """Retrieve prices, settle the whole queue at them, then tell the listeners.
+
+        Errors are logged, never raised: the loop that calls this must keep going,
+        and an unsettled queue is simply settled at the next update.
+        """
+        try:
+            prices = yield self._source.fetch()
+            now = iso(self._clock.seconds())
+            tick, settlements = yield self._db.settle_tick(prices, now, settle_orders)
+        except Exception:
+            self.log.failure("price update failed; the queue stays for the next one")
+            return
+        self.board.update(tick, now, prices)
+        self.log.info(
+            "update {tick}: {count} orders settled", tick=tick, count=len(settlements)
+        )
+        for listener in self._tick_listeners:
+            try:
+                listener(tick, now, prices, settlements)
+            except Exception:
+                self.log.failure("tick listener failed")
+
+
+def _limit(limit: int | None) -> int:
+    if limit is None or limit <= 0:
+        return 50
+    return min(limit, MAX_LIST_LIMIT)

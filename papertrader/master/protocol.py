@@ -1,0 +1,209 @@
+"""The master's AMP responders: one `MasterLocator` per worker connection.
+
+Each responder translates a worker's command into a call on the `Exchange`
+and back; errors raised by the domain are declared on the commands, so they
+reach the worker (and from there the client) intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks, returnValue
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from papertrader.errors import (
+    PaperTraderError,
+    ServiceUnavailable,
+    SessionInvalid,
+    WorkerRefused,
+)
+from papertrader.master.exchange import Exchange
+from papertrader.master.workers import WorkerRegistry
+from papertrader.protocol import (
+    OUTCOME_QUEUED,
+    OUTCOME_REFUSED,
+    OUTCOME_SESSION_INVALID,
+    OUTCOME_UNAVAILABLE,
+    ListAssets,
+    RelayedGetAssetValue,
+    RelayedGetUserPortfolio,
+    RelayedGetUserTransactionHistory,
+    RelayedListOrders,
+    RelayedLogin,
+    RelayedLoginWithToken,
+    RelayedLogout,
+    RelayedRegister,
+    SubmitOrders,
+    WorkerHello,
+)
+from papertrader.timestamps import iso
+
+
+class MasterLocator(amp.CommandLocator):
+    """Answers one worker."""
+
+    log = Logger()
+
+    def __init__(self, exchange: Exchange, registry: WorkerRegistry, update_interval: float) -> None:
+        self.exchange = exchange
+        self.registry = registry
+        self.update_interval = update_interval
+        self.connection: amp.AMP | None = None
+        self.worker: str | None = None
+
+    def _worker_name(self) -> str:
+        if self.worker is None:
+            raise ServiceUnavailable("this worker has not completed its handshake")
+        return self.worker
+
+    # ------------------------------------------------------------ handshake
+
+    @WorkerHello.responder
+    def hello(self, name: str, version: str) -> dict[str, Any]:
+        # The TLS layer already required a certificate issued by this deployment's
+        # CA; GPG verification of the worker's key belongs here too.
+        if not name or len(name) > 64:
+            raise WorkerRefused("worker name must be 1-64 characters")
+        if self.worker is not None:
+            raise WorkerRefused("handshake already done")
+        self.worker = name
+        self.registry.add(name, self.connection)
+        self.log.info("worker {name} (version {version}) connected", name=name, version=version)
+        return {"update_interval": self.update_interval}
+
+    # ------------------------------------------------------------ accounts
+
+    @RelayedRegister.responder
+    @inlineCallbacks
+    def register(self, username: str, email: str, password: str, received_at: str, client_address: str) -> Any:
+        self._worker_name()
+        name = yield self.exchange.accounts.register(username, email, password)
+        returnValue({"username": name})
+
+    @RelayedLogin.responder
+    @inlineCallbacks
+    def login(
+        self, username: str, password: str, received_at: str, client_address: str, remember: bool = False
+    ) -> Any:
+        self._worker_name()
+        session = yield self.exchange.accounts.login(username, password, bool(remember))
+        returnValue(
+            {"token": session.token, "username": session.username, "expires_at": iso(session.expires_at)}
+        )
+
+    @RelayedLoginWithToken.responder
+    @inlineCallbacks
+    def login_with_token(self, token: str, received_at: str, client_address: str) -> Any:
+        self._worker_name()
+        session = yield self.exchange.accounts.authenticate(token)
+        returnValue({"username": session.username, "expires_at": iso(session.expires_at)})
+
+    @RelayedLogout.responder
+    @inlineCallbacks
+    def logout(self, token: str, received_at: str, client_address: str) -> Any:
+        self._worker_name()
+        yield self.exchange.accounts.logout(token)
+        returnValue({})
+
+    # ------------------------------------------------------------ market data
+
+    @ListAssets.responder
+    def list_assets(self) -> dict[str, Any]:
+        board = self.exchange.board
+        assets = []
+        for asset in board.assets.values():
+            row = {
+                "symbol": asset.symbol,
+                "name": asset.name,
+                "exchange": asset.exchange,
+                "sector": asset.sector,
+                "industry": asset.industry,
+            }
+            if asset.symbol in board.prices:
+                row["price_cents"] = board.prices[asset.symbol]
+            assets.append(row)
+        answer: dict[str, Any] = {"assets": assets, "tick": board.tick}
+        if board.as_of is not None:
+            answer["as_of"] = board.as_of
+        return answer
+
+    @RelayedGetAssetValue.responder
+    def asset_value(self, symbol: str, received_at: str, client_address: str) -> dict[str, Any]:
+        return self.exchange.asset_value(symbol)
+
+    # ------------------------------------------------------------ orders
+
+    @SubmitOrders.responder
+    @inlineCallbacks
+    def submit_orders(self, orders: list[dict[str, str]]) -> Any:
+        worker = self._worker_name()
+        pending = [
+            self.exchange.submit_order(
+                o["side"], o["token"], o["symbol"], o["quantity"], o["received_at"], o["client_address"], worker
+            ).addCallbacks(_queued, _refused)
+            for o in orders
+        ]
+        results = []
+        for d in pending:
+            results.append((yield d))
+        returnValue({"results": results})
+
+    @RelayedListOrders.responder
+    @inlineCallbacks
+    def list_orders(self, token: str, received_at: str, client_address: str, limit: int | None = None) -> Any:
+        rows = yield self.exchange.orders(token, limit)
+        returnValue({"orders": rows})
+
+    @RelayedGetUserPortfolio.responder
+    def portfolio(self, token: str, received_at: str, client_address: str) -> Any:
+        return self.exchange.portfolio(token)
+
+    @RelayedGetUserTransactionHistory.responder
+    @inlineCallbacks
+    def history(self, token: str, received_at: str, client_address: str, limit: int | None = None) -> Any:
+        rows = yield self.exchange.history(token, limit)
+        returnValue({"transactions": rows})
+
+
+def _queued(result: tuple[int, str]) -> dict[str, Any]:
+    order_id, username = result
+    return {"outcome": OUTCOME_QUEUED, "order_id": order_id, "username": username}
+
+
+def _refused(failure: Any) -> dict[str, Any]:
+    if failure.check(SessionInvalid):
+        return {"outcome": OUTCOME_SESSION_INVALID, "reason": str(failure.value)}
+    if failure.check(ServiceUnavailable):
+        return {"outcome": OUTCOME_UNAVAILABLE, "reason": str(failure.value)}
+    if failure.check(PaperTraderError):
+        return {"outcome": OUTCOME_REFUSED, "reason": str(failure.value)}
+    MasterLocator.log.failure("unexpected error placing an order", failure)
+    return {"outcome": OUTCOME_UNAVAILABLE, "reason": "internal error; order not accepted"}
+
+
+class MasterFactory(Factory):
+    """Builds an AMP connection, with its own locator, for each worker."""
+
+    def __init__(self, exchange: Exchange, registry: WorkerRegistry, update_interval: float) -> None:
+        self.exchange = exchange
+        self.registry = registry
+        self.update_interval = update_interval
+
+    def buildProtocol(self, addr: Any) -> amp.AMP:
+        locator = MasterLocator(self.exchange, self.registry, self.update_interval)
+        connection = _WorkerAMP(locator=locator)
+        locator.connection = connection
+        return connection
+
+
+class _WorkerAMP(amp.AMP):
+    """A worker's connection; leaves the registry when it closes."""
+
+    def connectionLost(self, reason: Any) -> None:
+        locator = self.locator
+        if locator.worker is not None:
+            locator.registry.remove(locator.worker, self)
+        super().connectionLost(reason)

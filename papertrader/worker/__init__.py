@@ -1,0 +1,1 @@
+"""The worker server: faces clients and relays their commands to the master."""

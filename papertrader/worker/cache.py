@@ -1,0 +1,53 @@
+"""Cache management: asset details and the latest prices, refreshed by the master's ticks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from papertrader.errors import DataFailed
+
+
+class QuoteCache:
+    """Answers quotes between price updates without asking the master."""
+
+    def __init__(self) -> None:
+        self.assets: dict[str, dict[str, str]] = {}
+        self.prices: dict[str, int] = {}
+        self.tick = 0
+        self.as_of: str | None = None
+
+    def load(self, assets: list[dict[str, Any]], tick: int, as_of: str | None) -> None:
+        """Fill the cache from the master's ListAssets answer."""
+        self.assets = {a["symbol"]: {"name": a["name"], "exchange": a["exchange"]} for a in assets}
+        if as_of is not None and tick >= self.tick:
+            self.tick = tick
+            self.as_of = as_of
+            self.prices = {a["symbol"]: a["price_cents"] for a in assets if "price_cents" in a}
+
+    def update(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> None:
+        """Take the prices of a newer update (older ones are ignored)."""
+        if tick < self.tick:
+            return
+        self.tick = tick
+        self.as_of = as_of
+        self.prices = {p["symbol"]: p["price_cents"] for p in prices}
+
+    def quote(self, symbol: str) -> dict[str, Any] | None:
+        """The cached quote for ``symbol``; None when the cache cannot answer.
+
+        Raises DataFailed for a symbol the deployment does not list.
+        """
+        if not self.assets:
+            return None
+        asset = self.assets.get(symbol)
+        if asset is None:
+            raise DataFailed(f"unknown symbol {symbol!r}")
+        if symbol not in self.prices or self.as_of is None:
+            return None
+        return {
+            "symbol": symbol,
+            "name": asset["name"],
+            "exchange": asset["exchange"],
+            "price_cents": self.prices[symbol],
+            "as_of": self.as_of,
+        }

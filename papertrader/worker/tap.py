@@ -1,0 +1,56 @@
+"""``twistd papertrader-worker``: command-line options and service wiring."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from papertrader import tls
+from papertrader.worker.service import WorkerConfig, WorkerService
+
+
+class Options(usage.Options):
+    """Options of a worker."""
+
+    optParameters = [
+        ["name", "n", None, "This worker's name (default: the host name)."],
+        ["master", "m", "localhost:2048", "The master's HOST:PORT; HOST must match its certificate."],
+        ["listen", "l", "tcp:2049:interface=127.0.0.1", "Endpoint to listen for clients on (TLS added)."],
+        ["ca", None, None, "The deployment's CA certificate (PEM)."],
+        ["cert", None, None, "This worker's certificate (PEM), issued by the CA."],
+        ["key", None, None, "This worker's private key (PEM)."],
+        ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
+    ]
+
+    def postOptions(self) -> None:
+        problems = []
+        try:
+            host, port = tls.split_address(self["master"], 2048)
+        except ValueError as e:
+            problems.append(f"--master: {e}")
+        if not self["listen"].startswith(("tcp:", "tcp6:", "unix:")):
+            problems.append("--listen: expected a tcp:, tcp6: or unix: endpoint string")
+        for option in ("ca", "cert", "key"):
+            if not self[option]:
+                problems.append(f"--{option} is required")
+            elif not os.access(self[option], os.R_OK):
+                problems.append(f"--{option}: cannot read {self[option]}")
+        if problems:
+            raise usage.UsageError("invalid options:\n  " + "\n  ".join(problems))
+        self.config = WorkerConfig(
+            name=self["name"] or socket.gethostname(),
+            master_host=host,
+            master_port=port,
+            listen=self["listen"],
+            identity=tls.Identity(certificate=self["cert"], key=self["key"], ca=self["ca"]),
+            address_file=self["address-file"],
+        )
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return WorkerService(options.config, reactor)
