@@ -1,0 +1,1 @@
+"""PaperTrader test suite."""

@@ -1,0 +1,177 @@
+"""Shared test fixtures: a synchronous database pool and a whole in-memory deployment.
+
+`SynchronousPool` runs each interaction at once on a real SQLite connection, so
+unit tests drive the real SQL deterministically, without threads or real time.
+`Deployment` wires a real master and worker to clients through ``iosim``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.test import iosim
+
+from papertrader.assets import Asset
+from papertrader.client.library import ClientAMP, PaperTraderClient, client_from_connection
+from papertrader.master.accounts import Accounts
+from papertrader.master.database import Database
+from papertrader.master.exchange import Exchange
+from papertrader.master.market import PriceBoard, SimulatedPriceSource
+from papertrader.master.protocol import MasterFactory
+from papertrader.master.workers import WorkerRegistry
+from papertrader.worker.cache import QuoteCache
+from papertrader.worker.clients import ClientFactory, ClientRegistry, MasterPushes
+from papertrader.worker.upstream import MasterLink, OrderBatcher
+
+ASSETS = {
+    "AAPL": Asset("AAPL", "Apple Inc.", "NASDAQ", "Technology", "Consumer Electronics", 19_000),
+    "MSFT": Asset("MSFT", "Microsoft Corporation", "NASDAQ", "Technology", "Software", 41_500),
+    "KO": Asset("KO", "Coca-Cola Co.", "NYSE", "Consumer Defensive", "Beverages", 6_000),
+}
+PASSWORD = "correct horse"
+
+
+class SynchronousPool:
+    """The subset of ``adbapi.ConnectionPool`` that `Database` uses, run synchronously."""
+
+    def __init__(self, path: str) -> None:
+        self.connection = sqlite3.connect(path)
+        self.connection.execute("PRAGMA foreign_keys=ON")
+        self.broken: Exception | None = None
+
+    def runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Deferred:
+        if self.broken is not None:
+            return fail(self.broken)
+        cursor = self.connection.cursor()
+        try:
+            result = interaction(cursor, *args, **kw)
+        except BaseException:
+            self.connection.rollback()
+            return fail()
+        self.connection.commit()
+        return succeed(result)
+
+    def runOperation(self, *args: Any) -> Deferred:
+        return self.runInteraction(lambda txn: txn.execute(*args) and None)
+
+    def runWithConnection(self, function: Any, *args: Any) -> Deferred:
+        return maybeDeferred(function, self.connection, *args)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def run_now(function: Any, *args: Any) -> Deferred:
+    """A stand-in for ``deferToThread`` that runs ``function`` at once."""
+    return maybeDeferred(function, *args)
+
+
+def make_database(path: str) -> tuple[Database, SynchronousPool]:
+    pool = SynchronousPool(path)
+    database = Database(pool)
+    database.migrate()
+    return database, pool
+
+
+def make_accounts(database: Database, clock: Clock, **kw: Any) -> Accounts:
+    settings = dict(
+        bcrypt_cost=4,
+        starting_cash_cents=10_000_000,
+        session_lifetime=3600.0,
+        remember_lifetime=30 * 86400.0,
+        run_in_thread=run_now,
+    )
+    settings.update(kw)
+    return Accounts(database, clock, **settings)
+
+
+class Deployment:
+    """A master and a worker connected through iosim, with clients attached on demand."""
+
+    def __init__(self, path: str, max_order_quantity: int = 1000, **accounts: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.database, self.pool = make_database(path)
+        self.accounts = make_accounts(self.database, self.clock, **accounts)
+        self.board = PriceBoard(ASSETS)
+        self.source = FixedPrices({s: a.reference_cents for s, a in ASSETS.items()})
+        self.exchange = Exchange(
+            self.database, self.accounts, self.board, self.source, self.clock, max_order_quantity
+        )
+        self.registry = WorkerRegistry()
+        self.exchange.on_tick(self.registry.broadcast_tick)
+        self.master_factory = MasterFactory(self.exchange, self.registry, 60.0)
+        self.tick()
+
+        self.cache = QuoteCache()
+        self.clients = ClientRegistry()
+        self.link = MasterLink(self.clock, None, "test-worker", self.cache, MasterPushes(self.cache, self.clients))
+        self.batcher = OrderBatcher(self.clock, self.link.call)
+        self.client_factory = ClientFactory(self.clock, self.link, self.batcher, self.cache, self.clients)
+        self.pumps: list[iosim.IOPump] = []
+        self.connect_worker()
+
+    def connect_worker(self) -> Any:
+        """(Re)connect the worker to the master and run its handshake."""
+        upstream, master_side, pump = iosim.connectedServerAndClient(
+            lambda: self.master_factory.buildProtocol(None), self.link._build, clock=self.clock
+        )
+        self.master_pump = pump
+        self.pumps.append(pump)
+        handshake = self.link._handshake(upstream)
+        self.flush()
+        return handshake
+
+    def client(self) -> PaperTraderClient:
+        """A new client connected to the worker."""
+        address = IPv4Address("TCP", "192.168.1.1", 40000 + len(self.pumps))
+        connection, _, pump = iosim.connectedServerAndClient(
+            lambda: self.client_factory.buildProtocol(address),
+            ClientAMP,
+            serverTransportFactory=lambda p: iosim.FakeTransport(p, isServer=True, peerAddress=address),
+            clock=self.clock,
+        )
+        self.pumps.append(pump)
+        return client_from_connection(connection)
+
+    def flush(self) -> None:
+        """Move every pending byte and run every due call until nothing moves."""
+        while any([pump.pump() for pump in self.pumps]):
+            pass
+
+    def tick(self) -> None:
+        """One price update and settlement."""
+        self.exchange.tick()
+        if hasattr(self, "pumps"):
+            self.flush()
+
+    def result(self, d: Deferred) -> Any:
+        """Flush, then return what ``d`` fired with (raising its failure)."""
+        results: list[Any] = []
+        d.addBoth(results.append)
+        self.flush()
+        assert results, "the Deferred did not fire"
+        if hasattr(results[0], "raiseException"):
+            results[0].raiseException()
+        return results[0]
+
+    def logged_in(self, username: str = "alice") -> PaperTraderClient:
+        """A client registered and logged in as ``username``."""
+        client = self.client()
+        self.result(client.register(username, f"{username}@example.com", PASSWORD))
+        self.result(client.login(username, PASSWORD))
+        return client
+
+
+class FixedPrices:
+    """A price source whose next prices the test sets."""
+
+    def __init__(self, prices: dict[str, int]) -> None:
+        self.prices = dict(prices)
+
+    def fetch(self) -> Deferred[dict[str, int]]:
+        return succeed(dict(self.prices))
