@@ -20,7 +20,7 @@ from papertrader.client.library import ClientAMP, PaperTraderClient, client_from
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database
 from papertrader.master.exchange import Exchange
-from papertrader.master.market import PriceBoard, SimulatedPriceSource
+from papertrader.master.market import PriceBoard
 from papertrader.master.protocol import MasterFactory
 from papertrader.master.workers import WorkerRegistry
 from papertrader.worker.cache import QuoteCache
