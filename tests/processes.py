@@ -1,0 +1,126 @@
+"""Real processes for end-to-end tests: a twistd master (with its local worker) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+
+import papertrader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(papertrader.__file__)))
+SAMPLE_CONFIG = os.path.join(ROOT, "etc", "papertrader.ini")
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class _Watcher(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[Any] = Deferred()
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value)
+
+
+class RunningDeployment:
+    """``twistd papertrader-master`` in a temporary directory, on free ports, with a local worker."""
+
+    def __init__(self, base: str, *extra: str) -> None:
+        self.base = os.path.abspath(base)
+        self.data = os.path.join(self.base, "data")
+        os.makedirs(self.base)
+        self.env = dict(os.environ)
+        self.env.update(
+            PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+            XDG_CONFIG_HOME=os.path.join(self.base, "config"),
+            XDG_DATA_HOME=os.path.join(self.base, "share"),
+        )
+        self.args = [
+            "-c", TWISTD, "--nodaemon", "--pidfile=", "--logfile", os.path.join(self.base, "master.log"),
+            "papertrader-master",
+            "--config", SAMPLE_CONFIG,
+            "--data-dir", self.data,
+            "--listen", "tcp:0:interface=127.0.0.1",
+            "--worker-listen", "tcp:0:interface=127.0.0.1",
+            "--update-interval", "1",
+            "--bcrypt-cost", "4",
+            *extra,
+        ]
+        self.process: Any = None
+        self.watcher = _Watcher()
+
+    @inlineCallbacks
+    def start(self, attempts: int = 600) -> Any:
+        """Start the master and wait until its local worker answers quotes."""
+        self.process = reactor.spawnProcess(
+            self.watcher, sys.executable, [sys.executable, *self.args], env=self.env, path=self.base
+        )
+        for _ in range(attempts):
+            if self.watcher.ended.called:
+                raise AssertionError(f"master exited early:\n{self.log()}")
+            if os.path.exists(os.path.join(self.data, "worker-local-1.address")):
+                code, out, err = yield self.cli("quote", "AAPL")
+                if code == 0:
+                    return
+            yield deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError(f"deployment did not come up:\n{self.log()}")
+
+    def log(self) -> str:
+        parts = []
+        for name in ("master.log", os.path.join("data", "logs", "worker-local-1.log")):
+            try:
+                with open(os.path.join(self.base, name), encoding="utf-8") as f:
+                    parts.append(f"--- {name}\n{f.read()[-4000:]}")
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def worker_address(self) -> tuple[str, int]:
+        with open(os.path.join(self.data, "worker-local-1.address"), encoding="ascii") as f:
+            host, port = f.read().strip().rsplit(":", 1)
+        return host, int(port)
+
+    @inlineCallbacks
+    def cli(self, *args: str, stdin_password: str | None = None) -> Any:
+        """Run ``papertrader ARGS --data-dir DATA``; fires with (exit code, stdout, stderr) as text."""
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "papertrader.client.cli", *args, "--data-dir", self.data],
+            env=self.env,
+            path=self.base,
+        )
+        returnValue((code, out.decode("utf-8"), err.decode("utf-8")))
+
+    @inlineCallbacks
+    def cli_json(self, *args: str) -> Any:
+        """Run a CLI command with ``--json`` that must succeed; fires with the parsed output."""
+        code, out, err = yield self.cli(*args, "--json")
+        if code != 0:
+            raise AssertionError(f"papertrader {' '.join(args)} exited {code}: {err}")
+        returnValue(json.loads(out))
+
+    def password_file(self, password: str) -> str:
+        path = os.path.join(self.base, f"password-{abs(hash(password))}")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(password + "\n")
+        return path
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """SIGTERM the master (which stops its worker) and wait for it to exit."""
+        if self.process is not None and not self.watcher.ended.called:
+            self.process.signalProcess(signal.SIGTERM)
+        yield self.watcher.ended

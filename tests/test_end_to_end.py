@@ -1,0 +1,157 @@
+"""End to end: real twistd processes on loopback, driven through the ``papertrader`` CLI over TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import stat
+from typing import Any
+
+from twisted.internet import threads
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from papertrader import tls
+from tests.processes import RunningDeployment
+
+PASSWORD = "correct horse battery"
+
+
+class EndToEndTests(TestCase):
+    """A whole deployment: master, its local worker, and the command-line client."""
+
+    timeout = 240
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.deployment = RunningDeployment(self.mktemp())
+        self.addCleanup(self.deployment.stop)
+        yield self.deployment.start()
+        self.password = self.deployment.password_file(PASSWORD)
+
+    @inlineCallbacks
+    def test_register_login_buy_sell(self) -> Any:
+        """Register, log in, buy, see the fill in portfolio and history with its settlement time, sell."""
+        d = self.deployment
+        code, out, err = yield d.cli("register", "alice", "alice@example.com", "--password-file", self.password)
+        self.assertEqual((code, err), (0, ""), out)
+        code, out, err = yield d.cli("login", "alice", "--password-file", self.password)
+        self.assertEqual(code, 0, err)
+        self.assertIn("logged in as alice", out)
+        session_file = os.path.join(d.base, "config", "papertrader", "session.json")
+        self.assertEqual(stat.S_IMODE(os.stat(session_file).st_mode), 0o600)
+
+        fill = yield d.cli_json("buy", "AAPL", "5", "--wait")
+        self.assertEqual((fill["status"], fill["symbol"], fill["quantity"]), ("filled", "AAPL", 5))
+
+        portfolio = yield d.cli_json("portfolio")
+        [position] = portfolio["positions"]
+        self.assertEqual((position["symbol"], position["quantity"]), ("AAPL", 5))
+        self.assertEqual(portfolio["cash_cents"], 10_000_000 - 5 * fill["price_cents"])
+
+        [trade] = yield d.cli_json("history")
+        self.assertEqual((trade["order_id"], trade["side"], trade["quantity"]), (fill["order_id"], "buy", 5))
+        self.assertEqual(trade["settled_at"], fill["settled_at"])
+        self.assertEqual(trade["total_cents"], 5 * fill["price_cents"])
+
+        queued = yield d.cli_json("sell", "AAPL", "2")
+        self.assertEqual(queued["status"], "queued")
+        sold = yield d.cli_json("sell", "AAPL", "1", "--wait")
+        self.assertEqual(sold["status"], "filled")
+        orders = yield d.cli_json("orders")
+        self.assertEqual([o["status"] for o in orders], ["filled", "filled", "filled"])
+        portfolio = yield d.cli_json("portfolio")
+        self.assertEqual([(p["symbol"], p["quantity"]) for p in portfolio["positions"]], [("AAPL", 2)])
+        history = yield d.cli_json("history")
+        self.assertEqual([t["side"] for t in history], ["sell", "sell", "buy"])
+
+        code, out, err = yield d.cli("logout")
+        self.assertEqual(code, 0, err)
+        code, out, err = yield d.cli("portfolio")
+        self.assertEqual(code, 2)
+        self.assertIn("not logged in", err)
+
+    @inlineCallbacks
+    def test_bad_input(self) -> Any:
+        """Each bad input gets a one-line message and a non-zero exit; nothing stored changes."""
+        d = self.deployment
+        code, out, err = yield d.cli("portfolio")
+        self.assertEqual(code, 2)
+        self.assertEqual(err, "papertrader: error: not logged in; run 'papertrader login USERNAME' first\n")
+        yield d.cli_json("register", "bob", "bob@example.com", "--password-file", self.password)
+        yield d.cli_json("login", "bob", "--password-file", self.password)
+        before = yield d.cli_json("portfolio")
+
+        refusals = [
+            (("register", "bob", "other@example.com", "--password-file", self.password), "already taken"),
+            (("register", "carol", "carol-at-example", "--password-file", self.password), "malformed email"),
+            (("buy", "NOPE", "1"), "unknown symbol 'NOPE'"),
+            (("buy", "AAPL", "0"), "at least 1"),
+            (("buy", "AAPL", "-3"), "at least 1"),
+            (("buy", "AAPL", "2.5"), "whole number"),
+            (("buy", "AAPL", "100001"), "at most 100000"),
+            (("buy", "NFLX", "100000"), "insufficient cash"),
+            (("sell", "MSFT", "1"), "not enough shares"),
+            (("quote", "NOPE"), "unknown symbol"),
+        ]
+        for args, message in refusals:
+            code, out, err = yield d.cli(*args)
+            self.assertEqual(code, 1, f"{args}: {out}{err}")
+            self.assertIn(message, err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+        code, _, wrong = yield d.cli("login", "bob", "--password-file", d.password_file("not the password"))
+        self.assertEqual(code, 1)
+        code, _, unknown = yield d.cli("login", "nobody", "--password-file", self.password)
+        self.assertEqual(code, 1)
+        self.assertEqual(wrong, unknown)
+
+        code, out, err = yield d.cli("login", "bob", "--password", PASSWORD)
+        self.assertEqual(code, 2)
+
+        session_file = os.path.join(d.base, "config", "papertrader", "session.json")
+        with open(session_file, encoding="utf-8") as f:
+            session = json.load(f)
+        forged = dict(session, token="x" * 43)
+        with open(session_file, "w", encoding="utf-8") as f:
+            json.dump(forged, f)
+        code, out, err = yield d.cli("buy", "AAPL", "1")
+        self.assertEqual(code, 1)
+        self.assertIn("session is not valid", err)
+        with open(session_file, "w", encoding="utf-8") as f:
+            json.dump(session, f)
+
+        host, port = d.worker_address()
+        yield threads.deferToThread(_send_garbage, host, port, os.path.join(d.data, "tls", "ca.pem"))
+
+        after = yield d.cli_json("portfolio")
+        self.assertEqual(after["cash_cents"], before["cash_cents"])
+        self.assertEqual(after["positions"], before["positions"])
+        orders = yield d.cli_json("orders")
+        self.assertEqual(orders, [])
+        fill = yield d.cli_json("buy", "KO", "1", "--wait")
+        self.assertEqual(fill["status"], "filled")
+
+    @inlineCallbacks
+    def test_untrusted_ca_refused(self) -> Any:
+        """A client that trusts another CA refuses the worker's certificate."""
+        other = os.path.join(self.deployment.base, "other-ca")
+        ca = yield threads.deferToThread(tls.create_ca, other)
+        code, out, err = yield self.deployment.cli("quote", "AAPL", "--ca", ca)
+        self.assertEqual(code, 2)
+        self.assertIn("TLS handshake failed", err)
+
+
+def _send_garbage(host: str, port: int, ca: str) -> None:
+    """Send bytes that are not AMP: once in plain TCP, once inside a verified TLS session."""
+    with socket.create_connection((host, port), timeout=30) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: papertrader\r\n\r\n")
+        raw.recv(1024)
+    context = ssl.create_default_context(cafile=ca)
+    with socket.create_connection((host, port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as wrapped:
+            wrapped.sendall(b"\xff\xff" + bytes(range(256)) * 4)
+            while wrapped.recv(1024):
+                pass
