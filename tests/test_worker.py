@@ -1,0 +1,129 @@
+"""The worker's parts on their own: quote cache, client registry, order batcher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from papertrader.errors import DataFailed, ServiceUnavailable
+from papertrader.protocol import MAX_ORDER_BATCH, OrderUpdate, SubmitOrders
+from papertrader.worker.cache import QuoteCache
+from papertrader.worker.clients import ClientRegistry
+from papertrader.worker.upstream import MasterLink, OrderBatcher
+from tests.support import Deployment
+
+ASSETS = [
+    {"symbol": "AAPL", "name": "Apple", "exchange": "NASDAQ", "sector": "", "industry": "", "price_cents": 100},
+    {"symbol": "KO", "name": "Coca-Cola", "exchange": "NYSE", "sector": "", "industry": ""},
+]
+
+
+class QuoteCacheTests(SynchronousTestCase):
+    """`QuoteCache` answers what it can and defers the rest to the master."""
+
+    def test_empty_cache_cannot_answer(self) -> None:
+        """Before the handshake the cache answers nothing (the worker asks the master)."""
+        self.assertIsNone(QuoteCache().quote("AAPL"))
+
+    def test_answers_and_refuses(self) -> None:
+        """Known and priced symbols are answered, unknown ones refused, unpriced ones deferred."""
+        cache = QuoteCache()
+        cache.load(ASSETS, 3, "t3")
+        self.assertEqual(cache.quote("AAPL")["price_cents"], 100)
+        self.assertIsNone(cache.quote("KO"))
+        self.assertRaises(DataFailed, cache.quote, "NOPE")
+
+    def test_ignores_older_ticks(self) -> None:
+        """A tick older than the cached one never replaces it."""
+        cache = QuoteCache()
+        cache.load(ASSETS, 3, "t3")
+        cache.update(2, "t2", [{"symbol": "AAPL", "price_cents": 1}])
+        self.assertEqual(cache.quote("AAPL")["as_of"], "t3")
+        cache.update(4, "t4", [{"symbol": "AAPL", "price_cents": 5}])
+        self.assertEqual((cache.quote("AAPL")["price_cents"], cache.quote("AAPL")["as_of"]), (5, "t4"))
+
+
+class FakeConnection:
+    """Records what is pushed to it."""
+
+    def __init__(self) -> None:
+        self.pushed: list[tuple[Any, dict]] = []
+
+    def callRemote(self, command: Any, **kw: Any) -> None:
+        self.pushed.append((command, kw))
+
+
+class ClientRegistryTests(SynchronousTestCase):
+    """Which connection acts for which user, for pushes."""
+
+    def test_updates_reach_the_users_connections_only(self) -> None:
+        """An order update goes to every connection of its user and to nobody else."""
+        registry = ClientRegistry()
+        a1, a2, b = FakeConnection(), FakeConnection(), FakeConnection()
+        for connection in (a1, a2, b):
+            registry.connected(connection)
+        registry.attach(a1, "alice")
+        registry.attach(a2, "alice")
+        registry.attach(b, "bob")
+        registry.push_updates([{"username": "alice", "order_id": 1}])
+        self.assertEqual([len(c.pushed) for c in (a1, a2, b)], [1, 1, 0])
+        self.assertIs(a1.pushed[0][0], OrderUpdate)
+
+    def test_disconnect_and_relogin(self) -> None:
+        """A closed connection leaves the registry; logging in as someone else moves it."""
+        registry = ClientRegistry()
+        c = FakeConnection()
+        registry.connected(c)
+        registry.attach(c, "alice")
+        registry.attach(c, "bob")
+        self.assertEqual(registry.by_user, {"bob": {c}})
+        registry.disconnected(c)
+        self.assertEqual((registry.by_user, registry.connections), ({}, set()))
+        registry.attach(c, "carol")
+        self.assertEqual(registry.by_user, {})
+
+
+class OrderBatcherTests(SynchronousTestCase):
+    """Orders of one reactor turn travel together."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sent: list[tuple[Any, list, Deferred]] = []
+
+        def send(command: Any, orders: list) -> Deferred:
+            d: Deferred = Deferred()
+            self.sent.append((command, orders, d))
+            return d
+
+        self.batcher = OrderBatcher(self.clock, send)
+
+    def test_batches_split_at_limit(self) -> None:
+        """More orders than fit one box go in several SubmitOrders, each answered in order."""
+        results = [self.batcher.submit({"n": str(i)}) for i in range(MAX_ORDER_BATCH + 1)]
+        self.assertEqual(self.sent, [])
+        self.clock.advance(0)
+        self.assertEqual([(c, len(o)) for c, o, _ in self.sent], [(SubmitOrders, MAX_ORDER_BATCH), (SubmitOrders, 1)])
+        self.sent[0][2].callback({"results": [{"i": i} for i in range(MAX_ORDER_BATCH)]})
+        self.sent[1][2].errback(ServiceUnavailable("gone"))
+        self.assertEqual(self.successResultOf(results[5]), {"i": 5})
+        self.failureResultOf(results[-1], ServiceUnavailable)
+
+
+class MasterLinkTests(SynchronousTestCase):
+    """The worker's link to the master."""
+
+    def test_unreachable_until_handshake(self) -> None:
+        """Calls fail as unavailable until the handshake has completed."""
+        link = MasterLink(Clock(), None, "w", QuoteCache(), None)
+        self.failureResultOf(link.call(SubmitOrders, orders=[]), ServiceUnavailable)
+
+    def test_handshake_loads_cache(self) -> None:
+        """The handshake registers the worker with the master and fills the quote cache."""
+        deployment = Deployment(self.mktemp())
+        self.assertIn("test-worker", deployment.registry.workers)
+        self.assertEqual(set(deployment.cache.assets), {"AAPL", "MSFT", "KO"})
+        self.assertEqual(deployment.cache.prices["AAPL"], 19_000)
+        self.assertEqual(deployment.link.update_interval, 60.0)
