@@ -9,10 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from papertrader import tls
@@ -121,19 +122,41 @@ class TLSHandshakeFailed(Exception):
 
 @implementer(IHandshakeListener)
 class ClientAMP(amp.AMP):
-    """The client side of a worker connection; ``handshake`` fires once TLS is up."""
+    """The client side of a worker connection, which can tell when TLS is up."""
 
     def __init__(self) -> None:
         super().__init__(locator=_Pushes())
-        self.handshake: Deferred[None] = Deferred()
+        self._handshake_result: Failure | None | bool = False
+        self._handshake_waiters: list[Deferred[None]] = []
+
+    def when_handshake_done(self) -> Deferred[None]:
+        """Fires once the TLS handshake succeeded; fails with TLSHandshakeFailed if it did not."""
+        if self._handshake_result is None:
+            return succeed(None)
+        if isinstance(self._handshake_result, Failure):
+            return fail(self._handshake_result)
+        d: Deferred[None] = Deferred()
+        self._handshake_waiters.append(d)
+        return d
+
+    def _handshake_finished(self, result: Failure | None) -> None:
+        if self._handshake_result is not False:
+            return
+        self._handshake_result = result
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        for d in waiters:
+            if result is None:
+                d.callback(None)
+            else:
+                d.errback(result)
 
     def handshakeCompleted(self) -> None:
-        if not self.handshake.called:
-            self.handshake.callback(None)
+        self._handshake_finished(None)
 
     def connectionLost(self, reason: Any) -> None:
-        if not self.handshake.called:
-            self.handshake.errback(TLSHandshakeFailed(f"TLS handshake failed: {reason.getErrorMessage()}"))
+        self._handshake_finished(
+            Failure(TLSHandshakeFailed(f"TLS handshake failed: {reason.getErrorMessage()}"))
+        )
         super().connectionLost(reason)
 
 
@@ -151,5 +174,5 @@ def connect(reactor: Any, host: str, port: int, ca_path: str) -> Any:
     options = yield threads.deferToThread(tls.client_options, host, ca_path)
     endpoint = tls.tls_client_endpoint(reactor, host, port, options)
     connection = yield endpoint.connect(Factory.forProtocol(ClientAMP))
-    yield connection.handshake
+    yield connection.when_handshake_done()
     returnValue(client_from_connection(connection))
