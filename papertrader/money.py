@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 CENTS_PER_UNIT = 100
+# Amounts with more digits than this (in cents) are refused as absurd.
+MAX_DIGITS = 40
 
 
 def parse_amount(text: str) -> int:
@@ -18,10 +20,18 @@ def parse_amount(text: str) -> int:
         raise ValueError(f"not an amount of money: {text!r}") from None
     if not value.is_finite() or value < 0:
         raise ValueError(f"not a non-negative amount of money: {text!r}")
-    cents = value * CENTS_PER_UNIT
-    if cents != cents.to_integral_value():
+    # Integer arithmetic on the digits: exact at any size, unlike Decimal's 28-digit context.
+    _, digits, exponent = value.as_tuple()
+    number = int("".join(map(str, digits)) or "0")
+    exponent += 2  # units -> cents
+    if len(digits) + exponent > MAX_DIGITS:
+        raise ValueError(f"amount is too large: {text!r}")
+    if exponent >= 0:
+        return number * 10**exponent
+    cents, rest = divmod(number, 10**-exponent)
+    if rest:
         raise ValueError(f"amount has fractions of a cent: {text!r}")
-    return int(cents)
+    return cents
 
 
 def format_cents(cents: int) -> str:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from collections.abc import Sequence
 
 import attr
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -67,8 +69,13 @@ def _general_names(hostnames: Sequence[str]) -> list[x509.GeneralName]:
     return names
 
 
-def create_ca(directory: str, name: str = "PaperTrader deployment CA") -> str:
-    """Create a CA certificate and key in ``directory``; return the certificate path."""
+def create_ca(directory: str, name: str | None = None) -> str:
+    """Create a CA certificate and key in ``directory``; return the certificate path.
+
+    Each deployment's CA gets its own name, so certificates of different
+    deployments never even claim the same issuer.
+    """
+    name = name or f"PaperTrader deployment CA {secrets.token_hex(8)}"
     now = datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -138,9 +145,17 @@ def ensure_identity(directory: str, label: str, common_name: str, hostnames: Seq
     if os.path.exists(cert_path) and os.path.exists(key_path):
         with open(cert_path, "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())
+        with open(os.path.join(directory, "ca.pem"), "rb") as f:
+            ca = x509.load_pem_x509_certificate(f.read())
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if list(sans) == _general_names(hostnames):
-            return Identity(certificate=cert_path, key=key_path, ca=os.path.join(directory, "ca.pem"))
+        fresh = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=30)
+        if list(sans) == _general_names(hostnames) and cert.issuer == ca.subject and fresh:
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                pass
+            else:
+                return Identity(certificate=cert_path, key=key_path, ca=os.path.join(directory, "ca.pem"))
     return issue_certificate(directory, label, common_name, hostnames)
 
 
@@ -187,7 +202,7 @@ def tls_client_endpoint(reactor, host: str, port: int, options: IOpenSSLClientCo
 def split_address(text: str, default_port: int) -> tuple[str, int]:
     """Split ``HOST[:PORT]`` (``[v6]:PORT`` too) into host and port."""
     host, sep, port = text.rpartition(":")
-    if not sep or "]" in port:
+    if not sep or "]" in port or (text.count(":") > 1 and not text.startswith("[")):
         host, port = text, str(default_port)
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
