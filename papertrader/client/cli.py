@@ -265,17 +265,19 @@ def cmd_history(client: PaperTraderClient, args: argparse.Namespace, session: An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--server", metavar="HOST:PORT", help="worker to connect to (default: the local deployment)")
     common.add_argument("--ca", metavar="FILE", help="CA certificate to trust (default: the local deployment's)")
     common.add_argument("--data-dir", metavar="DIR", help="local deployment's data directory")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    parser = argparse.ArgumentParser(prog="papertrader", description="Trade stocks with fake money on PaperTrader.")
+    parser = argparse.ArgumentParser(
+        prog="papertrader", description="Trade stocks with fake money on PaperTrader.", allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, run: Any, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p = sub.add_parser(name, parents=[common], help=help, description=help, allow_abbrev=False)
         p.set_defaults(run=run)
         return p
 

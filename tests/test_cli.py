@@ -1,0 +1,100 @@
+"""The ``papertrader`` command's parsing, session file and server resolution (no network)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import stat
+import sys
+from contextlib import redirect_stdout
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from papertrader.client import cli
+
+COMMANDS = ("register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history")
+
+
+class ParserTests(SynchronousTestCase):
+    """Every command, its help and its options."""
+
+    def test_every_command_has_help(self) -> None:
+        """``papertrader COMMAND --help`` prints help mentioning the shared options and exits 0."""
+        for command in COMMANDS:
+            out = io.StringIO()
+            with redirect_stdout(out), self.assertRaises(SystemExit) as caught:
+                cli.build_parser().parse_args([command, "--help"])
+            self.assertEqual(caught.exception.code, 0)
+            for option in ("--server", "--ca", "--json"):
+                self.assertIn(option, out.getvalue(), command)
+
+    def test_no_password_on_command_line(self) -> None:
+        """There is no way to pass a password as an argument."""
+        devnull = io.StringIO()
+        for command in (["login", "alice"], ["register", "alice", "a@example.com"]):
+            with self.assertRaises(SystemExit) as caught:
+                sys.stderr, saved = devnull, sys.stderr
+                try:
+                    cli.build_parser().parse_args([*command, "--password", "hunter22"])
+                finally:
+                    sys.stderr = saved
+            self.assertEqual(caught.exception.code, 2)
+
+    def test_order_arguments(self) -> None:
+        """``buy`` keeps the quantity as typed, for the server to judge, and takes ``--wait``."""
+        args = cli.build_parser().parse_args(["buy", "AAPL", "1.5", "--wait", "--server", "h:1"])
+        self.assertEqual((args.symbol, args.quantity, args.wait, args.server), ("AAPL", "1.5", True, "h:1"))
+
+
+class FilesTests(SynchronousTestCase):
+    """The session file and the password file."""
+
+    def setUp(self) -> None:
+        self.home = os.path.abspath(self.mktemp())
+        self.patch(os, "environ", dict(os.environ, XDG_CONFIG_HOME=self.home, XDG_DATA_HOME=self.home))
+
+    def test_session_file_private(self) -> None:
+        """The session is saved readable by the user alone and read back intact."""
+        cli.save_session({"token": "t", "username": "alice"})
+        path = cli.session_path()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+        self.assertEqual(cli.load_session(), {"token": "t", "username": "alice"})
+        cli.forget_session()
+        self.assertIsNone(cli.load_session())
+
+    def test_password_file(self) -> None:
+        """The password is the first line of the file; an empty or missing file is a clear error."""
+        os.makedirs(self.home)
+        path = os.path.join(self.home, "pw")
+        with open(path, "w") as f:
+            f.write("s3cret words\nignored\n")
+        self.assertEqual(cli.read_password(argparse.Namespace(password_file=path)), "s3cret words")
+        open(path, "w").close()
+        self.assertRaises(cli.CommandError, cli.read_password, argparse.Namespace(password_file=path))
+        error = self.assertRaises(
+            cli.CommandError, cli.read_password, argparse.Namespace(password_file=path + "-missing")
+        )
+        self.assertIn("cannot read password file", str(error))
+
+    def test_resolve_local_deployment(self) -> None:
+        """Without --server the CLI uses the local deployment's worker address and CA."""
+        data = os.path.join(self.home, "data")
+        os.makedirs(os.path.join(data, "tls"))
+        with open(os.path.join(data, "worker-local-1.address"), "w") as f:
+            f.write("127.0.0.1:40123\n")
+        open(os.path.join(data, "tls", "ca.pem"), "w").close()
+        args = argparse.Namespace(server=None, ca=None, data_dir=data)
+        self.assertEqual(cli.resolve_server(args, None), ("127.0.0.1", 40123, os.path.join(data, "tls", "ca.pem")))
+        args = argparse.Namespace(server="localhost:9", ca=None, data_dir=data)
+        self.assertEqual(cli.resolve_server(args, None)[:2], ("localhost", 9))
+
+    def test_resolve_nothing_found(self) -> None:
+        """With no server and no local deployment, the error says how to proceed."""
+        args = argparse.Namespace(server=None, ca=None, data_dir=os.path.join(self.home, "none"))
+        error = self.assertRaises(cli.CommandError, cli.resolve_server, args, None)
+        self.assertIn("--server", str(error))
+        args = argparse.Namespace(server="localhost:9", ca=None, data_dir=os.path.join(self.home, "none"))
+        error = self.assertRaises(cli.CommandError, cli.resolve_server, args, None)
+        self.assertIn("--ca", str(error))

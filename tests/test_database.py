@@ -1,0 +1,84 @@
+"""The database through a real ``adbapi`` pool and SQLite file: schema versions and constraints."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from papertrader.master import database as database_module
+from papertrader.master.database import Database, SchemaTooNew, schema_files
+
+
+class SchemaTests(TestCase):
+    """Versioned schema files applied at start-up."""
+
+    def open(self, path: str) -> Database:
+        database = Database.sqlite(path)
+        self.addCleanup(database.close)
+        return database
+
+    @inlineCallbacks
+    def test_fresh_database_gets_newest_version(self) -> Any:
+        """A new file gets every schema file applied; applying again changes nothing."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite")
+        newest = schema_files()[-1][0]
+        version = yield self.open(path).migrate()
+        self.assertEqual(version, newest)
+        version = yield self.open(path).migrate()
+        self.assertEqual(version, newest)
+        with sqlite3.connect(path) as connection:
+            self.assertEqual(connection.execute("SELECT version FROM schema_version").fetchall(), [(newest,)])
+
+    @inlineCallbacks
+    def test_newer_schema_refused(self) -> Any:
+        """A database from a newer PaperTrader is refused with a clear message and left alone."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite")
+        yield self.open(path).migrate()
+        with sqlite3.connect(path) as connection:
+            connection.execute("INSERT INTO schema_version VALUES (999)")
+        error = yield self.assertFailure(self.open(path).migrate(), SchemaTooNew)
+        self.assertIn("999", str(error))
+        with sqlite3.connect(path) as connection:
+            self.assertEqual(connection.execute("SELECT MAX(version) FROM schema_version").fetchone(), (999,))
+
+    @inlineCallbacks
+    def test_upgrade_applies_only_newer_files(self) -> Any:
+        """Starting against an older schema applies just the files after its version."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite")
+        yield self.open(path).migrate()
+        extra = schema_files() + [(schema_files()[-1][0] + 1, "CREATE TABLE upgrade_marker (x INTEGER);")]
+        self.patch(database_module, "schema_files", lambda: extra)
+        version = yield self.open(path).migrate()
+        self.assertEqual(version, extra[-1][0])
+        with sqlite3.connect(path) as connection:
+            connection.execute("SELECT x FROM upgrade_marker")
+
+    @inlineCallbacks
+    def test_constraints(self) -> Any:
+        """The schema refuses negative cash, negative positions and a second trade for one order."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite")
+        db = self.open(path)
+        yield db.migrate()
+        user = yield db.create_user("alice", "a@example.com", "hash", 100, "t")
+        with sqlite3.connect(path) as connection:
+            for statement in (
+                "UPDATE users SET cash_cents = -1",
+                f"INSERT INTO positions VALUES ({user}, 'AAPL', -1)",
+                "INSERT INTO users (username, email, password_hash, cash_cents, created_at) "
+                "VALUES ('ALICE2', 'a@example.com', 'h', 0, 't')",
+            ):
+                self.assertRaises(sqlite3.IntegrityError, connection.execute, statement)
+            connection.execute(
+                f"INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
+                f"client_address, worker) VALUES ({user}, 'buy', 'AAPL', 1, 'filled', 't', 't', 'a', 'w')"
+            )
+            trade = (
+                f"INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, total_cents, "
+                f"cash_after_cents, settled_at) VALUES ({user}, 1, 'buy', 'AAPL', 1, 1, 1, 1, 't')"
+            )
+            connection.execute(trade)
+            self.assertRaises(sqlite3.IntegrityError, connection.execute, trade)
