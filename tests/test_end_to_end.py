@@ -7,14 +7,16 @@ import os
 import socket
 import ssl
 import stat
+import sys
 from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from papertrader import tls
-from tests.processes import RunningDeployment
+from tests.processes import ROOT, TWISTD, RunningDeployment
 
 PASSWORD = "correct horse battery"
 
@@ -155,3 +157,35 @@ def _send_garbage(host: str, port: int, ca: str) -> None:
             wrapped.sendall(b"\xff\xff" + bytes(range(256)) * 4)
             while wrapped.recv(1024):
                 pass
+
+
+class TwistdTests(TestCase):
+    """The twistd command line itself."""
+
+    @inlineCallbacks
+    def test_help_lists_plugins(self) -> Any:
+        """``twistd --help`` lists both PaperTrader daemons."""
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-c", TWISTD, "--help"], env=_env(), path=os.path.abspath(".")
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"papertrader-master", out)
+        self.assertIn(b"papertrader-worker", out)
+
+    @inlineCallbacks
+    def test_bad_configuration_refused(self) -> Any:
+        """A master with invalid settings refuses to start and names every problem."""
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", TWISTD, "-n", "--pidfile=", "papertrader-master", "--update-interval", "-1", "--workers", "many",
+             "--assets", os.path.abspath("no-such-assets.csv"), "--data-dir", os.path.abspath(self.mktemp())],
+            env=_env(),
+            path=os.path.abspath("."),
+        )
+        self.assertNotEqual(code, 0)
+        for problem in (b"update_interval", b"workers", b"no-such-assets.csv"):
+            self.assertIn(problem, out + err)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
