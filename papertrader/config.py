@@ -48,6 +48,7 @@ class MasterConfig:
     listen: str = "tcp:2048:interface=127.0.0.1"
     worker_listen: str = "tcp:2049:interface=127.0.0.1"
     data_dir: str = attr.Factory(default_data_dir)
+    database: str = ""
     hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
     bcrypt_cost: int = 12
     starting_cash_cents: int = 10_000_000
@@ -97,6 +98,13 @@ def _cash(text: str) -> int:
     return parse_amount(text)
 
 
+def _database(text: str) -> str:
+    text = text.strip()
+    if text and not text.startswith(("sqlite:", "postgresql://", "postgres://")):
+        raise ValueError("expected empty (SQLite in data_dir), sqlite:///PATH or postgresql://...")
+    return text
+
+
 def _seed(text: str) -> int | None:
     return None if text.strip() == "" else int(text)
 
@@ -110,6 +118,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "listen": ("listen", _endpoint),
     "worker_listen": ("worker_listen", _endpoint),
     "data_dir": ("data_dir", str),
+    "database": ("database", _database),
     "hostnames": ("hostnames", _hostnames),
     "bcrypt_cost": ("bcrypt_cost", _int_in(4, 31)),
     "starting_cash": ("starting_cash_cents", _cash),

@@ -74,7 +74,8 @@ class SchemaTests(TestCase):
                 self.assertRaises(sqlite3.IntegrityError, connection.execute, statement)
             connection.execute(
                 f"INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
-                f"client_address, worker) VALUES ({user}, 'buy', 'AAPL', 1, 'filled', 't', 't', 'a', 'w')"
+                f"client_address, worker, settled_at) "
+                f"VALUES ({user}, 'buy', 'AAPL', 1, 'filled', 't', 't', 'a', 'w', 't')"
             )
             trade = (
                 f"INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, total_cents, "

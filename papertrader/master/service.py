@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from papertrader import tls
 from papertrader.config import MasterConfig
 from papertrader.master.accounts import Accounts
-from papertrader.master.database import Database
+from papertrader.master.database import Database, describe
 from papertrader.master.exchange import Exchange
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
 from papertrader.master.protocol import MasterFactory
@@ -91,9 +91,14 @@ class MasterService(service.MultiService):
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         master_identity, worker_identities = yield threads.deferToThread(prepare_identities, config)
 
-        self.database = Database.sqlite(os.path.join(config.data_dir, "papertrader.sqlite"))
+        self.database = Database.open(config.database, config.data_dir)
         version = yield self.database.migrate()
-        self.log.info("database schema version {version}", version=version)
+        self.log.info(
+            "{backend} database {where}, schema version {version}",
+            backend=self.database.dialect.name,
+            where=describe(config.database) or "in the data directory",
+            version=version,
+        )
 
         accounts = Accounts(
             self.database,
