@@ -389,7 +389,8 @@ class Database:
             "GROUP BY side, symbol",
             (user_id,),
         )
-        for side, symbol, quantity in txn.fetchall():
+        for side, symbol, total in txn.fetchall():
+            quantity = int(total)  # PostgreSQL sums BIGINT as NUMERIC
             if side == BUY:
                 state.queued_buy_cents += quantity * prices.get(symbol, 0)
             else:

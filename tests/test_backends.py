@@ -1,0 +1,185 @@
+"""The database layer through real ``adbapi`` pools, on SQLite and on PostgreSQL alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from papertrader.errors import PurchaseFailed, RegisterFailed
+from papertrader.master.accounts import Accounts
+from papertrader.master.database import Database, SchemaTooNew, schema_files
+from papertrader.master.exchange import Exchange
+from papertrader.master.market import PriceBoard
+from papertrader.master.trading import NewOrder, refuse_reason, settle_orders
+from tests.databases import fresh_database_url, query
+from tests.support import ASSETS, PASSWORD, FixedPrices
+
+
+class BackendTestsMixin:
+    """Tests every backend must pass; subclasses name the backend."""
+
+    backend: str
+
+    def setUp(self) -> Any:
+        self.url = fresh_database_url(self, self.backend)
+        self.database = self.open()
+        return self.database.migrate()
+
+    def open(self) -> Database:
+        database = Database.open(self.url, self.mktemp())
+        self.addCleanup(database.close)
+        return database
+
+    def exchange(self) -> Exchange:
+        accounts = Accounts(
+            self.database,
+            reactor,
+            bcrypt_cost=4,
+            starting_cash_cents=100_000,
+            session_lifetime=3600.0,
+            remember_lifetime=7200.0,
+        )
+        board = PriceBoard(ASSETS)
+        board.update(1, "t", {s: a.reference_cents for s, a in ASSETS.items()})
+        source = FixedPrices(dict(board.prices))
+        return Exchange(self.database, accounts, board, source, reactor, 1000)
+
+    @inlineCallbacks
+    def logged_in(self, exchange: Exchange, username: str = "alice") -> Any:
+        yield exchange.accounts.register(username, f"{username}@example.com", PASSWORD)
+        session = yield exchange.accounts.login(username, PASSWORD)
+        return session
+
+    @inlineCallbacks
+    def test_schema_version(self) -> Any:
+        """The schema is at the newest version, re-applying is a no-op, and a newer database is refused."""
+        newest = schema_files()[-1][0]
+        version = yield self.open().migrate()
+        self.assertEqual(version, newest)
+        self.assertEqual(query(self.url, "SELECT version FROM schema_version"), [(newest,)])
+        query(self.url, "INSERT INTO schema_version (version) VALUES (?)", newest + 1)
+        error = yield self.assertFailure(self.open().migrate(), SchemaTooNew)
+        self.assertIn(str(newest + 1), str(error))
+
+    @inlineCallbacks
+    def test_usernames_unique_in_any_case(self) -> Any:
+        """The database itself refuses a second user whose name differs only in case."""
+        yield self.database.create_user("alice", "a@example.com", "h", 1, "t")
+        yield self.assertFailure(self.database.create_user("ALICE", "b@example.com", "h", 1, "t"), RegisterFailed)
+        yield self.assertFailure(self.database.create_user("bob", "a@example.com", "h", 1, "t"), RegisterFailed)
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM users"), [(1,)])
+
+    def test_constraints(self) -> Any:
+        """Negative cash and negative share counts are refused by the schema."""
+        d = self.database.create_user("alice", "a@example.com", "h", 1, "t")
+
+        def check(user_id: int) -> None:
+            for statement in (
+                "UPDATE users SET cash_cents = -1",
+                f"INSERT INTO positions (user_id, symbol, quantity) VALUES ({user_id}, 'AAPL', -1)",
+            ):
+                self.assertRaises(self.database.dialect.integrity_errors, query, self.url, statement)
+            self.assertEqual(query(self.url, "SELECT cash_cents FROM users"), [(1,)])
+
+        return d.addCallback(check)
+
+    @inlineCallbacks
+    def test_trade_and_reconcile(self) -> Any:
+        """Orders queue, settle at the next tick, and cash reconciles with the history to the cent."""
+        exchange = self.exchange()
+        session = yield self.logged_in(exchange)
+        for side, symbol, quantity in [("buy", "AAPL", 3), ("buy", "KO", 5), ("sell", "AAPL", 1)]:
+            if side == "sell":
+                yield exchange.tick()
+            yield exchange.submit_order(side, session.token, symbol, str(quantity), "t", "127.0.0.1:1", "w")
+        yield exchange.tick()
+        yield exchange.tick()
+        [(cash,)] = query(self.url, "SELECT cash_cents FROM users")
+        [(net,)] = query(
+            self.url, "SELECT SUM(CASE side WHEN 'buy' THEN -total_cents ELSE total_cents END) FROM transactions"
+        )
+        self.assertEqual(cash, 100_000 + net)
+        self.assertEqual(
+            query(self.url, "SELECT symbol, quantity FROM positions ORDER BY symbol"), [("AAPL", 2), ("KO", 5)]
+        )
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM orders WHERE status = 'filled'"), [(3,)])
+
+    @inlineCallbacks
+    def test_concurrent_buys_exceeding_cash(self) -> Any:
+        """Two concurrent buys that together exceed the cash: exactly one is accepted and fills."""
+        exchange = self.exchange()
+        session = yield self.logged_in(exchange)
+        # 1,000.00 of cash; each buy costs 570.00 at AAPL's 190.00.
+        results = yield gatherResults(
+            [
+                exchange.submit_order("buy", session.token, "AAPL", "3", "t", "127.0.0.1:1", "w").addErrback(
+                    lambda f: f.trap(PurchaseFailed) and None
+                )
+                for _ in range(2)
+            ]
+        )
+        self.assertEqual(sorted(r is None for r in results), [False, True])
+        yield exchange.tick()
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM transactions"), [(1,)])
+
+    @inlineCallbacks
+    def test_concurrent_batches_cannot_double_spend(self) -> Any:
+        """Two order batches committed at the same time still cannot queue more than the cash covers."""
+        exchange = self.exchange()
+        session = yield self.logged_in(exchange)
+        order = NewOrder(session.user_id, "alice", "buy", "AAPL", 3, "t", "a", "w")
+        prices = exchange.board.prices
+        results = yield gatherResults(
+            [self.database.queue_orders([order], prices, refuse_reason, "t") for _ in range(4)]
+        )
+        accepted = [r for [r] in results if isinstance(r, int)]
+        self.assertEqual(len(accepted), 1, results)
+
+    @inlineCallbacks
+    def test_settlement_never_overspends(self) -> Any:
+        """Even orders queued past the cash (by any route) settle only while cash lasts."""
+        exchange = self.exchange()
+        session = yield self.logged_in(exchange)
+        for _ in range(3):
+            query(
+                self.url,
+                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
+                "client_address, worker) VALUES (?, 'buy', 'AAPL', 3, 'queued', 't', 't', 'a', 'w')",
+                session.user_id,
+            )
+        yield exchange.tick()
+        self.assertEqual(
+            query(self.url, "SELECT status FROM orders ORDER BY id"), [("filled",), ("rejected",), ("rejected",)]
+        )
+        self.assertEqual(query(self.url, "SELECT cash_cents FROM users"), [(100_000 - 3 * 19_000,)])
+
+    @inlineCallbacks
+    def test_failed_settlement_rolls_back(self) -> Any:
+        """A settlement that fails part-way leaves no trace: no tick, no fill, no cash change."""
+        exchange = self.exchange()
+        session = yield self.logged_in(exchange)
+        yield exchange.submit_order("buy", session.token, "AAPL", "1", "t", "127.0.0.1:1", "w")
+
+        def half_then_fail(*args: Any) -> Any:
+            settle_orders(*args)
+            raise RuntimeError("crash in the middle")
+
+        yield self.assertFailure(self.database.settle_tick({"AAPL": 100}, "t", half_then_fail), RuntimeError)
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM ticks"), [(0,)])
+        self.assertEqual(query(self.url, "SELECT status FROM orders"), [("queued",)])
+        self.assertEqual(query(self.url, "SELECT cash_cents FROM users"), [(100_000,)])
+
+
+class SQLiteTests(BackendTestsMixin, TestCase):
+    """The backend tests on SQLite."""
+
+    backend = "sqlite"
+
+
+class PostgreSQLTests(BackendTestsMixin, TestCase):
+    """The backend tests on PostgreSQL."""
+
+    backend = "postgresql"
