@@ -195,6 +195,7 @@ class Exchange:
         try:
             prices = yield self._source.fetch()
             now = iso(self._clock.seconds())
+            self.log.info("new prices as of {now}; settling the order queue", now=now)
             tick, settlements = yield self._db.settle_tick(prices, now, settle_orders)
         except Exception:
             self.log.failure("price update failed; the queue stays for the next one")

@@ -166,6 +166,7 @@ class MasterService(service.MultiService):
                         "--cert", identity.certificate,
                         "--key", identity.key,
                         "--address-file", os.path.join(config.data_dir, f"worker-{name}.address"),
+                        "--exit-with-stdin",
                     ],
                 )
             )

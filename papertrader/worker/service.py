@@ -7,7 +7,7 @@ from typing import Any
 
 import attr
 from twisted.application import service
-from twisted.internet import threads
+from twisted.internet import protocol, stdio, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
@@ -27,6 +27,7 @@ class WorkerConfig:
     listen: str
     identity: tls.Identity
     address_file: str | None = None
+    exit_with_stdin: bool = False
 
 
 def _tls_options(identity: tls.Identity, master_host: str) -> tuple[Any, Any]:
@@ -53,6 +54,8 @@ class WorkerService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.config.exit_with_stdin:
+            stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
         self._start().addCallbacks(self.ready.callback, self._failed_to_start)
 
     def _failed_to_start(self, failure: Any) -> None:
@@ -97,6 +100,20 @@ class WorkerService(service.MultiService):
                 os.unlink(self.config.address_file)
             except OSError:
                 pass
+
+
+class _ParentWatch(protocol.Protocol):
+    """Stops the worker when its standard input closes: the master that started it has ended."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Any) -> None:
+        self.log.info("standard input closed: the master that started this worker has ended; stopping")
+        if self.reactor.running:
+            self.reactor.stop()
 
 
 def _write_address(path: str, address: str) -> None:

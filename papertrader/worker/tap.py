@@ -25,6 +25,10 @@ class Options(usage.Options):
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
     ]
 
+    optFlags = [
+        ["exit-with-stdin", None, "Stop when standard input closes (how a master's local workers end with it)."],
+    ]
+
     def postOptions(self) -> None:
         problems = []
         try:
@@ -47,6 +51,7 @@ class Options(usage.Options):
             listen=self["listen"],
             identity=tls.Identity(certificate=self["cert"], key=self["key"], ca=self["ca"]),
             address_file=self["address-file"],
+            exit_with_stdin=bool(self["exit-with-stdin"]),
         )
 
 
