@@ -25,9 +25,20 @@ class _Watcher(ProcessProtocol):
     def __init__(self) -> None:
         self.ended: Deferred[Any] = Deferred()
         self.output = b""
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def wait_for(self, text: bytes) -> Deferred[None]:
+        """Fires as soon as ``text`` appears in the output (from now on)."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((text, d))
+        return d
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
+        for text, d in list(self._waiting):
+            if text in data:
+                self._waiting.remove((text, d))
+                d.callback(None)
 
     errReceived = outReceived
 
@@ -38,7 +49,7 @@ class _Watcher(ProcessProtocol):
 class RunningDeployment:
     """``twistd papertrader-master`` in a temporary directory, on free ports, with a local worker."""
 
-    def __init__(self, base: str, *extra: str) -> None:
+    def __init__(self, base: str, *extra: str, log_to_stdout: bool = False) -> None:
         self.base = os.path.abspath(base)
         self.data = os.path.join(self.base, "data")
         os.makedirs(self.base)
@@ -49,7 +60,8 @@ class RunningDeployment:
             XDG_DATA_HOME=os.path.join(self.base, "share"),
         )
         self.args = [
-            "-c", TWISTD, "--nodaemon", "--pidfile=", "--logfile", os.path.join(self.base, "master.log"),
+            "-c", TWISTD, "--nodaemon", "--pidfile=",
+            "--logfile", "-" if log_to_stdout else os.path.join(self.base, "master.log"),
             "papertrader-master",
             "--config", SAMPLE_CONFIG,
             "--data-dir", self.data,
@@ -62,12 +74,23 @@ class RunningDeployment:
         self.process: Any = None
         self.watcher = _Watcher()
 
-    @inlineCallbacks
-    def start(self, attempts: int = 600) -> Any:
-        """Start the master and wait until its local worker answers quotes."""
+    def spawn(self) -> _Watcher:
+        """Start the master process; returns what watches its output and exit."""
+        self.watcher = _Watcher()
         self.process = reactor.spawnProcess(
             self.watcher, sys.executable, [sys.executable, *self.args], env=self.env, path=self.base
         )
+        return self.watcher
+
+    @inlineCallbacks
+    def start(self, attempts: int = 600) -> Any:
+        """Start the master and wait until its local worker answers quotes."""
+        self.spawn()
+        yield self.wait_until_serving(attempts)
+
+    @inlineCallbacks
+    def wait_until_serving(self, attempts: int = 600) -> Any:
+        """Wait until the local worker answers quotes through the master."""
         for _ in range(attempts):
             if self.watcher.ended.called:
                 raise AssertionError(f"master exited early:\n{self.log()}")
@@ -79,7 +102,7 @@ class RunningDeployment:
         raise AssertionError(f"deployment did not come up:\n{self.log()}")
 
     def log(self) -> str:
-        parts = []
+        parts = [f"--- master output\n{self.watcher.output.decode('utf-8', 'replace')[-4000:]}"]
         for name in ("master.log", os.path.join("data", "logs", "worker-local-1.log")):
             try:
                 with open(os.path.join(self.base, name), encoding="utf-8") as f:
@@ -117,6 +140,12 @@ class RunningDeployment:
         with open(path, "w", encoding="utf-8") as f:
             f.write(password + "\n")
         return path
+
+    @inlineCallbacks
+    def kill(self) -> Any:
+        """SIGKILL the master and wait for it to be gone."""
+        self.process.signalProcess("KILL")
+        yield self.watcher.ended
 
     @inlineCallbacks
     def stop(self) -> Any:

@@ -113,7 +113,9 @@ class PaperTraderClient:
         return self.connection.callRemote(GetUserTransactionHistory, token=self.token or "", limit=limit)
 
     def close(self) -> None:
-        self.connection.transport.loseConnection()
+        """Close the connection (if it is still open)."""
+        if self.connection.transport is not None:
+            self.connection.transport.loseConnection()
 
 
 class TLSHandshakeFailed(Exception):
