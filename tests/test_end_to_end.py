@@ -16,6 +16,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from papertrader import tls
+from tests.databases import fresh_postgresql
 from tests.processes import ROOT, TWISTD, RunningDeployment
 
 PASSWORD = "correct horse battery"
@@ -26,9 +27,13 @@ class EndToEndTests(TestCase):
 
     timeout = 240
 
+    def database_args(self) -> list[str]:
+        """Extra master options choosing the database (none: SQLite in the data directory)."""
+        return []
+
     @inlineCallbacks
     def setUp(self) -> Any:
-        self.deployment = RunningDeployment(self.mktemp())
+        self.deployment = RunningDeployment(self.mktemp(), *self.database_args())
         self.addCleanup(self.deployment.stop)
         yield self.deployment.start()
         self.password = self.deployment.password_file(PASSWORD)
@@ -159,6 +164,13 @@ def _send_garbage(host: str, port: int, ca: str) -> None:
                 pass
 
 
+class PostgreSQLEndToEndTests(EndToEndTests):
+    """The same, with the master on a fresh PostgreSQL database (``--database postgresql://...``)."""
+
+    def database_args(self) -> list[str]:
+        return ["--database", fresh_postgresql(self)]
+
+
 class TwistdTests(TestCase):
     """The twistd command line itself."""
 
@@ -185,6 +197,65 @@ class TwistdTests(TestCase):
         self.assertNotEqual(code, 0)
         for problem in (b"update_interval", b"workers", b"no-such-assets.csv"):
             self.assertIn(problem, out + err)
+
+
+class RefusedStartTests(TestCase):
+    """A master that cannot use its configuration or database refuses to start, naming the problem."""
+
+    @inlineCallbacks
+    def master(self, *args: str) -> Any:
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", TWISTD, "-n", "--pidfile=", "papertrader-master", "--listen", "tcp:0:interface=127.0.0.1",
+             "--worker-listen", "tcp:0:interface=127.0.0.1", *args],
+            env=_env(),
+            path=os.path.abspath("."),
+        )
+        return code, (out + err).decode("utf-8", "replace")
+
+    @inlineCallbacks
+    def test_corrupt_database(self) -> Any:
+        """A database file full of garbage: exit status 1 and the reason in the log."""
+        data = os.path.abspath(self.mktemp())
+        os.makedirs(data)
+        with open(os.path.join(data, "papertrader.sqlite"), "wb") as f:
+            f.write(b"this is not an SQLite database\n" * 200)
+        code, output = yield self.master("--data-dir", data)
+        self.assertEqual(code, 1, output)
+        self.assertIn("the master could not start: DatabaseError: file is not a database", output)
+
+    @inlineCallbacks
+    def test_unreadable_configuration(self) -> Any:
+        """A configuration file that cannot be read or parsed is named in the refusal."""
+        missing = os.path.abspath("missing.ini")
+        code, output = yield self.master("--config", missing)
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"cannot read configuration {missing}", output)
+        corrupt = os.path.abspath(self.mktemp())
+        with open(corrupt, "w") as f:
+            f.write("[papertrader\nworkers = = 1\n")
+        code, output = yield self.master("--config", corrupt)
+        self.assertNotEqual(code, 0)
+        self.assertIn(corrupt, output)
+
+    @inlineCallbacks
+    def test_bad_database_setting(self) -> Any:
+        """An unsupported database URL is refused before anything starts."""
+        code, output = yield self.master("--database", "mysql://root@localhost/x", "--data-dir", self.mktemp())
+        self.assertNotEqual(code, 0)
+        self.assertIn("database: expected empty (SQLite in data_dir), sqlite:///PATH or postgresql://", output)
+
+    @inlineCallbacks
+    def test_unreachable_postgresql(self) -> Any:
+        """A PostgreSQL nobody listens on: exit status 1 naming the connection failure."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        code, output = yield self.master(
+            "--database", f"postgresql://postgres@127.0.0.1:{port}/none", "--data-dir", self.mktemp()
+        )
+        self.assertEqual(code, 1, output)
+        self.assertIn("the master could not start: OperationalError", output)
 
 
 def _env() -> dict[str, str]:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from papertrader import tls
 from papertrader.config import MasterConfig
+from papertrader.daemon import abort_start
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, describe
 from papertrader.master.exchange import Exchange
@@ -77,13 +78,9 @@ class MasterService(service.MultiService):
         d.addCallbacks(self.ready.callback, self._failed_to_start)
 
     def _failed_to_start(self, failure: Any) -> None:
-        self.log.critical(
-            "the master could not start: {why}", why=failure.getErrorMessage() or failure.type.__name__
-        )
-        self.log.failure("start-up failure", failure)
         self.ready.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        self.ready.addErrback(lambda _: None)
+        abort_start(self.reactor, "master", failure)
 
     @inlineCallbacks
     def _start(self) -> Any:

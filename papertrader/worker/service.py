@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from papertrader import tls
+from papertrader.daemon import abort_start
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientFactory, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
@@ -59,11 +60,9 @@ class WorkerService(service.MultiService):
         self._start().addCallbacks(self.ready.callback, self._failed_to_start)
 
     def _failed_to_start(self, failure: Any) -> None:
-        self.log.critical("the worker could not start: {why}", why=failure.getErrorMessage())
-        self.log.failure("start-up failure", failure)
         self.ready.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        self.ready.addErrback(lambda _: None)
+        abort_start(self.reactor, "worker", failure)
 
     @inlineCallbacks
     def _start(self) -> Any:
