@@ -1,0 +1,531 @@
+"""Order throughput of a real PaperTrader deployment against a bare AMP/TLS relay.
+
+Measures how many PurchaseAsset orders per second a master with one local
+worker accepts (every answer an order id, i.e. the order is durably queued),
+with C client connections each keeping a window of W calls in flight, M orders
+in all.  The baseline, in the same run and on the same machine, is the least a
+two-hop design can do: a "relay" process that forwards each PurchaseAsset over
+one AMP/TLS connection to a "sink" process that answers it with a counter --
+no batching, no validation, no database.  Clients reach the relay exactly as
+they reach the worker (same library, connections, window and order count).
+
+Run it from a source checkout::
+
+    python benchmarks/orders.py [--orders N] [--connections C] [--window W] [--rounds R]
+
+Each measurement runs R times (default 3), alternating deployment and relay,
+and the best of each is reported along with the ratio papertrader / relay.
+On Linux the CPU time each process used during the best round is reported
+too, per order: on a machine with fewer free cores than busy processes the
+throughput ratio is really a ratio of CPU cost, and these lines say where it
+goes.  Set PAPERTRADER_BENCH_KEEP=1 to keep (and print) the temporary
+directory with the master's and worker's logs; on failure their ends are
+printed anyway.
+
+The sink and relay are this script again, started with the hidden
+sub-commands ``_sink`` and ``_relay``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from twisted.internet import task  # noqa: E402
+from twisted.internet.defer import Deferred, inlineCallbacks  # noqa: E402
+from twisted.internet.protocol import Factory  # noqa: E402
+from twisted.protocols import amp  # noqa: E402
+
+from papertrader import tls  # noqa: E402
+from papertrader.client.library import PaperTraderClient, connect  # noqa: E402
+from papertrader.protocol import PurchaseAsset  # noqa: E402
+
+HOST = "127.0.0.1"
+SYMBOL = "AAPL"
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+PASSWORD = "benchmark-password"
+
+
+class BenchmarkError(Exception):
+    """The benchmark could not run or an order was not accepted."""
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _child_env() -> dict[str, str]:
+    """This environment with the checkout importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _spawn(args: Sequence[str], log_path: str) -> subprocess.Popen:
+    """Start ``python args...`` in its own session, output to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            env=_child_env(),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM ``process`` and wait; kill its process group if it does not stop in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    # The process group is the session started for this child (the master's includes its worker).
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _wait_for_file(path: str, process: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> str:
+    """Poll for ``path`` to exist and be non-empty; return its stripped text."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchmarkError(f"{process.args[1:3]} exited with {process.returncode}")
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.05)
+    raise BenchmarkError(f"{path} did not appear within {timeout:.0f} s")
+
+
+def _show_logs(workdir: str, lines: int = 15) -> None:
+    """Print the end of every log in ``workdir`` to stderr (before the directory goes)."""
+    for folder, _, files in sorted(os.walk(workdir)):
+        for name in sorted(files):
+            if name.endswith((".log", ".out")):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    tail = f.readlines()[-lines:]
+                if tail:
+                    print(f"--- {os.path.relpath(path, workdir)} (last {len(tail)} lines)", file=sys.stderr)
+                    sys.stderr.writelines(tail)
+
+
+def _write_port(path: str, port: int) -> None:
+    """Write ``port`` to ``path`` atomically."""
+    with open(path + ".tmp", "w", encoding="ascii") as f:
+        f.write(f"{port}\n")
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------- the baseline: sink and relay
+
+
+class _Sink(amp.CommandLocator):
+    """Answers every PurchaseAsset with the next number."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    @PurchaseAsset.responder
+    def purchase(self, token: str, symbol: str, quantity: str) -> dict[str, int]:
+        self.last += 1
+        return {"order_id": self.last}
+
+
+class _Relay(amp.CommandLocator):
+    """Forwards each PurchaseAsset to the sink, one call per message."""
+
+    def __init__(self, upstream: amp.AMP) -> None:
+        self.upstream = upstream
+
+    @PurchaseAsset.responder
+    def purchase(self, token: str, symbol: str, quantity: str) -> Deferred:
+        return self.upstream.callRemote(PurchaseAsset, token=token, symbol=symbol, quantity=quantity)
+
+
+def _identity(tls_dir: str, label: str) -> tls.Identity:
+    return tls.Identity(
+        certificate=os.path.join(tls_dir, label + ".pem"),
+        key=os.path.join(tls_dir, label + ".key"),
+        ca=os.path.join(tls_dir, "ca.pem"),
+    )
+
+
+def _until_stopped(reactor: Any) -> Deferred:
+    """Never fires: runs until SIGTERM, or until the benchmark that started this process is gone."""
+    parent = os.getppid()
+
+    def check() -> None:
+        if os.getppid() != parent:
+            reactor.stop()
+
+    task.LoopingCall(check).start(1.0, now=False)
+    return Deferred()
+
+
+@inlineCallbacks
+def _run_sink(reactor: Any, tls_dir: str, port_file: str) -> Any:
+    """Listen like the master (TLS, client certificate required) and answer orders."""
+    options = tls.server_options(_identity(tls_dir, "master"), require_client_certificate=True)
+    sink = _Sink()
+    endpoint = tls.tls_server_endpoint(reactor, f"tcp:0:interface={HOST}", options)
+    port = yield endpoint.listen(Factory.forProtocol(lambda: amp.AMP(locator=sink)))
+    _write_port(port_file, port.getHost().port)
+    yield _until_stopped(reactor)
+
+
+@inlineCallbacks
+def _run_relay(reactor: Any, tls_dir: str, sink_port: int, port_file: str) -> Any:
+    """Connect to the sink like a worker to the master, then listen like a worker."""
+    identity = _identity(tls_dir, "worker-local-1")
+    upstream_options = tls.client_options(HOST, identity.ca, identity)
+    endpoint = tls.tls_client_endpoint(reactor, HOST, sink_port, upstream_options)
+    upstream = yield endpoint.connect(Factory.forProtocol(amp.AMP))
+    relay = _Relay(upstream)
+    server = tls.tls_server_endpoint(reactor, f"tcp:0:interface={HOST}", tls.server_options(identity))
+    port = yield server.listen(Factory.forProtocol(lambda: amp.AMP(locator=relay)))
+    _write_port(port_file, port.getHost().port)
+    yield _until_stopped(reactor)
+
+
+# ---------------------------------------------------------------- the client side
+
+
+class _Stream:
+    """Sends one connection's share of orders, keeping ``window`` of them in flight."""
+
+    def __init__(self, client: PaperTraderClient, count: int, window: int, run: _Run) -> None:
+        self.client = client
+        self.remaining = count
+        self.window = window
+        self.run = run
+
+    def start(self) -> None:
+        for _ in range(min(self.window, self.remaining)):
+            self._send()
+
+    def _send(self) -> None:
+        self.remaining -= 1
+        self.run.outstanding += 1
+        self.client.buy(SYMBOL, 1).addCallbacks(self._answered, self._failed)
+
+    def _answered(self, answer: dict[str, Any]) -> None:
+        if isinstance(answer.get("order_id"), int):
+            self.run.ok += 1
+        else:
+            self.run.failure(f"answer without an order id: {answer!r}")
+        self._next()
+
+    def _failed(self, failure: Any) -> None:
+        self.run.failure(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        self._next()
+
+    def _next(self) -> None:
+        self.run.outstanding -= 1
+        if self.remaining > 0 and not self.run.failures:
+            self._send()
+        elif self.run.outstanding == 0:
+            self.run.finish()
+
+
+class _Run:
+    """One measurement: M orders over C connections; ``done`` fires with the elapsed seconds."""
+
+    def __init__(self, clients: Sequence[PaperTraderClient], orders: int, window: int) -> None:
+        share, extra = divmod(orders, len(clients))
+        self.streams = [_Stream(c, share + (i < extra), window, self) for i, c in enumerate(clients)]
+        self.outstanding = 0
+        self.ok = 0
+        self.failures = 0
+        self.first_failure: str | None = None
+        self.done: Deferred[float] = Deferred()
+        self._started = 0.0
+
+    def start(self) -> Deferred[float]:
+        self._started = time.perf_counter()
+        for stream in self.streams:
+            stream.start()
+        return self.done
+
+    def failure(self, why: str) -> None:
+        self.failures += 1
+        if self.first_failure is None:
+            self.first_failure = why
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self._started
+        if self.failures:
+            self.done.errback(
+                BenchmarkError(f"{self.failures} orders failed ({self.ok} accepted); first: {self.first_failure}")
+            )
+        else:
+            self.done.callback(elapsed)
+
+
+@inlineCallbacks
+def _connect_retrying(reactor: Any, port: int, ca: str, timeout: float = STARTUP_TIMEOUT) -> Any:
+    """A client connected to ``HOST:port`` whose quotes work (the worker has its master)."""
+    deadline = time.monotonic() + timeout
+    client = None
+    last = "nothing tried"
+    while time.monotonic() < deadline:
+        try:
+            if client is None:
+                client = yield connect(reactor, HOST, port, ca)
+            yield client.quote(SYMBOL)
+            return client
+        except Exception as e:
+            last = f"{type(e).__name__}: {e}"
+            if client is not None:
+                client.close()
+                client = None
+        yield task.deferLater(reactor, 0.2, lambda: None)
+    raise BenchmarkError(f"the worker did not become ready within {timeout:.0f} s (last error: {last})")
+
+
+@inlineCallbacks
+def _log_in(reactor: Any, port: int, ca: str, index: int) -> Any:
+    """A new user, registered and logged in on its own connection."""
+    client = yield connect(reactor, HOST, port, ca)
+    username = f"bench{index}"
+    yield client.register(username, f"{username}@example.com", PASSWORD)
+    yield client.login(username, PASSWORD)
+    return client
+
+
+def _rate(orders: int, seconds: float) -> float:
+    return orders / seconds if seconds > 0 else float("inf")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) used so far by process ``pid``; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _child_of(parent: int) -> int | None:
+    """The pid of a child process of ``parent`` (the master's local worker), if one is found."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == parent:
+                        return int(entry)
+            except (OSError, ValueError, IndexError):
+                continue
+    return None
+
+
+class _CPU:
+    """CPU seconds used by a set of named processes between `start` and `stop`."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid is not None}
+        self._before: dict[str, float | None] = {}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> None:
+        self.used = {}
+        for name, pid in self.pids.items():
+            before, after = self._before.get(name), _cpu_seconds(pid)
+            if before is not None and after is not None:
+                self.used[name] = after - before
+
+    def per_order(self, orders: int) -> str:
+        """``total us/order (name us, ...)``, or "" when nothing was measured."""
+        if not self.used:
+            return ""
+        parts = ", ".join(f"{name} {1e6 * seconds / orders:.0f}" for name, seconds in self.used.items())
+        return f"{1e6 * sum(self.used.values()) / orders:.0f} us/order ({parts})"
+
+
+@inlineCallbacks
+def _benchmark(
+    reactor: Any, worker_port: int, relay_port: int, ca: str, pids: dict[str, int], options: argparse.Namespace
+) -> Any:
+    """Connect everything, measure both targets alternately, print the results."""
+    probe = yield _connect_retrying(reactor, worker_port, ca)
+    probe.close()
+    ours = []
+    for i in range(options.connections):
+        ours.append((yield _log_in(reactor, worker_port, ca, i + 1)))
+    theirs = []
+    for client in ours:
+        relayed = yield connect(reactor, HOST, relay_port, ca)
+        relayed.token = client.token  # the same message, byte for byte
+        theirs.append(relayed)
+
+    me = os.getpid()
+    targets = {
+        "papertrader": (ours, {"client": me, "worker": _child_of(pids["master"]), "master": pids["master"]}),
+        "relay": (theirs, {"client": me, "relay": pids["relay"], "sink": pids["sink"]}),
+    }
+    best = {name: 0.0 for name in targets}
+    cpu_of_best = {name: "" for name in targets}
+    for round_number in range(1, options.rounds + 1):
+        for name, (clients, processes) in targets.items():
+            cpu = _CPU(processes)
+            cpu.start()
+            elapsed = yield _Run(clients, options.orders, options.window).start()
+            cpu.stop()
+            rate = _rate(options.orders, elapsed)
+            if rate > best[name]:
+                best[name], cpu_of_best[name] = rate, cpu.per_order(options.orders)
+            print(
+                f"  round {round_number}: {name} {rate:.0f} orders/s ({elapsed:.2f} s) {cpu.per_order(options.orders)}",
+                file=sys.stderr,
+            )
+    for client in ours + theirs:
+        client.close()
+
+    print(
+        f"papertrader: {best['papertrader']:.0f} orders/s "
+        f"({options.orders} orders, {options.connections} connections, window {options.window})"
+    )
+    print(f"relay baseline: {best['relay']:.0f} orders/s")
+    print(f"ratio: {best['papertrader'] / best['relay']:.2f} (target >= 1.0)")
+    for name, text in cpu_of_best.items():
+        if text:
+            print(f"cpu {name}: {text}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="PaperTrader order throughput against a bare AMP/TLS relay.")
+    parser.add_argument("--orders", type=_positive, default=20000, help="orders per measurement (20000)")
+    parser.add_argument("--connections", type=_positive, default=4, help="client connections, one user each (4)")
+    parser.add_argument("--window", type=_positive, default=256, help="calls in flight per connection (256)")
+    parser.add_argument("--rounds", type=_positive, default=3, help="measurements of each; the best counts (3)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Start a deployment and the baseline, measure both, clean up whatever happens."""
+    options = _parse(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up on SIGTERM too
+    workdir = tempfile.mkdtemp(prefix="papertrader-bench-")
+    data = os.path.join(workdir, "data")
+    tls_dir = os.path.join(data, "tls")
+    processes: list[subprocess.Popen] = []
+    try:
+        master_log = os.path.join(workdir, "master.log")
+        master = _spawn(
+            [
+                "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "--logfile", master_log,
+                "papertrader-master",
+                "--data-dir", data,
+                "--listen", f"tcp:0:interface={HOST}",
+                "--worker-listen", f"tcp:0:interface={HOST}",
+                "--update-interval", "3600",
+                "--bcrypt-cost", "4",
+                "--max-order-quantity", "1000000",
+                "--starting-cash", "100000000000.00",
+            ],
+            os.path.join(workdir, "master.out"),
+        )  # fmt: skip
+        processes.append(master)
+        address = _wait_for_file(os.path.join(data, "worker-local-1.address"), master)
+        _, worker_port = tls.split_address(address, 0)
+
+        sink_file = os.path.join(workdir, "sink.port")
+        sink_log = os.path.join(workdir, "sink.log")
+        sink = _spawn([__file__, "_sink", "--tls-dir", tls_dir, "--port-file", sink_file], sink_log)
+        processes.append(sink)
+        sink_port = _wait_for_file(sink_file, sink)
+
+        relay_file = os.path.join(workdir, "relay.port")
+        relay_log = os.path.join(workdir, "relay.log")
+        relay = _spawn(
+            [__file__, "_relay", "--tls-dir", tls_dir, "--sink-port", sink_port, "--port-file", relay_file],
+            relay_log,
+        )
+        processes.append(relay)
+        relay_port = int(_wait_for_file(relay_file, relay))
+
+        try:
+            ca = os.path.join(tls_dir, "ca.pem")
+            pids = {"master": master.pid, "relay": relay.pid, "sink": sink.pid}
+            task.react(lambda reactor: _benchmark(reactor, worker_port, relay_port, ca, pids, options))
+        except SystemExit as e:
+            if e.code:
+                raise BenchmarkError("the benchmark failed") from None
+    except BaseException:
+        _show_logs(workdir)
+        raise
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        if os.environ.get("PAPERTRADER_BENCH_KEEP"):
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _sub_command(argv: Sequence[str]) -> None:
+    """The hidden ``_sink`` and ``_relay`` processes of the baseline."""
+    parser = argparse.ArgumentParser(prog="orders.py " + argv[0])
+    parser.add_argument("--tls-dir", required=True)
+    parser.add_argument("--port-file", required=True)
+    if argv[0] == "_relay":
+        parser.add_argument("--sink-port", type=int, required=True)
+    options = parser.parse_args(argv[1:])
+    if argv[0] == "_sink":
+        task.react(_run_sink, (options.tls_dir, options.port_file))
+    else:
+        task.react(_run_relay, (options.tls_dir, options.sink_port, options.port_file))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("_sink", "_relay"):
+        _sub_command(sys.argv[1:])
+    else:
+        try:
+            main(sys.argv[1:])
+        except BenchmarkError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
