@@ -59,7 +59,7 @@ class BackendTestsMixin:
         newest = schema_files()[-1][0]
         version = yield self.open().migrate()
         self.assertEqual(version, newest)
-        self.assertEqual(query(self.url, "SELECT version FROM schema_version"), [(newest,)])
+        self.assertEqual(query(self.url, "SELECT MAX(version) FROM schema_version"), [(newest,)])
         query(self.url, "INSERT INTO schema_version (version) VALUES (?)", newest + 1)
         error = yield self.assertFailure(self.open().migrate(), SchemaTooNew)
         self.assertIn(str(newest + 1), str(error))
@@ -135,7 +135,7 @@ class BackendTestsMixin:
         results = yield gatherResults(
             [self.database.queue_orders([order], prices, refuse_reason, "t") for _ in range(4)]
         )
-        accepted = [r for [r] in results if isinstance(r, int)]
+        accepted = [r for ([r], _) in results if isinstance(r, int)]
         self.assertEqual(len(accepted), 1, results)
 
     @inlineCallbacks

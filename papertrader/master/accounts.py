@@ -123,6 +123,13 @@ class Accounts:
         self._sessions[token_digest(token)] = session
         returnValue(attr.evolve(session, token=token))
 
+    def cached_session(self, token: str) -> Session | None:
+        """The live session for ``token`` if it is in memory; None means: ask `authenticate`."""
+        session = self._sessions.get(token_digest(token)) if token else None
+        if session is None or session.expires_at <= self._clock.seconds():
+            return None
+        return session
+
     @inlineCallbacks
     def authenticate(self, token: str) -> Any:
         """The live `Session` for ``token``; SessionInvalid if none."""

@@ -169,13 +169,13 @@ class Database:
 
     @classmethod
     def open(cls, url: str, data_dir: str) -> Database:
-        """The database named by ``url``: empty for SQLite in ``data_dir``, ``sqlite:///PATH`` or
-        ``postgresql://...``."""
+        """The database named by ``url``: empty for SQLite in ``data_dir``, ``sqlite:///NAME`` (in
+        ``data_dir``), ``sqlite:////ABSOLUTE/PATH`` or ``postgresql://...``."""
         if not url:
             return cls.sqlite(os.path.join(data_dir, "papertrader.sqlite"))
         if url.startswith("sqlite:"):
-            path = url[len("sqlite:") :]
-            path = path[2:] if path.startswith("//") else path
+            # sqlite:///NAME is relative to the data directory, sqlite:////PATH absolute.
+            path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else url[len("sqlite:") :]
             if not path:
                 raise DatabaseURLError("sqlite: URL without a file path")
             return cls.sqlite(os.path.join(data_dir, path))
@@ -334,12 +334,15 @@ class Database:
         prices: Mapping[str, int],
         refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
         now: str,
-    ) -> Deferred[list[int | str]]:
+        known: Mapping[int, AccountState] | None = None,
+    ) -> Deferred[tuple[list[int | str], dict[int, AccountState]]]:
         """Check and insert a batch of orders in one transaction.
 
-        Fires with, per order, its new id or the reason it was refused.
+        ``known`` holds account states the caller already has (they are updated
+        in place); others are read from the database.  Fires with, per order,
+        its new id or the reason it was refused, and every account state used.
         """
-        return self._run(self._queue_orders, orders, prices, refuse_reason, now)
+        return self._run(self._queue_orders, orders, prices, refuse_reason, now, dict(known or {}))
 
     @staticmethod
     def _queue_orders(
@@ -348,8 +351,8 @@ class Database:
         prices: Mapping[str, int],
         refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
         now: str,
-    ) -> list[int | str]:
-        accounts: dict[int, AccountState] = {}
+        accounts: dict[int, AccountState],
+    ) -> tuple[list[int | str], dict[int, AccountState]]:
         results: list[int | str] = []
         for order in orders:
             account = accounts.get(order.user_id)
@@ -376,7 +379,7 @@ class Database:
                 ),
             )
             results.append(order_id)
-        return results
+        return results, accounts
 
     @staticmethod
     def _account_state(txn: Cursor, user_id: int, prices: Mapping[str, int]) -> AccountState:

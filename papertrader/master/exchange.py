@@ -27,6 +27,7 @@ from papertrader.master.market import PriceBoard, PriceSource
 from papertrader.master.trading import (
     BUY,
     SIDES,
+    AccountState,
     NewOrder,
     OrderDesk,
     Settlement,
@@ -61,6 +62,9 @@ class Exchange:
         self._clock = clock
         self._max_quantity = max_order_quantity
         self._desk = OrderDesk(clock, self._commit_orders)
+        # Funds checks between updates: account states by user id, valid for one generation.
+        self._accounts: dict[int, AccountState] = {}
+        self._generation = 0
         self._tick_listeners: list[TickListener] = []
 
     def on_tick(self, listener: TickListener) -> None:
@@ -68,6 +72,53 @@ class Exchange:
         self._tick_listeners.append(listener)
 
     # ------------------------------------------------------------ orders
+
+    @inlineCallbacks
+    def submit_orders(self, requests: list[dict[str, str]], worker: str) -> Any:
+        """Validate a batch of orders and queue the valid ones durably, together.
+
+        Each request has ``side``, ``token``, ``symbol``, ``quantity``,
+        ``received_at`` and ``client_address``.  Fires with, per request, either
+        ``(order_id, username)`` or the `PaperTraderError` saying why it was not
+        queued (SessionInvalid, PurchaseFailed/SellFailed, ServiceUnavailable).
+        """
+        sessions: dict[str, Any] = {}
+        for token in {request["token"] for request in requests}:
+            session = self.accounts.cached_session(token)
+            if session is None:
+                try:
+                    session = yield self.accounts.authenticate(token)
+                except PaperTraderError as e:
+                    session = e
+                except Exception:
+                    self.log.failure("database failure while checking a session")
+                    session = ServiceUnavailable("the database is unavailable; order not accepted")
+            sessions[token] = session
+
+        results: list[Any] = [None] * len(requests)
+        valid: list[tuple[int, NewOrder]] = []
+        for index, request in enumerate(requests):
+            session = sessions[request["token"]]
+            if isinstance(session, Exception):
+                results[index] = session
+                continue
+            try:
+                valid.append((index, self._new_order(request, session, worker)))
+            except PaperTraderError as e:
+                results[index] = e
+        if valid:
+            try:
+                outcomes = yield self._desk.place_many([order for _, order in valid])
+            except PaperTraderError as e:
+                outcomes = [e] * len(valid)
+            for (index, order), outcome in zip(valid, outcomes):
+                if isinstance(outcome, int):
+                    results[index] = (outcome, order.username)
+                elif isinstance(outcome, str):
+                    results[index] = _failure_for(order.side)(outcome)
+                else:
+                    results[index] = outcome
+        return results
 
     @inlineCallbacks
     def submit_order(
@@ -80,35 +131,72 @@ class Exchange:
         client_address: str,
         worker: str,
     ) -> Any:
-        """Validate an order and queue it durably; fires with ``(order_id, username)``.
+        """One order through `submit_orders`; fires with ``(order_id, username)`` or fails with the reason."""
+        request = {
+            "side": side,
+            "token": token,
+            "symbol": symbol,
+            "quantity": quantity,
+            "received_at": received_at,
+            "client_address": client_address,
+        }
+        [result] = yield self.submit_orders([request], worker)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        Raises SessionInvalid, PurchaseFailed/SellFailed (with the reason) or
-        ServiceUnavailable when the database cannot take it.
-        """
-        failed = PurchaseFailed if side == BUY else SellFailed
+    def _new_order(self, request: dict[str, str], session: Any, worker: str) -> NewOrder:
+        """The checks that need no database: side, symbol, quantity, a current price."""
+        side = request["side"]
+        failed = _failure_for(side)
         if side not in SIDES:
             raise failed(f"unknown order side {side!r}")
-        session = yield self.accounts.authenticate(token)
-        symbol = symbol.strip().upper()
+        symbol = request["symbol"].strip().upper()
         if symbol not in self.board.assets:
             raise failed(f"unknown symbol {symbol!r}")
         try:
-            count = parse_quantity(quantity, self._max_quantity)
+            quantity = parse_quantity(request["quantity"], self._max_quantity)
         except ValueError as e:
             raise failed(str(e)) from None
         if symbol not in self.board.prices:
             raise failed("the market has no price yet; try again after the next update")
-        order = NewOrder(
-            session.user_id, session.username, side, symbol, count, received_at, client_address, worker
+        return NewOrder(
+            session.user_id,
+            session.username,
+            side,
+            symbol,
+            quantity,
+            request["received_at"],
+            request["client_address"],
+            worker,
         )
-        result = yield self._desk.place(order)
-        if isinstance(result, str):
-            raise failed(result)
-        returnValue((result, session.username))
 
     def _commit_orders(self, orders: list[NewOrder]) -> Deferred[list[int | str]]:
-        d = self._db.queue_orders(orders, self.board.prices, refuse_reason, iso(self._clock.seconds()))
-        return d.addErrback(self._unavailable, "order not accepted")
+        """Store a batch, checking funds against the cached account states where there are some.
+
+        The master is the only writer of orders, so between two updates the
+        states it computed stay right; every update (or failure) forgets them.
+        """
+        generation = self._generation
+        known = {o.user_id: self._accounts[o.user_id].copy() for o in orders if o.user_id in self._accounts}
+        d = self._db.queue_orders(orders, self.board.prices, refuse_reason, iso(self._clock.seconds()), known)
+
+        def stored(answer: tuple[list[int | str], dict[int, AccountState]]) -> list[int | str]:
+            results, states = answer
+            if generation == self._generation:
+                self._accounts.update(states)
+            return results
+
+        def failed(failure: Failure) -> None:
+            for order in orders:
+                self._accounts.pop(order.user_id, None)
+            return self._unavailable(failure, "order not accepted")
+
+        return d.addCallbacks(stored, failed)
+
+    def _forget_account_states(self) -> None:
+        self._accounts.clear()
+        self._generation += 1
 
     def _unavailable(self, failure: Failure, what: str) -> None:
         if failure.check(PaperTraderError):
@@ -198,8 +286,10 @@ class Exchange:
             self.log.info("new prices as of {now}; settling the order queue", now=now)
             tick, settlements = yield self._db.settle_tick(prices, now, settle_orders)
         except Exception:
+            self._forget_account_states()
             self.log.failure("price update failed; the queue stays for the next one")
             return
+        self._forget_account_states()
         self.board.update(tick, now, prices)
         self.log.info(
             "update {tick}: {count} orders settled", tick=tick, count=len(settlements)
@@ -209,6 +299,10 @@ class Exchange:
                 listener(tick, now, prices, settlements)
             except Exception:
                 self.log.failure("tick listener failed")
+
+
+def _failure_for(side: str) -> type[PaperTraderError]:
+    return PurchaseFailed if side == BUY else SellFailed
 
 
 def _limit(limit: int | None) -> int:

@@ -137,19 +137,11 @@ class MasterLocator(amp.CommandLocator):
     # ------------------------------------------------------------ orders
 
     @SubmitOrders.responder
-    @inlineCallbacks
     def submit_orders(self, orders: list[dict[str, str]]) -> Any:
         worker = self._worker_name()
-        pending = [
-            self.exchange.submit_order(
-                o["side"], o["token"], o["symbol"], o["quantity"], o["received_at"], o["client_address"], worker
-            ).addCallbacks(_queued, _refused)
-            for o in orders
-        ]
-        results = []
-        for d in pending:
-            results.append((yield d))
-        returnValue({"results": results})
+        return self.exchange.submit_orders(orders, worker).addCallback(
+            lambda results: {"results": [_outcome(result) for result in results]}
+        )
 
     @RelayedListOrders.responder
     @inlineCallbacks
@@ -168,20 +160,16 @@ class MasterLocator(amp.CommandLocator):
         returnValue({"transactions": rows})
 
 
-def _queued(result: tuple[int, str]) -> dict[str, Any]:
+def _outcome(result: Any) -> dict[str, Any]:
+    """One order's result as a row of the SubmitOrders answer."""
+    if isinstance(result, SessionInvalid):
+        return {"outcome": OUTCOME_SESSION_INVALID, "reason": str(result)}
+    if isinstance(result, ServiceUnavailable):
+        return {"outcome": OUTCOME_UNAVAILABLE, "reason": str(result)}
+    if isinstance(result, PaperTraderError):
+        return {"outcome": OUTCOME_REFUSED, "reason": str(result)}
     order_id, username = result
     return {"outcome": OUTCOME_QUEUED, "order_id": order_id, "username": username}
-
-
-def _refused(failure: Any) -> dict[str, Any]:
-    if failure.check(SessionInvalid):
-        return {"outcome": OUTCOME_SESSION_INVALID, "reason": str(failure.value)}
-    if failure.check(ServiceUnavailable):
-        return {"outcome": OUTCOME_UNAVAILABLE, "reason": str(failure.value)}
-    if failure.check(PaperTraderError):
-        return {"outcome": OUTCOME_REFUSED, "reason": str(failure.value)}
-    MasterLocator.log.failure("unexpected error placing an order", failure)
-    return {"outcome": OUTCOME_UNAVAILABLE, "reason": "internal error; order not accepted"}
 
 
 class MasterFactory(Factory):

@@ -58,6 +58,11 @@ class AccountState:
     queued_buy_cents: int = 0
     queued_sell_shares: dict[str, int] = attr.Factory(dict)
 
+    def copy(self) -> AccountState:
+        return AccountState(
+            self.cash_cents, dict(self.holdings), self.queued_buy_cents, dict(self.queued_sell_shares)
+        )
+
 
 def refuse_reason(account: AccountState, order: NewOrder, price_cents: int) -> str | None:
     """Why ``order`` cannot be queued for ``account`` at ``price_cents``; None if it can.
@@ -165,7 +170,7 @@ def settle_orders(
 
 @attr.s(auto_attribs=True)
 class _Pending:
-    order: NewOrder
+    orders: list[NewOrder]
     result: Deferred
 
 
@@ -194,8 +199,12 @@ class OrderDesk:
 
     def place(self, order: NewOrder) -> Deferred[int | str]:
         """Queue ``order``; fires with its id once durable, or with a refusal reason."""
-        d: Deferred[int | str] = Deferred()
-        self._pending.append(_Pending(order, d))
+        return self.place_many([order]).addCallback(lambda results: results[0])
+
+    def place_many(self, orders: list[NewOrder]) -> Deferred[list[int | str]]:
+        """Queue ``orders`` together; fires with, per order, its id or a refusal reason."""
+        d: Deferred[list[int | str]] = Deferred()
+        self._pending.append(_Pending(list(orders), d))
         self._schedule()
         return d
 
@@ -206,13 +215,20 @@ class OrderDesk:
 
     def _flush(self) -> None:
         self._scheduled = None
-        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+        batch: list[_Pending] = []
+        size = 0
+        while self._pending and (not batch or size + len(self._pending[0].orders) <= self._max_batch):
+            pending = self._pending.pop(0)
+            batch.append(pending)
+            size += len(pending.orders)
         self._committing = True
-        d = self._commit([p.order for p in batch])
+        d = self._commit([order for pending in batch for order in pending.orders])
 
         def done(results: list[int | str]) -> None:
-            for pending, result in zip(batch, results):
-                pending.result.callback(result)
+            start = 0
+            for pending in batch:
+                pending.result.callback(results[start : start + len(pending.orders)])
+                start += len(pending.orders)
 
         def failed(failure: Any) -> None:
             for pending in batch:

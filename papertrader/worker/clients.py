@@ -18,6 +18,9 @@ from twisted.protocols import amp
 
 from papertrader.errors import PurchaseFailed, SellFailed, ServiceUnavailable, SessionInvalid
 from papertrader.protocol import (
+    MAX_QUANTITY_LENGTH,
+    MAX_SYMBOL_LENGTH,
+    MAX_TOKEN_LENGTH,
     OUTCOME_QUEUED,
     OUTCOME_SESSION_INVALID,
     OUTCOME_UNAVAILABLE,
@@ -179,6 +182,12 @@ class ClientLocator(amp.CommandLocator):
 
     @inlineCallbacks
     def _order(self, side: str, failed: type[Exception], token: str, symbol: str, quantity: str) -> Any:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise SessionInvalid("session is not valid; log in again")
+        if len(symbol) > MAX_SYMBOL_LENGTH:
+            raise failed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}...")
+        if len(quantity) > MAX_QUANTITY_LENGTH:
+            raise failed("quantity must be a whole number of shares")
         order = {"side": side, "token": token, "symbol": symbol, "quantity": quantity, **self._envelope()}
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
