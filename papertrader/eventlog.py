@@ -33,7 +33,6 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -80,7 +79,7 @@ def short_path(path: str) -> str:
 
 
 def _indented(text: str) -> str:
-    return "".join(f"\n{_INDENT}{line}" for line in text.splitlines())
+    return "".join(f"\n{_INDENT}{line}".rstrip() for line in text.splitlines())
 
 
 def format_entry(event: dict[str, Any]) -> str:
@@ -91,8 +90,7 @@ def format_entry(event: dict[str, Any]) -> str:
     """
     when = event.get("log_time")
     stamp = datetime.fromtimestamp(time.time() if when is None else when, tz=timezone.utc)
-    level = event.get("log_level")
-    level_name = level.name if isinstance(level, LogLevel) else "-"
+    level_name = getattr(event.get("log_level"), "name", None) or "-"
     if "log_file" in event:
         origin = f"{short_path(str(event['log_file']))}:{event.get('log_line', '?')} {event.get('log_function', '?')}"
     else:
@@ -111,20 +109,29 @@ def format_entry(event: dict[str, Any]) -> str:
 
 
 class _ThreadState(threading.local):
-    depth = 0
+    """Per thread: how deep it is inside the observer's locked sections, and what it must do on leaving."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.postponed: list[Callable[[], None]] = []
 
 
 @implementer(ILogObserver)
 class BufferedFileLogObserver:
     """Formats events into entries; holds at most ``capacity`` in memory, then appends them all to ``path``.
 
-    ``run_in_thread(write)`` runs the write of a full buffer: pass
-    `twisted.internet.threads.deferToThread` in production so the reactor never
-    waits on the disk; without it the write happens in the logging thread.
+    ``run_in_thread(write)`` runs the write of a full buffer (its result is
+    ignored; the write reports its own errors): pass ``reactor.callInThread``
+    in production so the reactor never waits on the disk; without it the write
+    happens in the logging thread.
     Entries handed to the writer no longer count as held in memory. Writes are
     serialised and always take the oldest batch first, so the file keeps the
     order of the events whichever thread writes and in whatever order the
     runner runs the writes. `flush` writes everything at once, synchronously.
+
+    A signal handler or a finaliser that logs while its thread is inside the
+    observer would deadlock on the observer's own lock; such re-entrant calls
+    are postponed until the thread leaves instead.
     """
 
     log = Logger()
@@ -144,10 +151,10 @@ class BufferedFileLogObserver:
         self._buffer: list[str] = []
         self._handed_off: deque[list[str]] = deque()
         self._write_scheduled = False
+        self._write_failing = False
         self._memory_lock = threading.Lock()
         self._file_lock = threading.Lock()
         self._thread = _ThreadState()
-        self._after_interruption: Callable[[], None] | None = None
 
     @property
     def in_memory(self) -> int:
@@ -161,21 +168,16 @@ class BufferedFileLogObserver:
 
     def __call__(self, event: dict[str, Any]) -> None:
         entry = format_entry(event)
-        with self._guarded(self._memory_lock):
-            self._buffer.append(entry)
-            hand_off = len(self._buffer) >= self.capacity or not self.buffering
-            if hand_off:
-                self._handed_off.append(self._buffer)
-                self._buffer = []
-        if not hand_off:
-            return
-        if self.buffering and self._run_in_thread is not None:
-            self._schedule_write()
+        if self._thread.depth > 0:
+            self._thread.postponed.append(lambda: self._hold(entry))
         else:
-            self._write_handed_off()
+            self._hold(entry)
 
     def flush(self) -> None:
         """Write every entry held or handed off to the file now, in this thread (shutdown, signals, crashes)."""
+        if self._thread.depth > 0:
+            self._thread.postponed.append(self.flush)
+            return
         with self._guarded(self._memory_lock):
             if self._buffer:
                 self._handed_off.append(self._buffer)
@@ -194,15 +196,29 @@ class BufferedFileLogObserver:
         held, a batch half written), both happen as soon as it leaves instead.
         """
         if self._thread.depth > 0:
-            self._after_interruption = lambda: (self.flush(), then())
+            self._thread.postponed.append(lambda: (self.flush(), then()))
             return
         self.flush()
         then()
 
+    def _hold(self, entry: str) -> None:
+        with self._guarded(self._memory_lock):
+            self._buffer.append(entry)
+            hand_off = len(self._buffer) >= self.capacity or not self.buffering
+            if hand_off:
+                self._handed_off.append(self._buffer)
+                self._buffer = []
+        if not hand_off:
+            return
+        if self.buffering and self._run_in_thread is not None:
+            self._schedule_write()
+        else:
+            self._write_handed_off()
+
     @contextmanager
     def _guarded(self, lock: threading.Lock) -> Iterator[None]:
-        # The depth is counted outside the lock so that a signal handler never
-        # waits for a lock its own interrupted thread holds.
+        # The depth is raised before taking the lock and lowered after releasing
+        # it, so a re-entrant call that sees depth 0 cannot hold up the thread.
         state = self._thread
         state.depth += 1
         try:
@@ -210,14 +226,8 @@ class BufferedFileLogObserver:
                 yield
         finally:
             state.depth -= 1
-            # Signal handlers run in the main thread, so only it may do what one postponed.
-            if (
-                state.depth == 0
-                and self._after_interruption is not None
-                and threading.current_thread() is threading.main_thread()
-            ):
-                action, self._after_interruption = self._after_interruption, None
-                action()
+            while state.depth == 0 and state.postponed:
+                state.postponed.pop(0)()
 
     def _schedule_write(self) -> None:
         with self._guarded(self._memory_lock):
@@ -225,15 +235,22 @@ class BufferedFileLogObserver:
                 return
             self._write_scheduled = True
         assert self._run_in_thread is not None
-        result = self._run_in_thread(self._write_scheduled_batches)
-        if isinstance(result, Deferred):
-            result.addErrback(self._write_failed)
+        self._run_in_thread(self._write_in_thread)
 
-    def _write_scheduled_batches(self) -> None:
-        self._write_handed_off(scheduled=True)
-
-    def _write_failed(self, failure: Failure) -> None:
-        self.log.failure("could not write the event log to {path}", failure, path=self.path)
+    def _write_in_thread(self) -> None:
+        try:
+            self._write_handed_off(scheduled=True)
+        except Exception:
+            # Reported once per run of failures: the report is itself an entry
+            # whose write could fail, and must not start a loop.
+            if not self._write_failing:
+                self._write_failing = True
+                self.log.failure(
+                    "could not write the event log to {path}; its entries are kept until a write succeeds",
+                    path=self.path,
+                )
+        else:
+            self._write_failing = False
 
     def _write_handed_off(self, scheduled: bool = False) -> None:
         """Append the handed-off batches to the file, oldest first; a batch leaves memory once written."""
