@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from papertrader.eventlog import EventLogger
 
 # Exit status of a daemon that could not start.
 EXIT_START_FAILED = 1
 
-log = Logger()
+log = EventLogger()
 
 
 def abort_start(reactor: Any, role: str, failure: Failure) -> None:

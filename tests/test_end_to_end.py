@@ -80,6 +80,21 @@ class EndToEndTests(TestCase):
         self.assertEqual(code, 2)
         self.assertIn("not logged in", err)
 
+        # Fewer entries than log_memory_entries were logged: all were held in
+        # memory until SIGTERM, and all must be in the event logs now.
+        yield d.stop()
+        logs = os.path.join(d.data, "logs")
+        with open(os.path.join(logs, "master-events.log"), encoding="utf-8") as f:
+            master_events = f.read()
+        self.assertRegex(
+            master_events,
+            r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00 \[info\] papertrader/master/protocol\.py:\d+ hello: "
+            r"worker local-1 \(version [\d.]+\) connected",
+        )
+        self.assertIn("settling the order queue", master_events)
+        with open(os.path.join(logs, "worker-local-1-events.log"), encoding="utf-8") as f:
+            self.assertIn("connected to the master as local-1", f.read())
+
     @inlineCallbacks
     def test_bad_input(self) -> Any:
         """Each bad input gets a one-line message and a non-zero exit; nothing stored changes."""

@@ -11,7 +11,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from papertrader.errors import (
@@ -21,6 +20,7 @@ from papertrader.errors import (
     SellFailed,
     ServiceUnavailable,
 )
+from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database
 from papertrader.master.market import PriceBoard, PriceSource
@@ -44,7 +44,7 @@ TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
 class Exchange:
     """Accepts orders into the queue and settles the queue on every price update."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(
         self,

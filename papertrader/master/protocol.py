@@ -11,7 +11,6 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks, returnValue
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols import amp
 
 from papertrader.errors import (
@@ -20,6 +19,7 @@ from papertrader.errors import (
     SessionInvalid,
     WorkerRefused,
 )
+from papertrader.eventlog import EventLogger
 from papertrader.master.exchange import Exchange
 from papertrader.master.workers import WorkerRegistry
 from papertrader.protocol import (
@@ -45,7 +45,7 @@ from papertrader.timestamps import iso
 class MasterLocator(amp.CommandLocator):
     """Answers one worker."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(self, exchange: Exchange, registry: WorkerRegistry, update_interval: float) -> None:
         self.exchange = exchange

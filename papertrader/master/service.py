@@ -15,11 +15,11 @@ from twisted.application import service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from papertrader import tls
 from papertrader.config import MasterConfig
 from papertrader.daemon import abort_start
+from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, describe
 from papertrader.master.exchange import Exchange
@@ -58,7 +58,7 @@ def prepare_identities(config: MasterConfig) -> tuple[tls.Identity, list[tls.Ide
 class MasterService(service.MultiService):
     """The whole master process."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(self, config: MasterConfig, reactor: Any) -> None:
         super().__init__()
@@ -164,6 +164,8 @@ class MasterService(service.MultiService):
                         "--key", identity.key,
                         "--address-file", os.path.join(config.data_dir, f"worker-{name}.address"),
                         "--exit-with-stdin",
+                        "--event-log", os.path.join(log_dir, f"worker-{name}-events.log"),
+                        "--log-memory-entries", str(config.log_memory_entries),
                     ],
                 )
             )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IService
 from twisted.python import usage
 
 from papertrader.config import KEYS, load_master_config
 from papertrader.errors import ConfigError
+from papertrader.eventlog import BufferedFileLogObserver, EventLogService
 from papertrader.master.service import MasterService
 
 
@@ -32,4 +35,12 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return MasterService(options.config, reactor)
+    config = options.config
+    master = MasterService(config, reactor)
+    events = BufferedFileLogObserver(
+        os.path.join(config.data_dir, "logs", "master-events.log"),
+        capacity=config.log_memory_entries,
+        run_in_thread=reactor.callInThread,
+    )
+    EventLogService(events, reactor).setServiceParent(master)  # first child: starts first, stops last
+    return master

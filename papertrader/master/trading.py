@@ -13,8 +13,8 @@ from typing import Any
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
+from papertrader.eventlog import EventLogger
 from papertrader.money import format_cents
 
 BUY = "buy"
@@ -182,7 +182,7 @@ class OrderDesk:
     orders gather for the next: under load, batches grow and commits stay few.
     """
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(
         self,

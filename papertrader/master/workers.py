@@ -18,9 +18,9 @@ from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
-from twisted.logger import Logger
 from twisted.protocols import amp
 
+from papertrader.eventlog import EventLogger
 from papertrader.master.trading import Settlement
 from papertrader.protocol import MAX_UPDATE_BATCH, OrderUpdates, PriceTick
 
@@ -28,7 +28,7 @@ from papertrader.protocol import MAX_UPDATE_BATCH, OrderUpdates, PriceTick
 class WorkerRegistry:
     """Connected workers by name, and what the master pushes to them."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(self) -> None:
         self.workers: dict[str, amp.AMP] = {}
@@ -95,7 +95,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
 class LocalWorkers(service.Service):
     """Runs worker processes on this machine and restarts any that die."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(
         self,

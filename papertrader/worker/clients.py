@@ -13,10 +13,10 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols import amp
 
 from papertrader.errors import PurchaseFailed, SellFailed, ServiceUnavailable, SessionInvalid
+from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
     MAX_QUANTITY_LENGTH,
     MAX_SYMBOL_LENGTH,
@@ -54,7 +54,7 @@ from papertrader.worker.upstream import MasterLink, OrderBatcher
 class ClientRegistry:
     """Connected clients, and which user each is logged in as."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(self) -> None:
         self.connections: set[amp.AMP] = set()

@@ -9,10 +9,10 @@ import attr
 from twisted.application import service
 from twisted.internet import protocol, stdio, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger
 
 from papertrader import tls
 from papertrader.daemon import abort_start
+from papertrader.eventlog import EventLogger
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientFactory, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
@@ -41,7 +41,7 @@ def _tls_options(identity: tls.Identity, master_host: str) -> tuple[Any, Any]:
 class WorkerService(service.MultiService):
     """The whole worker process."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(self, config: WorkerConfig, reactor: Any) -> None:
         super().__init__()
@@ -104,7 +104,7 @@ class WorkerService(service.MultiService):
 class _ParentWatch(protocol.Protocol):
     """Stops the worker when its standard input closes: the master that started it has ended."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor

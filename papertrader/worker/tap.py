@@ -9,6 +9,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from papertrader import tls
+from papertrader.eventlog import BufferedFileLogObserver, EventLogService
 from papertrader.worker.service import WorkerConfig, WorkerService
 
 
@@ -23,6 +24,8 @@ class Options(usage.Options):
         ["cert", None, None, "This worker's certificate (PEM), issued by the CA."],
         ["key", None, None, "This worker's private key (PEM)."],
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
+        ["event-log", None, "papertrader-worker-events.log", "The event log file."],
+        ["log-memory-entries", None, "1000", "Event log entries held in memory before they are written."],
     ]
 
     optFlags = [
@@ -42,6 +45,12 @@ class Options(usage.Options):
                 problems.append(f"--{option} is required")
             elif not os.access(self[option], os.R_OK):
                 problems.append(f"--{option}: cannot read {self[option]}")
+        try:
+            self["log-memory-entries"] = int(self["log-memory-entries"])
+            if self["log-memory-entries"] < 1:
+                raise ValueError
+        except ValueError:
+            problems.append("--log-memory-entries: expected a whole number of at least 1")
         if problems:
             raise usage.UsageError("invalid options:\n  " + "\n  ".join(problems))
         self.config = WorkerConfig(
@@ -58,4 +67,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return WorkerService(options.config, reactor)
+    worker = WorkerService(options.config, reactor)
+    events = BufferedFileLogObserver(
+        os.path.abspath(options["event-log"]),
+        capacity=options["log-memory-entries"],
+        run_in_thread=reactor.callInThread,
+    )
+    EventLogService(events, reactor).setServiceParent(worker)  # first child: starts first, stops last
+    return worker

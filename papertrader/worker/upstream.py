@@ -15,12 +15,12 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from papertrader import __version__
 from papertrader.errors import PaperTraderError, ServiceUnavailable
+from papertrader.eventlog import EventLogger
 from papertrader.protocol import MAX_ORDER_BATCH, ListAssets, SubmitOrders, WorkerHello
 from papertrader.worker.cache import QuoteCache
 
@@ -40,7 +40,7 @@ class _MasterAMP(amp.AMP):
 class MasterLink:
     """The worker's connection to the master, kept up across restarts of either."""
 
-    log = Logger()
+    log = EventLogger()
 
     def __init__(
         self,
