@@ -248,6 +248,19 @@ class BadInputTests(SynchronousTestCase):
         self.assertIn("order_id", self.deployment.result(self.client.buy("AAPL", 1)))
         self.assertEqual(len(self.snapshot()[1]), len(before[1]) + 1)
 
+    def test_oversized_fields(self) -> None:
+        """Oversized tokens, symbols and quantities are refused by the worker; the same batch still flows."""
+        before = self.snapshot()
+        forger = self.deployment.client()
+        forger.token = "t" * 60_000
+        huge = forger.buy("AAPL", 1)
+        fine = self.client.buy("KO", 1)
+        self.refused(SessionInvalid, huge, "not valid")
+        self.assertIn("order_id", self.deployment.result(fine))
+        self.refused(PurchaseFailed, self.client.buy("A" * 5000, 1), "unknown symbol")
+        self.refused(SellFailed, self.client.sell("AAPL", "9" * 5000), "whole number")
+        self.assertEqual(len(self.snapshot()[1]), len(before[1]) + 1)
+
     def test_master_unreachable(self) -> None:
         """With the master gone, orders are refused as unavailable while cached quotes still work."""
         self.deployment.master_pump.serverIO.loseConnection()

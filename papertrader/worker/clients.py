@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks, returnValue, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -180,22 +180,24 @@ class ClientLocator(amp.CommandLocator):
     def sell(self, token: str, symbol: str, quantity: str) -> Any:
         return self._order("sell", SellFailed, token, symbol, quantity)
 
-    @inlineCallbacks
-    def _order(self, side: str, failed: type[Exception], token: str, symbol: str, quantity: str) -> Any:
+    def _order(self, side: str, failed: type[Exception], token: str, symbol: str, quantity: str) -> Deferred:
+        # The hottest path of the worker: plain callbacks, no coroutine per order.
         if len(token) > MAX_TOKEN_LENGTH:
             raise SessionInvalid("session is not valid; log in again")
         if len(symbol) > MAX_SYMBOL_LENGTH:
             raise failed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}...")
         if len(quantity) > MAX_QUANTITY_LENGTH:
             raise failed("quantity must be a whole number of shares")
-        order = {"side": side, "token": token, "symbol": symbol, "quantity": quantity, **self._envelope()}
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
-        result = yield self.batcher.submit(order)
+        order = {"side": side, "token": token, "symbol": symbol, "quantity": quantity, **self._envelope()}
+        return self.batcher.submit(order).addCallback(self._order_result, failed)
+
+    def _order_result(self, result: dict[str, Any], failed: type[Exception]) -> dict[str, int]:
         outcome = result["outcome"]
         if outcome == OUTCOME_QUEUED:
             self.clients.attach(self.connection, result["username"])
-            returnValue({"order_id": result["order_id"]})
+            return {"order_id": result["order_id"]}
         if outcome == OUTCOME_SESSION_INVALID:
             raise SessionInvalid(result["reason"])
         if outcome == OUTCOME_UNAVAILABLE:
