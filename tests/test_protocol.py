@@ -81,6 +81,24 @@ class TradingTests(SynchronousTestCase):
         orders = self.deployment.result(self.client.orders())["orders"]
         self.assertEqual([o["status"] for o in orders], ["filled", "filled"])
 
+    def test_login_with_token(self) -> None:
+        """Another connection resumes the session with the token alone (the spec's second login method)."""
+        other = self.deployment.client()
+        answer = self.deployment.result(other.login_with_token(self.client.token))
+        self.assertEqual(answer["username"], "alice")
+        self.assertEqual(self.deployment.result(other.portfolio())["username"], "alice")
+        self.assertRaises(SessionInvalid, self.deployment.result, other.login_with_token("forged" * 7))
+
+    def test_pushes_follow_the_user(self) -> None:
+        """A connection that logged in with the token receives the user's order updates too."""
+        other = self.deployment.client()
+        self.deployment.result(other.login_with_token(self.client.token))
+        updates: list[dict] = []
+        other.on_order_update(updates.append)
+        self.deployment.result(self.client.buy("KO", 2))
+        self.deployment.tick()
+        self.assertEqual([(u["symbol"], u["status"]) for u in updates], [("KO", "filled")])
+
     def test_quote_from_cache(self) -> None:
         """Quotes are answered by the worker's cache with the latest update's price."""
         self.deployment.source.prices["MSFT"] = 42_000
