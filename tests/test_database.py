@@ -6,11 +6,13 @@ import os
 import sqlite3
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+import attr
+from twisted.internet.defer import fail, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from papertrader.master import database as database_module
-from papertrader.master.database import Database, SchemaTooNew, schema_files
+from papertrader.master.database import MAX_RETRIES, SQLITE, Database, SchemaTooNew, schema_files
+from tests.support import SynchronousPool
 
 
 class SchemaTests(TestCase):
@@ -84,3 +86,43 @@ class SchemaTests(TestCase):
             )
             connection.execute(trade)
             self.assertRaises(sqlite3.IntegrityError, connection.execute, trade)
+
+
+class _Conflict(Exception):
+    """Stands for a serialization failure."""
+
+
+class _FlakyPool:
+    """Fails the first ``conflicts`` interactions with `_Conflict`, then runs them on a real SQLite file."""
+
+    def __init__(self, path: str, conflicts: int) -> None:
+        self.pool = SynchronousPool(path)
+        self.conflicts = conflicts
+        self.attempts = 0
+
+    def runInteraction(self, interaction: Any, *args: Any) -> Any:
+        self.attempts += 1
+        if self.attempts <= self.conflicts:
+            return fail(_Conflict())
+        return self.pool.runInteraction(interaction, *args)
+
+
+class RetryTests(TestCase):
+    """Transactions that lose a serialization conflict are run again, a bounded number of times."""
+
+    def database(self, conflicts: int) -> tuple[Database, _FlakyPool]:
+        pool = _FlakyPool(os.path.join(os.path.abspath(self.mktemp()) + ".sqlite"), conflicts)
+        dialect = attr.evolve(SQLITE, retry_errors=(_Conflict,))
+        return Database(pool, dialect), pool
+
+    def test_retried_until_it_succeeds(self) -> None:
+        """A transaction that conflicts twice is run a third time and its result delivered."""
+        database, pool = self.database(conflicts=2)
+        version = self.successResultOf(database.migrate())
+        self.assertEqual((version, pool.attempts), (schema_files()[-1][0], 3))
+
+    def test_gives_up(self) -> None:
+        """Endless conflicts end in the failure after MAX_RETRIES attempts."""
+        database, pool = self.database(conflicts=10_000)
+        self.failureResultOf(database.migrate(), _Conflict)
+        self.assertEqual(pool.attempts, MAX_RETRIES)
