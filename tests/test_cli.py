@@ -8,7 +8,9 @@ import os
 import stat
 import sys
 from contextlib import redirect_stdout
+from typing import Any
 
+from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.client import cli
@@ -98,3 +100,31 @@ class FilesTests(SynchronousTestCase):
         args = argparse.Namespace(server="localhost:9", ca=None, data_dir=os.path.join(self.home, "none"))
         error = self.assertRaises(cli.CommandError, cli.resolve_server, args, None)
         self.assertIn("--ca", str(error))
+
+
+class _FakeClient:
+    """Answers like the library would, without a network."""
+
+    token = None
+
+    def orders(self, limit: int | None) -> Any:
+        queued = {"order_id": 7, "side": "buy", "symbol": "AAPL", "quantity": 3, "status": "queued",
+                  "reason": None, "created_at": "2026-01-01T00:00:00.000000+00:00", "settled_at": None,
+                  "price_cents": None}
+        filled = dict(queued, order_id=6, status="filled", price_cents=19_050,
+                      settled_at="2026-01-01T00:01:00.000000+00:00")
+        return succeed({"orders": [queued, filled]})
+
+
+class OutputTests(SynchronousTestCase):
+    """What the commands print."""
+
+    def test_orders_table(self) -> None:
+        """Queued orders (no price yet) and filled ones (with their price) are both listed."""
+        args = cli.build_parser().parse_args(["orders"])
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.successResultOf(cli.cmd_orders(_FakeClient(), args, {"token": "t"}, None))
+        lines = out.getvalue().splitlines()
+        self.assertRegex(lines[1], r"^\s+7\s+buy\s+AAPL\s+3\s+queued\s+-\s+placed 2026-01-01")
+        self.assertRegex(lines[2], r"^\s+6\s+buy\s+AAPL\s+3\s+filled\s+190\.50\s+2026-01-01T00:01")

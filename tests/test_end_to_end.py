@@ -65,6 +65,9 @@ class EndToEndTests(TestCase):
 
         queued = yield d.cli_json("sell", "AAPL", "2")
         self.assertEqual(queued["status"], "queued")
+        code, out, err = yield d.cli("orders")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, rf"\s{queued['order_id']}\s+sell\s+AAPL\s+2\s+(queued|filled)")
         sold = yield d.cli_json("sell", "AAPL", "1", "--wait")
         self.assertEqual(sold["status"], "filled")
         orders = yield d.cli_json("orders")

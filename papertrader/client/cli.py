@@ -225,7 +225,7 @@ def cmd_orders(client: PaperTraderClient, args: argparse.Namespace, session: Any
     answer = yield client.orders(args.limit)
     lines = [f"{'ID':>8}  {'SIDE':4}  {'SYMBOL':6}  {'QTY':>8}  {'STATUS':8}  {'PRICE':>10}  DETAIL"]
     for o in answer["orders"]:
-        price = format_cents(o["price_cents"]) if "price_cents" in o else "-"
+        price = format_cents(o["price_cents"]) if o.get("price_cents") is not None else "-"
         detail = o.get("reason") or o.get("settled_at") or f"placed {o['created_at']}"
         lines.append(
             f"{o['order_id']:>8}  {o['side']:4}  {o['symbol']:6}  {o['quantity']:>8}  "
