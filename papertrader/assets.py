@@ -10,6 +10,10 @@ import attr
 from papertrader.money import parse_amount
 
 COLUMNS = ("symbol", "name", "exchange", "sector", "industry", "reference_price")
+# The whole list travels in one AMP answer (ListAssets) and every price update
+# in one PriceTick, each under AMP's 64 KiB value limit.
+MAX_ASSETS = 400
+MAX_TEXT = 60
 _SYMBOL = re.compile(r"^[A-Z][A-Z0-9.\-]{0,9}$")
 
 
@@ -53,6 +57,9 @@ def parse_assets(lines: list[str], origin: str = "assets") -> tuple[dict[str, As
         if cents <= 0:
             problems.append(f"{where}: reference price must be positive")
             continue
+        if any(len(row[c] or "") > MAX_TEXT for c in ("name", "exchange", "sector", "industry")):
+            problems.append(f"{where}: name, exchange, sector and industry must be at most {MAX_TEXT} characters")
+            continue
         assets[symbol] = Asset(
             symbol=symbol,
             name=(row["name"] or "").strip(),
@@ -63,4 +70,6 @@ def parse_assets(lines: list[str], origin: str = "assets") -> tuple[dict[str, As
         )
     if not assets and not problems:
         problems.append(f"{origin}: no assets listed")
+    if len(assets) > MAX_ASSETS:
+        problems.append(f"{origin}: {len(assets)} assets listed; at most {MAX_ASSETS} are supported")
     return assets, problems

@@ -7,9 +7,17 @@ they cross every link intact.
 
 from __future__ import annotations
 
+# Reasons are cut to this length, so one always fits in an AMP value (64 KiB).
+MAX_REASON = 1000
+
 
 class PaperTraderError(Exception):
     """Base of every expected failure; ``str(error)`` is the reason shown to users."""
+
+    def __init__(self, reason: str = "") -> None:
+        if len(reason) > MAX_REASON:
+            reason = reason[:MAX_REASON] + "..."
+        super().__init__(reason)
 
 
 class RegisterFailed(PaperTraderError):
@@ -48,5 +56,5 @@ class ConfigError(PaperTraderError):
     """The configuration is invalid; carries every problem found at once."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
+        Exception.__init__(self, "; ".join(problems))  # never sent over AMP: keep it whole
         self.problems = problems

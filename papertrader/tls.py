@@ -194,9 +194,11 @@ def tls_server_endpoint(reactor, description: str, options: ssl.CertificateOptio
     return _TLSServerEndpoint()
 
 
-def tls_client_endpoint(reactor, host: str, port: int, options: IOpenSSLClientConnectionCreator):
+def tls_client_endpoint(
+    reactor, host: str, port: int, options: IOpenSSLClientConnectionCreator, timeout: float = 30.0
+):
     """A connecting endpoint to ``host:port`` that speaks TLS with ``options``."""
-    return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
+    return wrapClientTLS(options, HostnameEndpoint(reactor, host, port, timeout=timeout))
 
 
 def split_address(text: str, default_port: int) -> tuple[str, int]:

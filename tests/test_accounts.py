@@ -102,3 +102,9 @@ class AccountsTests(SynchronousTestCase):
         self.successResultOf(self.accounts.forget_expired())
         rows = self.pool.connection.execute("SELECT token_hash FROM sessions").fetchall()
         self.assertEqual(rows, [(token_digest(live.token),)])
+
+    def test_sweep_survives_database_failure(self) -> None:
+        """A failing sweep is logged and does not fail, so its LoopingCall keeps running."""
+        self.pool.broken = RuntimeError("disk gone")
+        self.assertIsNone(self.successResultOf(self.accounts.forget_expired()))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from papertrader.assets import COLUMNS, Asset, parse_assets
+from papertrader.assets import COLUMNS, MAX_ASSETS, Asset, parse_assets
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
 SHIPPED_ASSETS = os.path.join(ETC, "assets.csv")
@@ -200,3 +200,17 @@ class ParseAssetsTests(SynchronousTestCase):
         """Without an origin, problems are prefixed with C{assets}."""
         _, problems = parse_assets(csv_lines("?,x,x,x,x,1"))
         self.assertEqual(problems, ["assets:2: bad symbol '?'"])
+
+
+class AssetLimitTests(SynchronousTestCase):
+    """The list must fit one AMP answer."""
+
+    def test_too_many_assets(self) -> None:
+        """More than MAX_ASSETS assets are refused, saying how many are supported."""
+        lines = ["symbol,name,exchange,sector,industry,reference_price\n"] + [
+            f"S{n},Company {n},NYSE,Sector,Industry,10.00\n" for n in range(MAX_ASSETS + 1)
+        ]
+        assets, problems = parse_assets(lines, "big.csv")
+        self.assertEqual(problems, [f"big.csv: {MAX_ASSETS + 1} assets listed; at most {MAX_ASSETS} are supported"])
+        _, problems = parse_assets(lines[:-1], "big.csv")
+        self.assertEqual(problems, [])

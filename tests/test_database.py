@@ -12,6 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from papertrader.master import database as database_module
 from papertrader.master.database import MAX_RETRIES, SQLITE, Database, SchemaTooNew, schema_files
+from papertrader.master.trading import AccountState, NewOrder, refuse_reason
 from tests.support import SynchronousPool
 
 
@@ -126,3 +127,18 @@ class RetryTests(TestCase):
         database, pool = self.database(conflicts=10_000)
         self.failureResultOf(database.migrate(), _Conflict)
         self.assertEqual(pool.attempts, MAX_RETRIES)
+
+    def test_retry_starts_from_clean_account_states(self) -> None:
+        """A retried order commit does not count the reservations of its rolled-back attempt."""
+        database, pool = self.database(conflicts=0)
+        self.successResultOf(database.migrate())
+        user = self.successResultOf(database.create_user("alice", "a@example.com", "h", 10_000, "t"))
+        known = {user: AccountState(cash_cents=10_000, holdings={})}
+        order = NewOrder(user, "alice", "buy", "AAPL", 6, "t", "a", "w")
+        pool.conflicts, pool.attempts = pool.attempts + 1, pool.attempts  # the next attempt conflicts
+        results, states = self.successResultOf(
+            database.queue_orders([order], {"AAPL": 1_000}, refuse_reason, "t", known)
+        )
+        self.assertIsInstance(results[0], int)
+        self.assertEqual(states[user].queued_buy_cents, 6_000)
+        self.assertEqual(known[user].queued_buy_cents, 0)  # the caller's state is left alone

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectionClosed
+from twisted.protocols import amp
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import (
@@ -13,6 +16,7 @@ from papertrader.errors import (
     ServiceUnavailable,
     SessionInvalid,
 )
+from papertrader.protocol import ListAssets, RelayedGetUserPortfolio
 from tests.support import PASSWORD, Deployment
 
 
@@ -98,6 +102,23 @@ class TradingTests(SynchronousTestCase):
         self.deployment.result(self.client.buy("KO", 2))
         self.deployment.tick()
         self.assertEqual([(u["symbol"], u["status"]) for u in updates], [("KO", "filled")])
+
+    def test_wait_for_settlement_without_push(self) -> None:
+        """A client that missed the order's push still learns of the fill after the next price tick."""
+        order_id = self.deployment.result(self.client.buy("AAPL", 1))["order_id"]
+        waiting = self.client.wait_for_settlement(order_id)
+        for connection in list(self.deployment.clients.by_user["alice"]):
+            self.deployment.clients.detach(connection)
+        self.deployment.tick()
+        update = self.deployment.result(waiting)
+        self.assertEqual((update["order_id"], update["status"]), (order_id, "filled"))
+
+    def test_wait_for_settlement_connection_lost(self) -> None:
+        """Waiting for a fill ends with ConnectionClosed when the connection does."""
+        order_id = self.deployment.result(self.client.buy("AAPL", 1))["order_id"]
+        waiting = self.client.wait_for_settlement(order_id)
+        self.client.close()
+        self.assertRaises(ConnectionClosed, self.deployment.result, waiting)
 
     def test_quote_from_cache(self) -> None:
         """Quotes are answered by the worker's cache with the latest update's price."""
@@ -279,6 +300,64 @@ class BadInputTests(SynchronousTestCase):
         self.refused(SellFailed, self.client.sell("AAPL", "9" * 5000), "whole number")
         self.assertEqual(len(self.snapshot()[1]), len(before[1]) + 1)
 
+    def assertLinkIntact(self) -> None:
+        """The worker is still connected to the master and serves another user."""
+        self.assertIn("test-worker", self.deployment.registry.workers)
+        self.assertIsNotNone(self.deployment.link.connection)
+        self.assertEqual(self.deployment.result(self.bystander.portfolio())["username"], "carol")
+
+    def test_overlong_password_login(self) -> None:
+        """A password longer than bcrypt takes is a plain failed login, not a broken link."""
+        other = self.deployment.client()
+        failure = self.assertRaises(LoginFailed, self.deployment.result, other.login("alice", "x" * 100))
+        self.assertEqual(str(failure), "invalid username or password")
+        self.assertLinkIntact()
+
+    def test_hostile_email(self) -> None:
+        """A huge email of control characters is refused with a short message; the link stays up."""
+        other = self.deployment.client()
+        failure = self.assertRaises(
+            RegisterFailed, self.deployment.result, other.register("mallory", "\x01" * 20_000, PASSWORD)
+        )
+        self.assertIn("malformed email", str(failure))
+        self.assertLess(len(str(failure)), 200)
+        self.refused(RegisterFailed, other.register("mallory", "mal\x00lory@example.com", PASSWORD), "malformed")
+        self.assertLinkIntact()
+
+    def test_database_failure_is_declared(self) -> None:
+        """A database failure while logging in is answered as unavailable; the worker stays connected."""
+        self.deployment.pool.broken = RuntimeError("disk gone")
+        other = self.deployment.client()
+        failure = self.assertRaises(ServiceUnavailable, self.deployment.result, other.login("alice", PASSWORD))
+        self.assertIn("try again later", str(failure))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.deployment.pool.broken = None
+        self.assertLinkIntact()
+        self.assertEqual(self.deployment.result(other.login("alice", PASSWORD))["username"], "alice")
+
+    def test_non_ascii_order_fields(self) -> None:
+        """Tokens, symbols and quantities must be plain ASCII, so a batch always fits one AMP value."""
+        before = self.snapshot()
+        emoji = self.deployment.client()
+        emoji.token = "\U0001f642" * 100
+        self.refused(SessionInvalid, emoji.buy("AAPL", 1), "not valid")
+        self.refused(PurchaseFailed, self.client.buy("\U0001f642" * 10, 1), "unknown symbol")
+        self.refused(PurchaseFailed, self.client.buy("AAPL", "\u0661"), "whole number")
+        self.assertEqual(self.snapshot(), before)
+
+    def test_oversized_box(self) -> None:
+        """A client that sends more than a megabyte without finishing an AMP box is cut off."""
+        rogue = self.deployment.client()
+        server_side = self.deployment.pumps[-1].serverIO
+        key = b"\x00\x01k\xff\xff" + b"v" * 0xFFFF
+        for _ in range(20):
+            if server_side.disconnected:
+                break
+            rogue.connection.transport.write(key)
+            self.deployment.flush()
+        self.assertTrue(server_side.disconnected)
+        self.assertLinkIntact()
+
     def test_master_unreachable(self) -> None:
         """With the master gone, orders are refused as unavailable while cached quotes still work."""
         self.deployment.master_pump.serverIO.loseConnection()
@@ -291,3 +370,23 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual(self.snapshot(), before)
         self.deployment.connect_worker()
         self.assertIn("order_id", self.deployment.result(self.client.buy("AAPL", 1)))
+
+
+class HandshakeTests(SynchronousTestCase):
+    """The master answers a connection only after its WorkerHello."""
+
+    def test_commands_before_hello_refused(self) -> None:
+        """Every command before the handshake is refused as unavailable, without dropping the link."""
+        deployment = Deployment(self.mktemp())
+        stranger, _, pump = iosim.connectedServerAndClient(
+            lambda: deployment.master_factory.buildProtocol(None), amp.AMP, clock=deployment.clock
+        )
+        deployment.pumps.append(pump)
+        for command, arguments in (
+            (ListAssets, {}),
+            (RelayedGetUserPortfolio, {"token": "t", "received_at": "t", "client_address": "a"}),
+        ):
+            answer = stranger.callRemote(command, **arguments)
+            failure = self.assertRaises(ServiceUnavailable, deployment.result, answer)
+            self.assertIn("handshake", str(failure))
+        self.assertEqual(list(deployment.registry.workers), ["test-worker"])

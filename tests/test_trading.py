@@ -216,3 +216,48 @@ class SettlementTransactionTests(SynchronousTestCase):
         """The schema itself refuses a negative cash balance."""
         with self.assertRaises(sqlite3.IntegrityError):
             self.deployment.pool.connection.execute("UPDATE users SET cash_cents = -1")
+
+
+class AccountStateCacheTests(SynchronousTestCase):
+    """Funds checks use cached account states only while no settlement can have changed them."""
+
+    def setUp(self) -> None:
+        self.deployment = Deployment(self.mktemp())
+        self.client = self.deployment.logged_in("alice")
+        database = self.deployment.database
+        self.known: list[dict] = []
+        real_queue_orders = database.queue_orders
+
+        def queue_orders(orders: list, prices: Any, refuse: Any, now: str, known: Any = None) -> Deferred:
+            self.known.append({user: state.copy() for user, state in (known or {}).items()})
+            return real_queue_orders(orders, prices, refuse, now, known)
+
+        self.patch(database, "queue_orders", queue_orders)
+        self.settlements: list[Deferred] = []
+        real_settle_tick = database.settle_tick
+
+        def held_settle_tick(*args: Any) -> Deferred:
+            held: Deferred = Deferred()
+            held.addCallback(lambda _: real_settle_tick(*args))
+            self.settlements.append(held)
+            return held
+
+        self.held_settle_tick = held_settle_tick
+
+    def test_cache_between_ticks_only(self) -> None:
+        """Cached between updates; not used or filled while settling; forgotten after."""
+        self.deployment.result(self.client.buy("KO", 1))
+        self.deployment.result(self.client.buy("KO", 1))
+        self.assertEqual([list(k) for k in self.known], [[], [1]])  # the second commit used the cache
+        self.assertEqual(self.known[1][1].queued_buy_cents, 6_000)
+
+        self.patch(self.deployment.database, "settle_tick", self.held_settle_tick)
+        self.deployment.exchange.tick()
+        self.deployment.result(self.client.buy("KO", 1))
+        self.deployment.result(self.client.buy("KO", 1))
+        self.assertEqual([list(k) for k in self.known[2:]], [[], []])  # settling: no cache, none kept
+
+        self.settlements[0].callback(None)
+        self.deployment.flush()
+        self.deployment.result(self.client.buy("KO", 1))
+        self.assertEqual(list(self.known[4]), [])  # forgotten after the update

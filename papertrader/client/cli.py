@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from OpenSSL.crypto import Error as CertificateError
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet import task
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectError, ConnectionClosed
 
 from papertrader import tls
@@ -181,15 +182,6 @@ def _order_command(side: str) -> Any:
     @inlineCallbacks
     def run(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
         client.token = _session_token(session)
-        updates: dict[int, dict[str, Any]] = {}
-        waiting: dict[int, Deferred] = {}
-
-        def arrived(update: dict[str, Any]) -> None:
-            updates[update["order_id"]] = update
-            if update["order_id"] in waiting:
-                waiting.pop(update["order_id"]).callback(update)
-
-        client.on_order_update(arrived)
         place = client.buy if side == "buy" else client.sell
         answer = yield place(args.symbol, args.quantity)
         order_id = answer["order_id"]
@@ -201,17 +193,20 @@ def _order_command(side: str) -> Any:
                 "at the next price update",
             )
             return
-        update = updates.get(order_id)
-        if update is None:
-            d = waiting[order_id] = Deferred()
-            update = yield d
+        try:
+            update = yield client.wait_for_settlement(order_id)
+        except ConnectionClosed:
+            raise CommandError(
+                f"order {order_id} is queued, but the connection closed before it settled; "
+                "see 'papertrader orders'"
+            ) from None
         if update["status"] == "filled":
             text = (
                 f"order {order_id} filled: {side} {update['quantity']} {update['symbol']} at "
                 f"{format_cents(update['price_cents'])} on {update['settled_at']}"
             )
         else:
-            text = f"order {order_id} rejected: {update.get('reason', '')}"
+            text = f"order {order_id} rejected: {update.get('reason') or 'no reason given'}"
         _print(args, update, text)
         if update["status"] != "filled":
             raise SystemExit(EXIT_REFUSED)
@@ -315,6 +310,8 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
             client = yield connect(reactor, host, port, ca)
         except (ConnectError, TLSError, TLSHandshakeFailed, OSError) as e:
             raise CommandError(f"cannot connect to {host}:{port}: {e}") from None
+        except CertificateError as e:
+            raise CommandError(f"cannot use the CA certificate {ca}: {e}") from None
         try:
             yield args.run(client, args, session, where)
         finally:

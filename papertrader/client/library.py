@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, returnValue, succeed
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -18,6 +19,7 @@ from zope.interface import implementer
 
 from papertrader import tls
 from papertrader.protocol import (
+    MAX_LIST_LIMIT,
     GetAssetValue,
     GetUserPortfolio,
     GetUserTransactionHistory,
@@ -56,16 +58,60 @@ class PaperTraderClient:
 
     def __init__(self, connection: amp.AMP, pushes: _Pushes) -> None:
         self.connection = connection
-        self._pushes = pushes
         self.token: str | None = None
+        self._on_order_update: Callable[[dict[str, Any]], None] | None = None
+        self._on_price_tick: Callable[[dict[str, Any]], None] | None = None
+        self._settled: dict[int, dict[str, Any]] = {}
+        self._waiting: dict[int, list[Deferred]] = {}
+        pushes.on_order_update = self._order_update
+        pushes.on_price_tick = self._price_tick
+        if isinstance(connection, ClientAMP):
+            connection.on_lost = self._lost
 
     def on_order_update(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
         """Call ``callback(update)`` whenever one of this user's orders settles or is rejected."""
-        self._pushes.on_order_update = callback
+        self._on_order_update = callback
 
     def on_price_tick(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
         """Call ``callback(tick)`` on every price update."""
-        self._pushes.on_price_tick = callback
+        self._on_price_tick = callback
+
+    def wait_for_settlement(self, order_id: int) -> Deferred[dict[str, Any]]:
+        """Fires with the order's update once it has settled or been rejected.
+
+        The pushed update usually says so; a missed push (say the worker lost the
+        master during that update) is made up for by looking the order up after
+        the next price tick.  Fails with ConnectionClosed if the connection ends first.
+        """
+        if order_id in self._settled:
+            return succeed(self._settled[order_id])
+        d: Deferred[dict[str, Any]] = Deferred()
+        self._waiting.setdefault(order_id, []).append(d)
+        return d
+
+    def _order_update(self, update: dict[str, Any]) -> None:
+        self._settled[update["order_id"]] = update
+        for d in self._waiting.pop(update["order_id"], []):
+            d.callback(update)
+        if self._on_order_update is not None:
+            self._on_order_update(update)
+
+    def _price_tick(self, tick: dict[str, Any]) -> None:
+        if self._waiting and self.token:
+            self.orders(MAX_LIST_LIMIT).addCallbacks(self._look_up_waiting, lambda _: None)
+        if self._on_price_tick is not None:
+            self._on_price_tick(tick)
+
+    def _look_up_waiting(self, answer: dict[str, Any]) -> None:
+        for order in answer["orders"]:
+            if order["order_id"] in self._waiting and order["status"] != "queued":
+                self._order_update({**order, "price_cents": order.get("price_cents")})
+
+    def _lost(self, reason: Failure) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for ds in waiting.values():
+            for d in ds:
+                d.errback(ConnectionClosed("the connection closed before the order settled"))
 
     def register(self, username: str, email: str, password: str) -> Deferred:
         return self.connection.callRemote(Register, username=username, email=email, password=password)
@@ -128,6 +174,7 @@ class ClientAMP(amp.AMP):
 
     def __init__(self) -> None:
         super().__init__(locator=_Pushes())
+        self.on_lost: Callable[[Failure], None] | None = None
         self._handshake_result: Failure | None | bool = False
         self._handshake_waiters: list[Deferred[None]] = []
 
@@ -160,6 +207,8 @@ class ClientAMP(amp.AMP):
             Failure(TLSHandshakeFailed(f"TLS handshake failed: {reason.getErrorMessage()}"))
         )
         super().connectionLost(reason)
+        if self.on_lost is not None:
+            self.on_lost(reason)
 
 
 def client_from_connection(connection: amp.AMP) -> PaperTraderClient:
@@ -168,13 +217,19 @@ def client_from_connection(connection: amp.AMP) -> PaperTraderClient:
 
 
 @inlineCallbacks
-def connect(reactor: Any, host: str, port: int, ca_path: str) -> Any:
+def connect(reactor: Any, host: str, port: int, ca_path: str, timeout: float = 30.0) -> Any:
     """Connect to the worker at ``host:port`` over TLS, trusting only ``ca_path``.
 
-    Fires once the TLS handshake (with hostname verification) succeeded.
+    Fires once the TLS handshake (with hostname verification) succeeded; a
+    server that does not complete it within ``timeout`` seconds is given up on.
     """
     options = yield threads.deferToThread(tls.client_options, host, ca_path)
-    endpoint = tls.tls_client_endpoint(reactor, host, port, options)
+    endpoint = tls.tls_client_endpoint(reactor, host, port, options, timeout)
     connection = yield endpoint.connect(Factory.forProtocol(ClientAMP))
-    yield connection.when_handshake_done()
+    give_up = reactor.callLater(timeout, connection.transport.abortConnection)
+    try:
+        yield connection.when_handshake_done()
+    finally:
+        if give_up.active():
+            give_up.cancel()
     returnValue(client_from_connection(connection))

@@ -20,12 +20,14 @@ from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
 from twisted.internet.interfaces import IReactorTime
 
 from papertrader.errors import LoginFailed, RegisterFailed, SessionInvalid
+from papertrader.eventlog import EventLogger
 from papertrader.timestamps import iso
 
-_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,31}$")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{2,31}\Z")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 72  # bcrypt uses at most 72 bytes
+MAX_EMAIL = 254
 LOGIN_FAILED = "invalid username or password"
 
 RunInThread = Callable[..., Deferred]
@@ -48,6 +50,8 @@ def token_digest(token: str) -> str:
 
 class Accounts:
     """Registers users, logs them in and answers who holds a session token."""
+
+    log = EventLogger()
 
     def __init__(
         self,
@@ -79,8 +83,9 @@ class Accounts:
                 "username must be 3-32 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         email = email.strip()
-        if not _EMAIL.match(email) or len(email) > 254:
-            problems.append(f"malformed email address {email!r}")
+        if len(email) > MAX_EMAIL or not _EMAIL.match(email) or not email.isprintable():
+            shown = repr(email[:40]) + ("..." if len(email) > 40 else "")
+            problems.append(f"malformed email address {shown}")
         if len(password) < MIN_PASSWORD:
             problems.append(f"password must be at least {MIN_PASSWORD} characters")
         elif len(password.encode("utf-8")) > MAX_PASSWORD:
@@ -102,6 +107,8 @@ class Accounts:
         An unknown user costs the same bcrypt work and gets the same message as
         a wrong password, so neither reveals which usernames exist.
         """
+        if not _USERNAME.match(username) or len(password.encode("utf-8")) > MAX_PASSWORD:
+            raise LoginFailed(LOGIN_FAILED)  # no account can have these
         user = yield self._db.find_user(username)
         if user is None:
             if self._dummy_hash is None:
@@ -126,9 +133,12 @@ class Accounts:
     def cached_session(self, token: str) -> Session | None:
         """The live session for ``token`` if it is in memory; None means: ask `authenticate`."""
         session = self._sessions.get(token_digest(token)) if token else None
-        if session is None or session.expires_at <= self._clock.seconds():
+        if session is None or self._expired(session):
             return None
         return session
+
+    def _expired(self, session: Session) -> bool:
+        return session.expires_at <= self._clock.seconds()
 
     @inlineCallbacks
     def authenticate(self, token: str) -> Any:
@@ -143,7 +153,7 @@ class Accounts:
                 raise SessionInvalid("session is not valid; log in again")
             session = Session(record.user_id, record.username, record.expires_at)
             self._sessions[digest] = session
-        if session.expires_at <= self._clock.seconds():
+        if self._expired(session):
             self._sessions.pop(digest, None)
             yield self._db.delete_session(digest)
             raise SessionInvalid("session has expired; log in again")
@@ -158,9 +168,14 @@ class Accounts:
         yield self._db.delete_session(digest)
 
     def forget_expired(self) -> Deferred:
-        """Drop expired sessions from memory and the database."""
+        """Drop expired sessions from memory and the database.
+
+        A periodic job: a failure is logged, never raised, so the job goes on.
+        """
         now = self._clock.seconds()
         for digest, session in list(self._sessions.items()):
-            if session.expires_at <= now:
+            if self._expired(session):
                 del self._sessions[digest]
-        return self._db.delete_expired_sessions(now)
+        return self._db.delete_expired_sessions(now).addErrback(
+            lambda failure: self.log.failure("could not delete expired sessions", failure)
+        )

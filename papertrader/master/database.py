@@ -353,6 +353,8 @@ class Database:
         now: str,
         accounts: dict[int, AccountState],
     ) -> tuple[list[int | str], dict[int, AccountState]]:
+        # Work on copies: a retried attempt must not see what a rolled-back one reserved.
+        accounts = {user_id: state.copy() for user_id, state in accounts.items()}
         results: list[int | str] = []
         for order in orders:
             account = accounts.get(order.user_id)

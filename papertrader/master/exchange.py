@@ -65,6 +65,7 @@ class Exchange:
         # Funds checks between updates: account states by user id, valid for one generation.
         self._accounts: dict[int, AccountState] = {}
         self._generation = 0
+        self._settling = False
         self._tick_listeners: list[TickListener] = []
 
     def on_tick(self, listener: TickListener) -> None:
@@ -178,12 +179,15 @@ class Exchange:
         states it computed stay right; every update (or failure) forgets them.
         """
         generation = self._generation
-        known = {o.user_id: self._accounts[o.user_id].copy() for o in orders if o.user_id in self._accounts}
+        if self._settling:
+            known: dict[int, AccountState] = {}
+        else:
+            known = {o.user_id: self._accounts[o.user_id].copy() for o in orders if o.user_id in self._accounts}
         d = self._db.queue_orders(orders, self.board.prices, refuse_reason, iso(self._clock.seconds()), known)
 
         def stored(answer: tuple[list[int | str], dict[int, AccountState]]) -> list[int | str]:
             results, states = answer
-            if generation == self._generation:
+            if generation == self._generation and not self._settling:
                 self._accounts.update(states)
             return results
 
@@ -284,12 +288,17 @@ class Exchange:
             prices = yield self._source.fetch()
             now = iso(self._clock.seconds())
             self.log.info("new prices as of {now}; settling the order queue", now=now)
+            # Cached account states are wrong once settlement starts: forget them
+            # now, and take no new ones until it has finished.
+            self._settling = True
+            self._forget_account_states()
             tick, settlements = yield self._db.settle_tick(prices, now, settle_orders)
         except Exception:
-            self._forget_account_states()
             self.log.failure("price update failed; the queue stays for the next one")
             return
-        self._forget_account_states()
+        finally:
+            self._settling = False
+            self._forget_account_states()
         self.board.update(tick, now, prices)
         self.log.info(
             "update {tick}: {count} orders settled", tick=tick, count=len(settlements)

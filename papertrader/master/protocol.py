@@ -7,11 +7,14 @@ reach the worker (and from there the client) intact.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from papertrader.errors import (
     PaperTraderError,
@@ -40,6 +43,33 @@ from papertrader.protocol import (
     WorkerHello,
 )
 from papertrader.timestamps import iso
+
+
+def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a responder only after the handshake, and declare every failure it can have.
+
+    Domain errors pass as they are; anything else (a database error, a bug) is
+    logged and answered as ServiceUnavailable, which every command declares, so
+    it never drops the worker's whole connection.
+    """
+
+    @functools.wraps(responder)
+    def guarded(self: MasterLocator, *args: Any, **kwargs: Any) -> Deferred:
+        return maybeDeferred(_after_handshake, self, responder, *args, **kwargs).addErrback(_declared)
+
+    return guarded
+
+
+def _after_handshake(locator: MasterLocator, responder: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    locator._worker_name()
+    return responder(locator, *args, **kwargs)
+
+
+def _declared(failure: Failure) -> Failure:
+    if failure.check(PaperTraderError):
+        return failure
+    MasterLocator.log.failure("unexpected error answering a worker", failure)
+    return Failure(ServiceUnavailable("the master could not complete the request; try again later"))
 
 
 class MasterLocator(amp.CommandLocator):
@@ -77,40 +107,41 @@ class MasterLocator(amp.CommandLocator):
     # ------------------------------------------------------------ accounts
 
     @RelayedRegister.responder
+    @_guarded
     @inlineCallbacks
     def register(self, username: str, email: str, password: str, received_at: str, client_address: str) -> Any:
-        self._worker_name()
         name = yield self.exchange.accounts.register(username, email, password)
         returnValue({"username": name})
 
     @RelayedLogin.responder
+    @_guarded
     @inlineCallbacks
     def login(
         self, username: str, password: str, received_at: str, client_address: str, remember: bool = False
     ) -> Any:
-        self._worker_name()
         session = yield self.exchange.accounts.login(username, password, bool(remember))
         returnValue(
             {"token": session.token, "username": session.username, "expires_at": iso(session.expires_at)}
         )
 
     @RelayedLoginWithToken.responder
+    @_guarded
     @inlineCallbacks
     def login_with_token(self, token: str, received_at: str, client_address: str) -> Any:
-        self._worker_name()
         session = yield self.exchange.accounts.authenticate(token)
         returnValue({"username": session.username, "expires_at": iso(session.expires_at)})
 
     @RelayedLogout.responder
+    @_guarded
     @inlineCallbacks
     def logout(self, token: str, received_at: str, client_address: str) -> Any:
-        self._worker_name()
         yield self.exchange.accounts.logout(token)
         returnValue({})
 
     # ------------------------------------------------------------ market data
 
     @ListAssets.responder
+    @_guarded
     def list_assets(self) -> dict[str, Any]:
         board = self.exchange.board
         assets = []
@@ -131,12 +162,14 @@ class MasterLocator(amp.CommandLocator):
         return answer
 
     @RelayedGetAssetValue.responder
+    @_guarded
     def asset_value(self, symbol: str, received_at: str, client_address: str) -> dict[str, Any]:
         return self.exchange.asset_value(symbol)
 
     # ------------------------------------------------------------ orders
 
     @SubmitOrders.responder
+    @_guarded
     def submit_orders(self, orders: list[dict[str, str]]) -> Any:
         worker = self._worker_name()
         return self.exchange.submit_orders(orders, worker).addCallback(
@@ -144,16 +177,19 @@ class MasterLocator(amp.CommandLocator):
         )
 
     @RelayedListOrders.responder
+    @_guarded
     @inlineCallbacks
     def list_orders(self, token: str, received_at: str, client_address: str, limit: int | None = None) -> Any:
         rows = yield self.exchange.orders(token, limit)
         returnValue({"orders": rows})
 
     @RelayedGetUserPortfolio.responder
+    @_guarded
     def portfolio(self, token: str, received_at: str, client_address: str) -> Any:
         return self.exchange.portfolio(token)
 
     @RelayedGetUserTransactionHistory.responder
+    @_guarded
     @inlineCallbacks
     def history(self, token: str, received_at: str, client_address: str, limit: int | None = None) -> Any:
         rows = yield self.exchange.history(token, limit)

@@ -173,7 +173,8 @@ class MasterService(service.MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
-        yield super().stopService()
+        # Own work first, then the children (local workers, and the event log
+        # last of all, so it still holds what this shutdown logs), then the pool.
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -181,5 +182,6 @@ class MasterService(service.MultiService):
             yield self.port.stopListening()
         if self._ticking is not None:
             yield self._ticking
+        yield super().stopService()
         if self.database is not None:
             self.database.close()

@@ -17,12 +17,15 @@ class QuoteCache:
         self.as_of: str | None = None
 
     def load(self, assets: list[dict[str, Any]], tick: int, as_of: str | None) -> None:
-        """Fill the cache from the master's ListAssets answer."""
+        """Fill the cache afresh from the master's ListAssets answer (at every handshake).
+
+        Everything is replaced, tick number included: the master may have
+        restarted with other assets or another database.
+        """
         self.assets = {a["symbol"]: {"name": a["name"], "exchange": a["exchange"]} for a in assets}
-        if as_of is not None and tick >= self.tick:
-            self.tick = tick
-            self.as_of = as_of
-            self.prices = {a["symbol"]: a["price_cents"] for a in assets if "price_cents" in a}
+        self.tick = tick
+        self.as_of = as_of
+        self.prices = {a["symbol"]: a["price_cents"] for a in assets if a.get("price_cents") is not None}
 
     def update(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> None:
         """Take the prices of a newer update (older ones are ignored)."""

@@ -182,11 +182,12 @@ class ClientLocator(amp.CommandLocator):
 
     def _order(self, side: str, failed: type[Exception], token: str, symbol: str, quantity: str) -> Deferred:
         # The hottest path of the worker: plain callbacks, no coroutine per order.
-        if len(token) > MAX_TOKEN_LENGTH:
+        # Bounded, plain-ASCII fields keep every SubmitOrders batch far below AMP's 64 KiB.
+        if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
             raise SessionInvalid("session is not valid; log in again")
-        if len(symbol) > MAX_SYMBOL_LENGTH:
-            raise failed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}...")
-        if len(quantity) > MAX_QUANTITY_LENGTH:
+        if len(symbol) > MAX_SYMBOL_LENGTH or not symbol.isascii():
+            raise failed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}")
+        if len(quantity) > MAX_QUANTITY_LENGTH or not quantity.isascii():
             raise failed("quantity must be a whole number of shares")
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
@@ -219,10 +220,33 @@ class ClientLocator(amp.CommandLocator):
         )
 
 
-class _ClientAMP(amp.AMP):
-    """One client's connection; registers and unregisters itself."""
+# A client may not send more than this without completing an AMP box.
+MAX_PENDING_BYTES = 1024 * 1024
 
+
+class _ClientAMP(amp.AMP):
+    """One client's connection; registers and unregisters itself.
+
+    AMP puts no bound on the number of keys in a box, so a client that keeps
+    sending without ever ending a box would grow the worker's memory without
+    end: such a connection is cut.
+    """
+
+    log = EventLogger()
     clients: ClientRegistry
+    _pending_bytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._pending_bytes += len(data)
+        if self._pending_bytes > MAX_PENDING_BYTES:
+            self.log.warn("client {address} sent an oversized box; closing", address=self.locator.address)
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        self._pending_bytes = 0
+        super().ampBoxReceived(box)
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -120,7 +120,7 @@ class OrderBatcher:
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), MAX_ORDER_BATCH):
             batch = pending[start : start + MAX_ORDER_BATCH]
-            d = self._send(SubmitOrders, orders=[order for order, _ in batch])
+            d = maybeDeferred(self._send, SubmitOrders, orders=[order for order, _ in batch])
             d.addCallbacks(self._answer, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
 
     @staticmethod
@@ -130,5 +130,8 @@ class OrderBatcher:
 
     @staticmethod
     def _fail(failure: Failure, batch: list[tuple[dict, Deferred]]) -> None:
+        if not failure.check(PaperTraderError):
+            MasterLink.log.failure("could not send an order batch", failure)
+            failure = Failure(ServiceUnavailable("the order could not be passed to the master; not accepted"))
         for _, d in batch:
             d.errback(failure)
