@@ -81,7 +81,8 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _endpoint(text: str) -> str:
+def check_endpoint(text: str) -> str:
+    """An endpoint string PaperTrader can listen on (TLS is added on top); ValueError if not."""
     if not text.startswith(("tcp:", "tcp6:", "unix:")):
         raise ValueError(f"expected a tcp:, tcp6: or unix: endpoint string, got {text!r}")
     return text
@@ -92,10 +93,6 @@ def _hostnames(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("at least one hostname is needed")
     return names
-
-
-def _cash(text: str) -> int:
-    return parse_amount(text)
 
 
 def _database(text: str) -> str:
@@ -115,13 +112,13 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "workers": ("workers", _int_in(0, 64)),
     "log_memory_entries": ("log_memory_entries", _int_in(1, 10_000_000)),
     "update_interval": ("update_interval", _positive_seconds),
-    "listen": ("listen", _endpoint),
-    "worker_listen": ("worker_listen", _endpoint),
+    "listen": ("listen", check_endpoint),
+    "worker_listen": ("worker_listen", check_endpoint),
     "data_dir": ("data_dir", str),
     "database": ("database", _database),
     "hostnames": ("hostnames", _hostnames),
     "bcrypt_cost": ("bcrypt_cost", _int_in(4, 31)),
-    "starting_cash": ("starting_cash_cents", _cash),
+    "starting_cash": ("starting_cash_cents", parse_amount),
     "max_order_quantity": ("max_order_quantity", _int_in(1, 1_000_000_000)),
     "session_lifetime": ("session_lifetime", _positive_seconds),
     "remember_lifetime": ("remember_lifetime", _positive_seconds),

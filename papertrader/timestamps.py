@@ -11,8 +11,3 @@ from datetime import datetime, timezone
 def iso(seconds: float) -> str:
     """Render POSIX seconds (as from ``IReactorTime.seconds()``) as ISO 8601 UTC."""
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="microseconds")
-
-
-def parse_iso(text: str) -> float:
-    """Inverse of `iso`."""
-    return datetime.fromisoformat(text).timestamp()

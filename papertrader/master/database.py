@@ -385,10 +385,8 @@ class Database:
 
     @staticmethod
     def _account_state(txn: Cursor, user_id: int, prices: Mapping[str, int]) -> AccountState:
-        txn.execute("SELECT cash_cents FROM users WHERE id = ?", (user_id,))
-        (cash,) = txn.fetchone()
-        txn.execute("SELECT symbol, quantity FROM positions WHERE user_id = ?", (user_id,))
-        state = AccountState(cash_cents=cash, holdings=dict(txn.fetchall()))
+        cash, holdings = Database._portfolio(txn, user_id)
+        state = AccountState(cash_cents=cash, holdings=holdings)
         txn.execute(
             "SELECT side, symbol, SUM(quantity) FROM orders WHERE user_id = ? AND status = 'queued' "
             "GROUP BY side, symbol",

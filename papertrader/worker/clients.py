@@ -54,8 +54,6 @@ from papertrader.worker.upstream import MasterLink, OrderBatcher
 class ClientRegistry:
     """Connected clients, and which user each is logged in as."""
 
-    log = EventLogger()
-
     def __init__(self) -> None:
         self.connections: set[amp.AMP] = set()
         self.by_user: dict[str, set[amp.AMP]] = {}

@@ -9,6 +9,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from papertrader import tls
+from papertrader.config import check_endpoint
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
 from papertrader.worker.service import WorkerConfig, WorkerService
 
@@ -38,8 +39,10 @@ class Options(usage.Options):
             host, port = tls.split_address(self["master"], 2048)
         except ValueError as e:
             problems.append(f"--master: {e}")
-        if not self["listen"].startswith(("tcp:", "tcp6:", "unix:")):
-            problems.append("--listen: expected a tcp:, tcp6: or unix: endpoint string")
+        try:
+            check_endpoint(self["listen"])
+        except ValueError as e:
+            problems.append(f"--listen: {e}")
         for option in ("ca", "cert", "key"):
             if not self[option]:
                 problems.append(f"--{option} is required")
