@@ -14,6 +14,7 @@ import ipaddress
 import os
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import attr
 from cryptography import x509
@@ -149,7 +150,9 @@ def ensure_identity(directory: str, label: str, common_name: str, hostnames: Seq
             ca = x509.load_pem_x509_certificate(f.read())
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         fresh = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=30)
-        if list(sans) == _general_names(hostnames) and cert.issuer == ca.subject and fresh:
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        same_name = [n.value for n in names] == [common_name]
+        if list(sans) == _general_names(hostnames) and cert.issuer == ca.subject and fresh and same_name:
             try:
                 cert.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature):
@@ -181,6 +184,13 @@ def client_options(
     if identity is not None:
         own = ssl.PrivateCertificate.loadPEM(_read(identity.key) + _read(identity.certificate))
     return ssl.optionsForClientTLS(hostname, trustRoot=trust, clientCertificate=own)
+
+
+def peer_common_name(transport: Any) -> str | None:
+    """The common name in the certificate the other side of ``transport`` presented, if any."""
+    get_certificate = getattr(transport, "getPeerCertificate", None)
+    certificate = get_certificate() if get_certificate is not None else None
+    return certificate.get_subject().CN if certificate is not None else None
 
 
 def tls_server_endpoint(reactor, description: str, options: ssl.CertificateOptions):

@@ -104,7 +104,11 @@ class Deployment:
         )
         self.registry = WorkerRegistry()
         self.exchange.on_tick(self.registry.broadcast_tick)
-        self.master_factory = MasterFactory(self.exchange, self.registry, 60.0)
+        # No TLS in memory: the name a worker's certificate would carry is given here.
+        self.certified_names: list[str] = ["test-worker"]
+        self.master_factory = MasterFactory(
+            self.exchange, self.registry, 60.0, certified_name=lambda transport: self.certified_names[0]
+        )
         self.tick()
 
         self.cache = QuoteCache()

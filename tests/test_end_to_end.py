@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import stat
 import sys
 from typing import Any
 
-from twisted.internet import threads
+from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.protocol import Factory
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 
 from papertrader import tls
+from papertrader.errors import WorkerRefused
+from papertrader.protocol import WorkerHello
 from tests.databases import fresh_postgresql
 from tests.processes import ROOT, TWISTD, RunningDeployment
 
@@ -158,6 +163,27 @@ class EndToEndTests(TestCase):
         self.assertEqual(orders, [])
         fill = yield d.cli_json("buy", "KO", "1", "--wait")
         self.assertEqual(fill["status"], "filled")
+
+    @inlineCallbacks
+    def test_worker_name_bound_to_certificate(self) -> Any:
+        """Over real TLS, a certificate of the deployment that does not name the worker cannot log in as it."""
+        d = self.deployment
+        with open(os.path.join(d.base, "master.log"), encoding="utf-8") as f:
+            port = int(re.search(r"listening for workers on .*port=(\d+)", f.read()).group(1))
+        tls_dir = os.path.join(d.data, "tls")
+        ca = os.path.join(tls_dir, "ca.pem")
+        master_certificate = tls.Identity(os.path.join(tls_dir, "master.pem"), os.path.join(tls_dir, "master.key"), ca)
+        options = yield threads.deferToThread(tls.client_options, "localhost", ca, master_certificate)
+        connection = yield tls.tls_client_endpoint(reactor, "localhost", port, options).connect(
+            Factory.forProtocol(amp.AMP)
+        )
+        self.addCleanup(connection.transport.loseConnection)
+        error = yield self.assertFailure(
+            connection.callRemote(WorkerHello, name="local-1", version="0"), WorkerRefused
+        )
+        self.assertIn("not for a worker named 'local-1'", str(error))
+        code, out, err = yield d.cli("quote", "AAPL")
+        self.assertEqual(code, 0, err)  # the real local-1 is still serving
 
     @inlineCallbacks
     def test_untrusted_ca_refused(self) -> Any:

@@ -15,8 +15,9 @@ from papertrader.errors import (
     SellFailed,
     ServiceUnavailable,
     SessionInvalid,
+    WorkerRefused,
 )
-from papertrader.protocol import ListAssets, RelayedGetUserPortfolio
+from papertrader.protocol import ListAssets, RelayedGetUserPortfolio, WorkerHello
 from tests.support import PASSWORD, Deployment
 
 
@@ -390,3 +391,16 @@ class HandshakeTests(SynchronousTestCase):
             failure = self.assertRaises(ServiceUnavailable, deployment.result, answer)
             self.assertIn("handshake", str(failure))
         self.assertEqual(list(deployment.registry.workers), ["test-worker"])
+
+    def test_name_must_match_certificate(self) -> None:
+        """A worker may only take the name its certificate carries; the named worker stays connected."""
+        deployment = Deployment(self.mktemp())
+        deployment.certified_names[0] = "someone-else"
+        impostor, _, pump = iosim.connectedServerAndClient(
+            lambda: deployment.master_factory.buildProtocol(None), amp.AMP, clock=deployment.clock
+        )
+        deployment.pumps.append(pump)
+        hello = impostor.callRemote(WorkerHello, name="test-worker", version="0")
+        failure = self.assertRaises(WorkerRefused, deployment.result, hello)
+        self.assertIn("not for a worker named 'test-worker'", str(failure))
+        self.assertIs(deployment.registry.workers["test-worker"], deployment.master_pump.server)

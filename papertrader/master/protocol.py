@@ -43,6 +43,7 @@ from papertrader.protocol import (
     WorkerHello,
 )
 from papertrader.timestamps import iso
+from papertrader.tls import peer_common_name
 
 
 def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,10 +78,17 @@ class MasterLocator(amp.CommandLocator):
 
     log = EventLogger()
 
-    def __init__(self, exchange: Exchange, registry: WorkerRegistry, update_interval: float) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        registry: WorkerRegistry,
+        update_interval: float,
+        certified_name: Callable[[Any], str | None] = peer_common_name,
+    ) -> None:
         self.exchange = exchange
         self.registry = registry
         self.update_interval = update_interval
+        self.certified_name = certified_name
         self.connection: amp.AMP | None = None
         self.worker: str | None = None
 
@@ -94,11 +102,16 @@ class MasterLocator(amp.CommandLocator):
     @WorkerHello.responder
     def hello(self, name: str, version: str) -> dict[str, Any]:
         # The TLS layer already required a certificate issued by this deployment's
-        # CA; GPG verification of the worker's key belongs here too.
+        # CA; its common name must be the worker's name.  GPG verification of the
+        # worker's key belongs here too.
         if not name or len(name) > 64:
             raise WorkerRefused("worker name must be 1-64 characters")
         if self.worker is not None:
             raise WorkerRefused("handshake already done")
+        certified = self.certified_name(self.connection.transport)
+        if certified != name:
+            self.log.warn("refused worker {name}: its certificate names {certified!r}", name=name, certified=certified)
+            raise WorkerRefused(f"this certificate is not for a worker named {name!r}")
         self.worker = name
         self.registry.add(name, self.connection)
         self.log.info("worker {name} (version {version}) connected", name=name, version=version)
@@ -211,13 +224,20 @@ def _outcome(result: Any) -> dict[str, Any]:
 class MasterFactory(Factory):
     """Builds an AMP connection, with its own locator, for each worker."""
 
-    def __init__(self, exchange: Exchange, registry: WorkerRegistry, update_interval: float) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        registry: WorkerRegistry,
+        update_interval: float,
+        certified_name: Callable[[Any], str | None] = peer_common_name,
+    ) -> None:
         self.exchange = exchange
         self.registry = registry
         self.update_interval = update_interval
+        self.certified_name = certified_name
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
-        locator = MasterLocator(self.exchange, self.registry, self.update_interval)
+        locator = MasterLocator(self.exchange, self.registry, self.update_interval, self.certified_name)
         connection = _WorkerAMP(locator=locator)
         locator.connection = connection
         return connection

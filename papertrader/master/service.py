@@ -47,9 +47,8 @@ def prepare_identities(config: MasterConfig) -> tuple[tls.Identity, list[tls.Ide
     directory = os.path.join(config.data_dir, "tls")
     master = tls.ensure_identity(directory, "master", "papertrader-master", config.hostnames)
     workers = [
-        tls.ensure_identity(
-            directory, f"worker-{local_worker_name(i)}", f"papertrader-worker-{i + 1}", config.hostnames
-        )
+        # A worker's certificate names it: the master accepts a worker only under that name.
+        tls.ensure_identity(directory, f"worker-{local_worker_name(i)}", local_worker_name(i), config.hostnames)
         for i in range(config.workers)
     ]
     return master, workers
