@@ -21,10 +21,10 @@ from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database
 from papertrader.master.exchange import Exchange
 from papertrader.master.market import PriceBoard
-from papertrader.master.protocol import MasterFactory
+from papertrader.master.protocol import MasterFactory, MasterLocator
 from papertrader.master.workers import WorkerRegistry
 from papertrader.worker.cache import QuoteCache
-from papertrader.worker.clients import ClientFactory, ClientRegistry, MasterPushes
+from papertrader.worker.clients import ClientFactory, ClientLocator, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
 ASSETS = {
@@ -57,9 +57,6 @@ class SynchronousPool:
 
     def runOperation(self, *args: Any) -> Deferred:
         return self.runInteraction(lambda txn: txn.execute(*args) and None)
-
-    def runWithConnection(self, function: Any, *args: Any) -> Deferred:
-        return maybeDeferred(function, self.connection, *args)
 
     def close(self) -> None:
         self.connection.close()
@@ -107,7 +104,9 @@ class Deployment:
         # No TLS in memory: the name a worker's certificate would carry is given here.
         self.certified_names: list[str] = ["test-worker"]
         self.master_factory = MasterFactory(
-            self.exchange, self.registry, 60.0, certified_name=lambda transport: self.certified_names[0]
+            lambda: MasterLocator(
+                self.exchange, self.registry, 60.0, certified_name=lambda transport: self.certified_names[0]
+            )
         )
         self.tick()
 
@@ -115,7 +114,9 @@ class Deployment:
         self.clients = ClientRegistry()
         self.link = MasterLink(self.clock, None, "test-worker", self.cache, MasterPushes(self.cache, self.clients))
         self.batcher = OrderBatcher(self.clock, self.link.call)
-        self.client_factory = ClientFactory(self.clock, self.link, self.batcher, self.cache, self.clients)
+        self.client_factory = ClientFactory(
+            lambda: ClientLocator(self.clock, self.link, self.batcher, self.cache, self.clients)
+        )
         self.pumps: list[iosim.IOPump] = []
         self.connect_worker()
 

@@ -233,10 +233,11 @@ class Database:
 
     def migrate(self) -> Deferred[int]:
         """Apply every schema file newer than the database, in one transaction; fires with the version."""
-        return self._run(self._migrate, schema_files())
+        return self._run(self._migrate)
 
     @staticmethod
-    def _migrate(cursor: Cursor, files: list[tuple[int, str]]) -> int:
+    def _migrate(cursor: Cursor) -> int:
+        files = schema_files()  # package files: read here, in the pool's thread
         if cursor.dialect is SQLITE:
             cursor.execute("BEGIN IMMEDIATE")  # make DDL part of the transaction
         cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

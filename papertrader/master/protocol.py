@@ -222,22 +222,13 @@ def _outcome(result: Any) -> dict[str, Any]:
 
 
 class MasterFactory(Factory):
-    """Builds an AMP connection, with its own locator, for each worker."""
+    """Builds an AMP connection, with a fresh locator from ``new_locator``, for each worker."""
 
-    def __init__(
-        self,
-        exchange: Exchange,
-        registry: WorkerRegistry,
-        update_interval: float,
-        certified_name: Callable[[Any], str | None] = peer_common_name,
-    ) -> None:
-        self.exchange = exchange
-        self.registry = registry
-        self.update_interval = update_interval
-        self.certified_name = certified_name
+    def __init__(self, new_locator: Callable[[], MasterLocator]) -> None:
+        self.new_locator = new_locator
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
-        locator = MasterLocator(self.exchange, self.registry, self.update_interval, self.certified_name)
+        locator = self.new_locator()
         connection = _WorkerAMP(locator=locator)
         locator.connection = connection
         return connection

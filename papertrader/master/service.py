@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import partial
 from typing import Any
 
 from twisted.application import service
@@ -24,7 +25,7 @@ from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, describe
 from papertrader.master.exchange import Exchange
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
-from papertrader.master.protocol import MasterFactory
+from papertrader.master.protocol import MasterFactory, MasterLocator
 from papertrader.master.workers import LocalWorkers, WorkerRegistry
 
 SESSION_SWEEP_INTERVAL = 3600.0
@@ -117,7 +118,7 @@ class MasterService(service.MultiService):
         )
         endpoint = tls.tls_server_endpoint(self.reactor, config.listen, options)
         self.port = yield endpoint.listen(
-            MasterFactory(self.exchange, self.registry, config.update_interval)
+            MasterFactory(partial(MasterLocator, self.exchange, self.registry, config.update_interval))
         )
         self.log.info("listening for workers on {address}", address=self.port.getHost())
 

@@ -14,7 +14,6 @@ import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from papertrader.eventlog import EventLogger
 from papertrader.money import format_cents
 
 BUY = "buy"
@@ -181,8 +180,6 @@ class OrderDesk:
     order, its id or the reason it was refused.  While one commit runs, new
     orders gather for the next: under load, batches grow and commits stay few.
     """
-
-    log = EventLogger()
 
     def __init__(
         self,

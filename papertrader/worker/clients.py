@@ -8,6 +8,7 @@ that user's order updates.  `MasterPushes` receives the master's pushes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
@@ -231,7 +232,7 @@ class _ClientAMP(amp.AMP):
     """
 
     log = EventLogger()
-    clients: ClientRegistry
+    locator: ClientLocator
     _pending_bytes = 0
 
     def dataReceived(self, data: bytes) -> None:
@@ -250,28 +251,21 @@ class _ClientAMP(amp.AMP):
         super().connectionMade()
         peer = self.transport.getPeer()
         self.locator.address = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        self.clients.connected(self)
+        self.locator.clients.connected(self)
 
     def connectionLost(self, reason: Any) -> None:
-        self.clients.disconnected(self)
+        self.locator.clients.disconnected(self)
         super().connectionLost(reason)
 
 
 class ClientFactory(Factory):
-    """Builds the AMP protocol for each client connection."""
+    """Builds the AMP protocol, with a fresh locator from ``new_locator``, for each client connection."""
 
-    def __init__(
-        self, clock: IReactorTime, link: MasterLink, batcher: OrderBatcher, cache: QuoteCache, clients: ClientRegistry
-    ) -> None:
-        self.clock = clock
-        self.link = link
-        self.batcher = batcher
-        self.cache = cache
-        self.clients = clients
+    def __init__(self, new_locator: Callable[[], ClientLocator]) -> None:
+        self.new_locator = new_locator
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
-        locator = ClientLocator(self.clock, self.link, self.batcher, self.cache, self.clients)
+        locator = self.new_locator()
         connection = _ClientAMP(locator=locator)
-        connection.clients = self.clients
         locator.connection = connection
         return connection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import attr
@@ -14,7 +15,7 @@ from papertrader import tls
 from papertrader.daemon import abort_start
 from papertrader.eventlog import EventLogger
 from papertrader.worker.cache import QuoteCache
-from papertrader.worker.clients import ClientFactory, ClientRegistry, MasterPushes
+from papertrader.worker.clients import ClientFactory, ClientLocator, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
 
@@ -79,7 +80,7 @@ class WorkerService(service.MultiService):
         )
         self.link.service.setServiceParent(self)
         batcher = OrderBatcher(self.reactor, self.link.call)
-        factory = ClientFactory(self.reactor, self.link, batcher, self.cache, self.clients)
+        factory = ClientFactory(partial(ClientLocator, self.reactor, self.link, batcher, self.cache, self.clients))
         endpoint = tls.tls_server_endpoint(self.reactor, config.listen, server_options)
         self.port = yield endpoint.listen(factory)
         host = self.port.getHost()
