@@ -7,6 +7,9 @@ they cross every link intact.
 
 from __future__ import annotations
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 # Reasons are cut to this length, so one always fits in an AMP value (64 KiB).
 MAX_REASON = 1000
 
@@ -50,6 +53,20 @@ class ServiceUnavailable(PaperTraderError):
 
 class WorkerRefused(PaperTraderError):
     """The master refused a worker's handshake."""
+
+
+def expected_or_unavailable(failure: Failure, reason: str, log: Logger | None = None) -> Failure:
+    """Pass an expected failure on; make anything else a ServiceUnavailable saying ``reason``.
+
+    Every Command declares ServiceUnavailable, so what comes out of here can
+    always cross AMP without dropping the connection.  ``log``, if given,
+    records the unexpected failure.
+    """
+    if failure.check(PaperTraderError):
+        return failure
+    if log is not None:
+        log.failure("unexpected failure, answered as unavailable: {reason}", failure, reason=reason)
+    return Failure(ServiceUnavailable(reason))
 
 
 class ConfigError(PaperTraderError):

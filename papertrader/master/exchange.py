@@ -19,6 +19,7 @@ from papertrader.errors import (
     PurchaseFailed,
     SellFailed,
     ServiceUnavailable,
+    expected_or_unavailable,
 )
 from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
@@ -202,11 +203,8 @@ class Exchange:
         self._accounts.clear()
         self._generation += 1
 
-    def _unavailable(self, failure: Failure, what: str) -> None:
-        if failure.check(PaperTraderError):
-            failure.raiseException()
-        self.log.failure("database failure: {what}", failure, what=what)
-        raise ServiceUnavailable(f"the database is unavailable; {what}")
+    def _unavailable(self, failure: Failure, what: str) -> Failure:
+        return expected_or_unavailable(failure, f"the database is unavailable; {what}", self.log)
 
     # ------------------------------------------------------------ reading
 

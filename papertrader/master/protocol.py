@@ -14,13 +14,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 
 from papertrader.errors import (
     PaperTraderError,
     ServiceUnavailable,
     SessionInvalid,
     WorkerRefused,
+    expected_or_unavailable,
 )
 from papertrader.eventlog import EventLogger
 from papertrader.master.exchange import Exchange
@@ -56,7 +56,9 @@ def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(responder)
     def guarded(self: MasterLocator, *args: Any, **kwargs: Any) -> Deferred:
-        return maybeDeferred(_after_handshake, self, responder, *args, **kwargs).addErrback(_declared)
+        return maybeDeferred(_after_handshake, self, responder, *args, **kwargs).addErrback(
+            expected_or_unavailable, "the master could not complete the request; try again later", MasterLocator.log
+        )
 
     return guarded
 
@@ -64,13 +66,6 @@ def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
 def _after_handshake(locator: MasterLocator, responder: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     locator._worker_name()
     return responder(locator, *args, **kwargs)
-
-
-def _declared(failure: Failure) -> Failure:
-    if failure.check(PaperTraderError):
-        return failure
-    MasterLocator.log.failure("unexpected error answering a worker", failure)
-    return Failure(ServiceUnavailable("the master could not complete the request; try again later"))
 
 
 class MasterLocator(amp.CommandLocator):

@@ -19,7 +19,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from papertrader import __version__
-from papertrader.errors import PaperTraderError, ServiceUnavailable
+from papertrader.errors import ServiceUnavailable, expected_or_unavailable
 from papertrader.eventlog import EventLogger
 from papertrader.protocol import MAX_ORDER_BATCH, ListAssets, SubmitOrders, WorkerHello
 from papertrader.worker.cache import QuoteCache
@@ -87,15 +87,9 @@ class MasterLink:
         """Send ``command``; ServiceUnavailable if the master is not connected or the link drops."""
         if self.connection is None:
             return fail(ServiceUnavailable(MASTER_UNREACHABLE))
-        return self.connection.callRemote(command, **arguments).addErrback(_unavailable)
-
-
-def _unavailable(failure: Failure) -> Failure:
-    if failure.check(PaperTraderError):
-        return failure
-    return Failure(
-        ServiceUnavailable("lost contact with the master during the request; check its outcome and retry")
-    )
+        return self.connection.callRemote(command, **arguments).addErrback(
+            expected_or_unavailable, "lost contact with the master during the request; check its outcome and retry"
+        )
 
 
 class OrderBatcher:
@@ -130,8 +124,8 @@ class OrderBatcher:
 
     @staticmethod
     def _fail(failure: Failure, batch: list[tuple[dict, Deferred]]) -> None:
-        if not failure.check(PaperTraderError):
-            MasterLink.log.failure("could not send an order batch", failure)
-            failure = Failure(ServiceUnavailable("the order could not be passed to the master; not accepted"))
+        failure = expected_or_unavailable(
+            failure, "the order could not be passed to the master; not accepted", MasterLink.log
+        )
         for _, d in batch:
             d.errback(failure)
