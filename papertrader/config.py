@@ -56,6 +56,10 @@ class MasterConfig:
     session_lifetime: float = 24 * 3600.0
     remember_lifetime: float = 30 * 24 * 3600.0
     price_seed: int | None = None
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    logged_in_idle_timeout: float = 3600.0
+    heartbeat_interval: float = 10.0
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -71,7 +75,8 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """A positive, finite number of seconds; ValueError if not."""
     try:
         value = float(text)
     except ValueError:
@@ -111,7 +116,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "assets": ("assets_file", str),
     "workers": ("workers", _int_in(0, 64)),
     "log_memory_entries": ("log_memory_entries", _int_in(1, 10_000_000)),
-    "update_interval": ("update_interval", _positive_seconds),
+    "update_interval": ("update_interval", positive_seconds),
     "listen": ("listen", check_endpoint),
     "worker_listen": ("worker_listen", check_endpoint),
     "data_dir": ("data_dir", str),
@@ -120,9 +125,13 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "bcrypt_cost": ("bcrypt_cost", _int_in(4, 31)),
     "starting_cash": ("starting_cash_cents", parse_amount),
     "max_order_quantity": ("max_order_quantity", _int_in(1, 1_000_000_000)),
-    "session_lifetime": ("session_lifetime", _positive_seconds),
-    "remember_lifetime": ("remember_lifetime", _positive_seconds),
+    "session_lifetime": ("session_lifetime", positive_seconds),
+    "remember_lifetime": ("remember_lifetime", positive_seconds),
     "price_seed": ("price_seed", _seed),
+    "handshake_timeout": ("handshake_timeout", positive_seconds),
+    "idle_timeout": ("idle_timeout", positive_seconds),
+    "logged_in_idle_timeout": ("logged_in_idle_timeout", positive_seconds),
+    "heartbeat_interval": ("heartbeat_interval", positive_seconds),
 }
 
 KEYS = tuple(_PARSERS)

@@ -55,6 +55,10 @@ class WorkerRefused(PaperTraderError):
     """The master refused a worker's handshake."""
 
 
+class BadRequest(PaperTraderError):
+    """A request that could not be read: a missing or malformed argument, or an unknown command."""
+
+
 def expected_or_unavailable(failure: Failure, reason: str, log: Logger | None = None) -> Failure:
     """Pass an expected failure on; make anything else a ServiceUnavailable saying ``reason``.
 

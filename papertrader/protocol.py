@@ -10,12 +10,17 @@ Traffic in each direction:
   received and the client's address) -- ``Relayed*`` below -- except orders,
   which travel in batches as SubmitOrders; ListAssets fills the worker's cache.
 - master -> worker: PriceTick after every price update and OrderUpdates when
-  queued orders settle or are rejected.
+  queued orders settle or are rejected; Ping when another connection claims
+  the worker's name.
 - worker -> client: PriceTick and OrderUpdate, pushed.
+- both ways on the worker-master link, and client -> worker: Heartbeat, so a
+  silent link is noticed and closed (see `papertrader.wire`).
 
 Money is integer cents (``*_cents``); instants are ISO 8601 UTC text.
-Every expected failure is declared: anything undeclared makes AMP drop the
-connection.
+Every expected failure is declared, from the one table `WIRE_CODES`:
+anything undeclared makes AMP drop the connection.  Every command also
+declares BadRequest (a request that could not be read) and
+ServiceUnavailable.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attr
 from twisted.protocols import amp
 
 from papertrader.errors import (
+    BadRequest,
     DataFailed,
     LoginFailed,
+    PaperTraderError,
     PurchaseFailed,
     RegisterFailed,
     SellFailed,
@@ -35,6 +43,7 @@ from papertrader.errors import (
     SessionInvalid,
     WorkerRefused,
 )
+from papertrader.wire import BAD_REQUEST
 
 
 class JSON(amp.Argument):
@@ -52,9 +61,38 @@ MAX_TOKEN_LENGTH = 128
 MAX_SYMBOL_LENGTH = 16
 MAX_QUANTITY_LENGTH = 32
 
-# Wire codes of the declared errors, shared by every command.
-_UNAVAILABLE = {ServiceUnavailable: b"SERVICE_UNAVAILABLE"}
-_SESSION = {SessionInvalid: b"SESSION_INVALID", **_UNAVAILABLE}
+# Every declared failure and its wire code: the one table both ends of every link use.
+WIRE_CODES: dict[type[PaperTraderError], bytes] = {
+    BadRequest: BAD_REQUEST,
+    ServiceUnavailable: b"SERVICE_UNAVAILABLE",
+    SessionInvalid: b"SESSION_INVALID",
+    RegisterFailed: b"REGISTER_FAILED",
+    LoginFailed: b"LOGIN_FAILED",
+    PurchaseFailed: b"PURCHASE_FAILED",
+    SellFailed: b"SELL_FAILED",
+    DataFailed: b"DATA_FAILED",
+    WorkerRefused: b"WORKER_REFUSED",
+}
+_ERRORS_BY_CODE = {code.decode("ascii"): error for error, code in WIRE_CODES.items()}
+
+
+def declared(*errors: type[PaperTraderError]) -> dict[type[PaperTraderError], bytes]:
+    """The ``errors`` of a Command that can fail with ``errors``: those, BadRequest and ServiceUnavailable."""
+    return {error: WIRE_CODES[error] for error in (BadRequest, ServiceUnavailable, *errors)}
+
+
+def error_code(error: PaperTraderError) -> str:
+    """The wire code of ``error``, as text (for results that travel inside JSON)."""
+    return WIRE_CODES[type(error)].decode("ascii")
+
+
+def error_from_code(code: str, reason: str) -> PaperTraderError:
+    """The error that wire code ``code`` stands for (ServiceUnavailable for a code it does not know)."""
+    return _ERRORS_BY_CODE.get(code, ServiceUnavailable)(reason)
+
+
+_UNAVAILABLE = declared()
+_SESSION = declared(SessionInvalid)
 
 
 # ---------------------------------------------------------------- client -> worker
@@ -69,7 +107,7 @@ class Register(amp.Command):
         (b"password", amp.Unicode()),
     ]
     response = [(b"username", amp.Unicode())]
-    errors = {RegisterFailed: b"REGISTER_FAILED", **_UNAVAILABLE}
+    errors = declared(RegisterFailed)
 
 
 class Login(amp.Command):
@@ -85,7 +123,7 @@ class Login(amp.Command):
         (b"username", amp.Unicode()),
         (b"expires_at", amp.Unicode()),
     ]
-    errors = {LoginFailed: b"LOGIN_FAILED", **_UNAVAILABLE}
+    errors = declared(LoginFailed)
 
 
 class LoginWithToken(amp.Command):
@@ -115,7 +153,7 @@ class GetAssetValue(amp.Command):
         (b"price_cents", amp.Integer()),
         (b"as_of", amp.Unicode()),
     ]
-    errors = {DataFailed: b"DATA_FAILED", **_UNAVAILABLE}
+    errors = declared(DataFailed)
 
 
 class PurchaseAsset(amp.Command):
@@ -128,9 +166,12 @@ class PurchaseAsset(amp.Command):
         (b"token", amp.Unicode()),
         (b"symbol", amp.Unicode()),
         (b"quantity", amp.Unicode()),
+        # The client's own id for the order: sending it again returns the same
+        # order instead of placing a second one (so a retry is always safe).
+        (b"client_order_id", amp.Unicode(optional=True)),
     ]
     response = [(b"order_id", amp.Integer())]
-    errors = {PurchaseFailed: b"PURCHASE_FAILED", **_SESSION}
+    errors = declared(PurchaseFailed, SessionInvalid)
 
 
 class SellAsset(amp.Command):
@@ -138,7 +179,7 @@ class SellAsset(amp.Command):
 
     arguments = PurchaseAsset.arguments
     response = PurchaseAsset.response
-    errors = {SellFailed: b"SELL_FAILED", **_SESSION}
+    errors = declared(SellFailed, SessionInvalid)
 
 
 ORDER_FIELDS = [
@@ -234,22 +275,56 @@ def _relayed(command: type[amp.Command]) -> type[amp.Command]:
     )
 
 
-RelayedRegister = _relayed(Register)
-RelayedLogin = _relayed(Login)
-RelayedLoginWithToken = _relayed(LoginWithToken)
-RelayedLogout = _relayed(Logout)
-RelayedGetAssetValue = _relayed(GetAssetValue)
-RelayedListOrders = _relayed(ListOrders)
-RelayedGetUserPortfolio = _relayed(GetUserPortfolio)
-RelayedGetUserTransactionHistory = _relayed(GetUserTransactionHistory)
+# Each client command the worker passes on, and its relayed twin.  (Orders
+# travel in SubmitOrders batches instead.)
+RELAYED: dict[type[amp.Command], type[amp.Command]] = {
+    command: _relayed(command)
+    for command in (
+        Register,
+        Login,
+        LoginWithToken,
+        Logout,
+        GetAssetValue,
+        ListOrders,
+        GetUserPortfolio,
+        GetUserTransactionHistory,
+    )
+}
+RelayedRegister = RELAYED[Register]
+RelayedLogin = RELAYED[Login]
+RelayedLoginWithToken = RELAYED[LoginWithToken]
+RelayedLogout = RELAYED[Logout]
+RelayedGetAssetValue = RELAYED[GetAssetValue]
+RelayedListOrders = RELAYED[ListOrders]
+RelayedGetUserPortfolio = RELAYED[GetUserPortfolio]
+RelayedGetUserTransactionHistory = RELAYED[GetUserTransactionHistory]
 
 
 class WorkerHello(amp.Command):
     """The worker's handshake: the first command on a worker's connection."""
 
     arguments = [(b"name", amp.Unicode()), (b"version", amp.Unicode())]
-    response = [(b"update_interval", amp.Float())]
-    errors = {WorkerRefused: b"WORKER_REFUSED"}
+    response = [
+        (b"update_interval", amp.Float()),
+        # Seconds between the Heartbeats each side sends; a link silent for two is closed.
+        (b"heartbeat_interval", amp.Float(optional=True)),
+    ]
+    errors = declared(WorkerRefused)
+
+
+class Heartbeat(amp.Command):
+    """"Still here": sent both ways on a quiet worker-master link, and by long-lived clients."""
+
+    arguments: list = []
+    requiresAnswer = False
+
+
+class Ping(amp.Command):
+    """Master -> worker: answer if alive.  Decides whether a second connection may take a worker's name."""
+
+    arguments: list = []
+    response: list = []
+    errors = declared()
 
 
 class ListAssets(amp.Command):
@@ -279,25 +354,111 @@ class ListAssets(amp.Command):
 # Orders per SubmitOrders box; keeps each value well under 64 KiB.
 MAX_ORDER_BATCH = 150
 
-# ``outcome`` of each submitted order.
-OUTCOME_QUEUED = "queued"
-OUTCOME_SESSION_INVALID = "session_invalid"
-OUTCOME_REFUSED = "refused"
-OUTCOME_UNAVAILABLE = "unavailable"
+# The longest ``received_at`` and ``client_address`` of a relayed order.
+MAX_STAMP_LENGTH = 64
+MAX_CLIENT_ORDER_ID_LENGTH = 64
+
+
+def _text(row: dict[str, Any], key: str, limit: int, optional: bool = False) -> str | None:
+    value = row.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > limit or not value.isascii():
+        raise BadRequest(f"order field {key!r} must be ASCII text of at most {limit} characters")
+    return value
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OrderRequest:
+    """One PurchaseAsset/SellAsset inside a SubmitOrders batch, with its envelope."""
+
+    side: str
+    token: str
+    symbol: str
+    quantity: str
+    received_at: str
+    client_address: str
+    client_order_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, row: Any) -> OrderRequest:
+        """Check one received row; BadRequest if it is not an order the worker could have sent."""
+        if not isinstance(row, dict):
+            raise BadRequest("each order must be an object")
+        return cls(
+            side=_text(row, "side", 8),
+            token=_text(row, "token", MAX_TOKEN_LENGTH),
+            symbol=_text(row, "symbol", MAX_SYMBOL_LENGTH),
+            quantity=_text(row, "quantity", MAX_QUANTITY_LENGTH),
+            received_at=_text(row, "received_at", MAX_STAMP_LENGTH),
+            client_address=_text(row, "client_address", MAX_STAMP_LENGTH),
+            client_order_id=_text(row, "client_order_id", MAX_CLIENT_ORDER_ID_LENGTH, optional=True),
+        )
+
+    def to_wire(self) -> dict[str, str]:
+        return attr.asdict(self, filter=lambda _, value: value is not None)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OrderResult:
+    """What became of one OrderRequest: queued (``order_id``, ``username``) or an error (``code``, ``reason``)."""
+
+    order_id: int | None = None
+    username: str | None = None
+    code: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def queued(cls, order_id: int, username: str) -> OrderResult:
+        return cls(order_id=order_id, username=username)
+
+    @classmethod
+    def refused(cls, error: PaperTraderError) -> OrderResult:
+        return cls(code=error_code(error), reason=str(error))
+
+    @classmethod
+    def from_wire(cls, row: Any) -> OrderResult:
+        if not isinstance(row, dict):
+            raise BadRequest("each order result must be an object")
+        if isinstance(row.get("order_id"), int) and isinstance(row.get("username"), str):
+            return cls.queued(row["order_id"], row["username"])
+        return cls(code=str(row.get("code")), reason=str(row.get("reason", "")))
+
+    def to_wire(self) -> dict[str, Any]:
+        return attr.asdict(self, filter=lambda _, value: value is not None)
+
+    def error(self) -> PaperTraderError | None:
+        """The error this result stands for, or None for a queued order."""
+        return None if self.code is None else error_from_code(self.code, self.reason or "")
+
+
+class _Rows(JSON):
+    """A JSON list of rows of one attrs class, checked as it is received."""
+
+    def __init__(self, row: Any, limit: int) -> None:
+        super().__init__()
+        self.row = row
+        self.limit = limit
+
+    def toString(self, inObject: list[Any]) -> bytes:
+        return super().toString([row.to_wire() for row in inObject])
+
+    def fromString(self, inString: bytes) -> list[Any]:
+        rows = super().fromString(inString)
+        if not isinstance(rows, list) or len(rows) > self.limit:
+            raise BadRequest(f"expected a list of at most {self.limit} rows")
+        return [self.row.from_wire(row) for row in rows]
 
 
 class SubmitOrders(amp.Command):
-    """A batch of PurchaseAsset/SellAsset, each with its envelope.
+    """A batch of PurchaseAsset/SellAsset (`OrderRequest`), each with its envelope.
 
-    ``orders`` is a JSON list of objects with ``side``, ``token``, ``symbol``,
-    ``quantity``, ``received_at`` and ``client_address``; ``results`` a JSON
-    list, in the same order, of objects with ``outcome`` (one of the OUTCOME_*
-    values) and ``order_id`` and ``username`` or ``reason``.  Every ``queued``
-    order is already durable.
+    The answer has one `OrderResult` per order, in the same order.  Every
+    queued order is already durable.
     """
 
-    arguments = [(b"orders", JSON())]
-    response = [(b"results", JSON())]
+    arguments = [(b"orders", _Rows(OrderRequest, MAX_ORDER_BATCH))]
+    response = [(b"results", _Rows(OrderResult, MAX_ORDER_BATCH))]
     errors = dict(_UNAVAILABLE)
 
 

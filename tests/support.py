@@ -99,14 +99,15 @@ class Deployment:
         self.exchange = Exchange(
             self.database, self.accounts, self.board, self.source, self.clock, max_order_quantity
         )
-        self.registry = WorkerRegistry()
+        self.registry = WorkerRegistry(self.clock)
         self.exchange.on_tick(self.registry.broadcast_tick)
         # No TLS in memory: the name a worker's certificate would carry is given here.
         self.certified_names: list[str] = ["test-worker"]
         self.master_factory = MasterFactory(
             lambda: MasterLocator(
                 self.exchange, self.registry, 60.0, certified_name=lambda transport: self.certified_names[0]
-            )
+            ),
+            clock=self.clock,
         )
         self.tick()
 
@@ -115,7 +116,7 @@ class Deployment:
         self.link = MasterLink(self.clock, None, "test-worker", self.cache, MasterPushes(self.cache, self.clients))
         self.batcher = OrderBatcher(self.clock, self.link.call)
         self.client_factory = ClientFactory(
-            lambda: ClientLocator(self.clock, self.link, self.batcher, self.cache, self.clients)
+            lambda: ClientLocator(self.clock, self.link, self.batcher, self.cache, self.clients), clock=self.clock
         )
         self.pumps: list[iosim.IOPump] = []
         self.connect_worker()
@@ -147,6 +148,13 @@ class Deployment:
         """Move every pending byte and run every due call until nothing moves."""
         while any([pump.pump() for pump in self.pumps]):
             pass
+
+    def advance(self, seconds: float, step: float = 5.0) -> None:
+        """Let ``seconds`` pass in steps, moving bytes after each, as a live network would (heartbeats flow)."""
+        while seconds > 0:
+            self.clock.advance(min(step, seconds))
+            seconds -= step
+            self.flush()
 
     def tick(self) -> None:
         """One price update and settlement."""

@@ -36,7 +36,7 @@ from papertrader.master.trading import (
     refuse_reason,
     settle_orders,
 )
-from papertrader.protocol import MAX_LIST_LIMIT
+from papertrader.protocol import MAX_LIST_LIMIT, OrderRequest
 from papertrader.timestamps import iso
 
 TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
@@ -76,16 +76,15 @@ class Exchange:
     # ------------------------------------------------------------ orders
 
     @inlineCallbacks
-    def submit_orders(self, requests: list[dict[str, str]], worker: str) -> Any:
+    def submit_orders(self, requests: list[OrderRequest], worker: str) -> Any:
         """Validate a batch of orders and queue the valid ones durably, together.
 
-        Each request has ``side``, ``token``, ``symbol``, ``quantity``,
-        ``received_at`` and ``client_address``.  Fires with, per request, either
+        Fires with, per request, either
         ``(order_id, username)`` or the `PaperTraderError` saying why it was not
         queued (SessionInvalid, PurchaseFailed/SellFailed, ServiceUnavailable).
         """
         sessions: dict[str, Any] = {}
-        for token in {request["token"] for request in requests}:
+        for token in {request.token for request in requests}:
             session = self.accounts.cached_session(token)
             if session is None:
                 try:
@@ -100,7 +99,7 @@ class Exchange:
         results: list[Any] = [None] * len(requests)
         valid: list[tuple[int, NewOrder]] = []
         for index, request in enumerate(requests):
-            session = sessions[request["token"]]
+            session = sessions[request.token]
             if isinstance(session, Exception):
                 results[index] = session
                 continue
@@ -134,30 +133,23 @@ class Exchange:
         worker: str,
     ) -> Any:
         """One order through `submit_orders`; fires with ``(order_id, username)`` or fails with the reason."""
-        request = {
-            "side": side,
-            "token": token,
-            "symbol": symbol,
-            "quantity": quantity,
-            "received_at": received_at,
-            "client_address": client_address,
-        }
+        request = OrderRequest(side, token, symbol, quantity, received_at, client_address)
         [result] = yield self.submit_orders([request], worker)
         if isinstance(result, Exception):
             raise result
         return result
 
-    def _new_order(self, request: dict[str, str], session: Any, worker: str) -> NewOrder:
+    def _new_order(self, request: OrderRequest, session: Any, worker: str) -> NewOrder:
         """The checks that need no database: side, symbol, quantity, a current price."""
-        side = request["side"]
+        side = request.side
         failed = _failure_for(side)
         if side not in SIDES:
             raise failed(f"unknown order side {side!r}")
-        symbol = request["symbol"].strip().upper()
+        symbol = request.symbol.strip().upper()
         if symbol not in self.board.assets:
             raise failed(f"unknown symbol {symbol!r}")
         try:
-            quantity = parse_quantity(request["quantity"], self._max_quantity)
+            quantity = parse_quantity(request.quantity, self._max_quantity)
         except ValueError as e:
             raise failed(str(e)) from None
         if symbol not in self.board.prices:
@@ -168,8 +160,8 @@ class Exchange:
             side,
             symbol,
             quantity,
-            request["received_at"],
-            request["client_address"],
+            request.received_at,
+            request.client_address,
             worker,
         )
 

@@ -2,7 +2,9 @@
 
 Each responder translates a worker's command into a call on the `Exchange`
 and back; errors raised by the domain are declared on the commands, so they
-reach the worker (and from there the client) intact.
+reach the worker (and from there the client) intact.  Nothing but WorkerHello
+is answered before the handshake; after it, both sides send Heartbeats and a
+link silent for two intervals is closed.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 
 from papertrader.errors import (
     PaperTraderError,
     ServiceUnavailable,
-    SessionInvalid,
     WorkerRefused,
     expected_or_unavailable,
 )
@@ -26,11 +29,10 @@ from papertrader.eventlog import EventLogger
 from papertrader.master.exchange import Exchange
 from papertrader.master.workers import WorkerRegistry
 from papertrader.protocol import (
-    OUTCOME_QUEUED,
-    OUTCOME_REFUSED,
-    OUTCOME_SESSION_INVALID,
-    OUTCOME_UNAVAILABLE,
+    Heartbeat,
     ListAssets,
+    OrderRequest,
+    OrderResult,
     RelayedGetAssetValue,
     RelayedGetUserPortfolio,
     RelayedGetUserTransactionHistory,
@@ -44,6 +46,7 @@ from papertrader.protocol import (
 )
 from papertrader.timestamps import iso
 from papertrader.tls import peer_common_name
+from papertrader.wire import GuardedAMP, Timeouts
 
 
 def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,13 +82,16 @@ class MasterLocator(amp.CommandLocator):
         registry: WorkerRegistry,
         update_interval: float,
         certified_name: Callable[[Any], str | None] = peer_common_name,
+        heartbeat_interval: float = 10.0,
     ) -> None:
         self.exchange = exchange
         self.registry = registry
         self.update_interval = update_interval
+        self.heartbeat_interval = heartbeat_interval
         self.certified_name = certified_name
-        self.connection: amp.AMP | None = None
+        self.connection: WorkerAMP | None = None
         self.worker: str | None = None
+        self._hello_running = False
 
     def _worker_name(self) -> str:
         if self.worker is None:
@@ -95,22 +101,44 @@ class MasterLocator(amp.CommandLocator):
     # ------------------------------------------------------------ handshake
 
     @WorkerHello.responder
-    def hello(self, name: str, version: str) -> dict[str, Any]:
+    @inlineCallbacks
+    def hello(self, name: str, version: str) -> Any:
         # The TLS layer already required a certificate issued by this deployment's
         # CA; its common name must be the worker's name.  GPG verification of the
         # worker's key belongs here too.
         if not name or len(name) > 64:
             raise WorkerRefused("worker name must be 1-64 characters")
-        if self.worker is not None:
+        if self.worker is not None or self._hello_running:
             raise WorkerRefused("handshake already done")
         certified = self.certified_name(self.connection.transport)
         if certified != name:
-            self.log.warn("refused worker {name}: its certificate names {certified!r}", name=name, certified=certified)
-            raise WorkerRefused(f"this certificate is not for a worker named {name!r}")
+            self._refuse(name, f"this certificate is not for a worker named {name!r}")
+        self._hello_running = True
+        try:
+            yield self.registry.claim(name, self.connection, self.heartbeat_interval)
+        except WorkerRefused as e:
+            self._refuse(name, str(e))
+        finally:
+            self._hello_running = False
         self.worker = name
-        self.registry.add(name, self.connection)
-        self.log.info("worker {name} (version {version}) connected", name=name, version=version)
-        return {"update_interval": self.update_interval}
+        self.connection.start_heartbeats(self.heartbeat_interval)
+        self.log.info(
+            "worker {name} (version {version}) connected from {address}",
+            name=name,
+            version=version,
+            address=self.connection.peer,
+        )
+        returnValue({"update_interval": self.update_interval, "heartbeat_interval": self.heartbeat_interval})
+
+    def _refuse(self, name: str, reason: str) -> None:
+        self.connection.note(
+            "warn", "refused worker {name} connecting from {peer}: {reason}", name=name[:64], reason=reason
+        )
+        raise WorkerRefused(reason)
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict:
+        return {}
 
     # ------------------------------------------------------------ accounts
 
@@ -178,10 +206,10 @@ class MasterLocator(amp.CommandLocator):
 
     @SubmitOrders.responder
     @_guarded
-    def submit_orders(self, orders: list[dict[str, str]]) -> Any:
+    def submit_orders(self, orders: list[OrderRequest]) -> Any:
         worker = self._worker_name()
         return self.exchange.submit_orders(orders, worker).addCallback(
-            lambda results: {"results": [_outcome(result) for result in results]}
+            lambda results: {"results": [_result(result) for result in results]}
         )
 
     @RelayedListOrders.responder
@@ -204,35 +232,59 @@ class MasterLocator(amp.CommandLocator):
         returnValue({"transactions": rows})
 
 
-def _outcome(result: Any) -> dict[str, Any]:
-    """One order's result as a row of the SubmitOrders answer."""
-    if isinstance(result, SessionInvalid):
-        return {"outcome": OUTCOME_SESSION_INVALID, "reason": str(result)}
-    if isinstance(result, ServiceUnavailable):
-        return {"outcome": OUTCOME_UNAVAILABLE, "reason": str(result)}
+def _result(result: Any) -> OrderResult:
+    """One order's outcome from the exchange as a row of the SubmitOrders answer."""
     if isinstance(result, PaperTraderError):
-        return {"outcome": OUTCOME_REFUSED, "reason": str(result)}
+        return OrderResult.refused(result)
     order_id, username = result
-    return {"outcome": OUTCOME_QUEUED, "order_id": order_id, "username": username}
+    return OrderResult.queued(order_id, username)
 
 
 class MasterFactory(Factory):
     """Builds an AMP connection, with a fresh locator from ``new_locator``, for each worker."""
 
-    def __init__(self, new_locator: Callable[[], MasterLocator]) -> None:
+    def __init__(
+        self,
+        new_locator: Callable[[], MasterLocator],
+        clock: IReactorTime | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         self.new_locator = new_locator
+        self.clock = clock
+        self.timeouts = timeouts
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locator = self.new_locator()
-        connection = _WorkerAMP(locator=locator)
+        connection = WorkerAMP(locator=locator, clock=self.clock, timeouts=self.timeouts)
         locator.connection = connection
         return connection
 
 
-class _WorkerAMP(amp.AMP):
-    """A worker's connection; leaves the registry when it closes."""
+class WorkerAMP(GuardedAMP):
+    """A worker's connection: guarded, kept alive by heartbeats, and in the registry while it lasts."""
+
+    locator: MasterLocator
+    _heartbeats: LoopingCall | None = None
+
+    def established(self) -> bool:
+        return self.locator.worker is not None
+
+    def idle_timeout(self) -> float | None:
+        return 2 * self.locator.heartbeat_interval
+
+    def start_heartbeats(self, interval: float) -> None:
+        """Send a Heartbeat every ``interval`` seconds from now on (the hello's answer is the first sign of life)."""
+        self._heartbeats = LoopingCall(self._beat)
+        self._heartbeats.clock = self.clock
+        self._heartbeats.start(interval, now=False)
+        self.refresh_timeout()
+
+    def _beat(self) -> None:
+        self.callRemote(Heartbeat)
 
     def connectionLost(self, reason: Any) -> None:
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
         locator = self.locator
         if locator.worker is not None:
             locator.registry.remove(locator.worker, self)

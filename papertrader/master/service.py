@@ -27,6 +27,7 @@ from papertrader.master.exchange import Exchange
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
 from papertrader.master.protocol import MasterFactory, MasterLocator
 from papertrader.master.workers import LocalWorkers, WorkerRegistry
+from papertrader.wire import Timeouts
 
 SESSION_SWEEP_INTERVAL = 3600.0
 
@@ -55,6 +56,13 @@ def prepare_identities(config: MasterConfig) -> tuple[tls.Identity, list[tls.Ide
     return master, workers
 
 
+def timeouts(config: MasterConfig) -> Timeouts:
+    """The connection timeouts the configuration sets."""
+    return Timeouts(
+        handshake=config.handshake_timeout, idle=config.idle_timeout, session_idle=config.logged_in_idle_timeout
+    )
+
+
 class MasterService(service.MultiService):
     """The whole master process."""
 
@@ -66,7 +74,7 @@ class MasterService(service.MultiService):
         self.reactor = reactor
         self.database: Database | None = None
         self.exchange: Exchange | None = None
-        self.registry = WorkerRegistry()
+        self.registry = WorkerRegistry(reactor)
         self.port: Any = None
         self._loops: list[LoopingCall] = []
         self._ticking: Deferred | None = None
@@ -118,7 +126,17 @@ class MasterService(service.MultiService):
         )
         endpoint = tls.tls_server_endpoint(self.reactor, config.listen, options)
         self.port = yield endpoint.listen(
-            MasterFactory(partial(MasterLocator, self.exchange, self.registry, config.update_interval))
+            MasterFactory(
+                partial(
+                    MasterLocator,
+                    self.exchange,
+                    self.registry,
+                    config.update_interval,
+                    heartbeat_interval=config.heartbeat_interval,
+                ),
+                clock=self.reactor,
+                timeouts=timeouts(config),
+            )
         )
         self.log.info("listening for workers on {address}", address=self.port.getHost())
 
@@ -166,6 +184,9 @@ class MasterService(service.MultiService):
                         "--exit-with-stdin",
                         "--event-log", os.path.join(log_dir, f"worker-{name}-events.log"),
                         "--log-memory-entries", str(config.log_memory_entries),
+                        "--handshake-timeout", repr(config.handshake_timeout),
+                        "--idle-timeout", repr(config.idle_timeout),
+                        "--logged-in-idle-timeout", repr(config.logged_in_idle_timeout),
                     ],
                 )
             )

@@ -1,7 +1,7 @@
 """Worker management (spec 3.1.5): the registry of connected workers, and local workers.
 
 The registry keys connections by worker name; a second connection under a
-name that is already connected replaces (and closes) the old one.
+name that is already connected is refused while the old one answers a ping.
 `LocalWorkers` runs ``twistd papertrader-worker`` child processes so that one
 command starts a whole single-machine deployment.
 """
@@ -16,29 +16,58 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.protocols import amp
 
+from papertrader.errors import WorkerRefused
 from papertrader.eventlog import EventLogger
 from papertrader.master.trading import Settlement
-from papertrader.protocol import MAX_UPDATE_BATCH, OrderUpdates, PriceTick
+from papertrader.protocol import MAX_UPDATE_BATCH, OrderUpdates, Ping, PriceTick
 
 
 class WorkerRegistry:
-    """Connected workers by name, and what the master pushes to them."""
+    """Connected workers by name, and what the master pushes to them.
+
+    A name belongs to one live connection.  A second connection under a name
+    that is taken is refused while the first answers a Ping; only a dead one
+    (no answer within the ping timeout) is replaced.
+    """
 
     log = EventLogger()
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
         self.workers: dict[str, amp.AMP] = {}
+        self._claiming: set[str] = set()
 
-    def add(self, name: str, connection: amp.AMP) -> None:
+    @inlineCallbacks
+    def claim(self, name: str, connection: amp.AMP, ping_timeout: float) -> Any:
+        """Register ``connection`` as worker ``name``; WorkerRefused if a live connection holds the name."""
+        if name in self._claiming:
+            raise WorkerRefused(f"another connection is claiming the name {name!r} right now")
         old = self.workers.get(name)
         if old is not None and old is not connection:
-            self.log.warn("worker {name} connected again; closing its old connection", name=name)
-            old.transport.loseConnection()
+            self._claiming.add(name)
+            try:
+                alive = yield self._answers_ping(old, ping_timeout)
+            finally:
+                self._claiming.discard(name)
+            if alive and self.workers.get(name) is old:
+                raise WorkerRefused(
+                    f"a worker named {name!r} is already connected (from {getattr(old, 'peer', 'elsewhere')}) "
+                    "and answering; use another name"
+                )
+            self.log.warn("worker {name}'s old connection does not answer; replacing it", name=name)
+            old.transport.abortConnection()
         self.workers[name] = connection
+
+    def _answers_ping(self, connection: amp.AMP, timeout: float) -> Deferred[bool]:
+        d = connection.callRemote(Ping)
+        d.addTimeout(timeout, self._clock)
+        return d.addCallbacks(lambda _: True, lambda _: False)
 
     def remove(self, name: str, connection: amp.AMP) -> None:
         if self.workers.get(name) is connection:

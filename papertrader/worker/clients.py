@@ -9,6 +9,7 @@ that user's order updates.  `MasterPushes` receives the master's pushes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
@@ -17,39 +18,32 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
 from papertrader.errors import PurchaseFailed, SellFailed, ServiceUnavailable, SessionInvalid
-from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
+    MAX_CLIENT_ORDER_ID_LENGTH,
     MAX_QUANTITY_LENGTH,
     MAX_SYMBOL_LENGTH,
     MAX_TOKEN_LENGTH,
-    OUTCOME_QUEUED,
-    OUTCOME_SESSION_INVALID,
-    OUTCOME_UNAVAILABLE,
+    RELAYED,
     GetAssetValue,
-    GetUserPortfolio,
-    GetUserTransactionHistory,
-    ListOrders,
+    Heartbeat,
     Login,
     LoginWithToken,
     Logout,
+    OrderRequest,
+    OrderResult,
     OrderUpdate,
     OrderUpdates,
+    Ping,
     PriceTick,
     PurchaseAsset,
-    Register,
-    RelayedGetAssetValue,
-    RelayedGetUserPortfolio,
-    RelayedGetUserTransactionHistory,
-    RelayedListOrders,
-    RelayedLogin,
-    RelayedLoginWithToken,
-    RelayedLogout,
-    RelayedRegister,
     SellAsset,
 )
 from papertrader.timestamps import iso
+from papertrader.wire import GuardedAMP, Timeouts
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.upstream import MasterLink, OrderBatcher
+
+_RELAYED_BY_NAME = {command.commandName: command for command in RELAYED}
 
 
 class ClientRegistry:
@@ -74,6 +68,11 @@ class ClientRegistry:
         self.detach(connection)
         self._user_of[connection] = username
         self.by_user.setdefault(username, set()).add(connection)
+        _refresh_timeout(connection)
+
+    def user_of(self, connection: amp.AMP) -> str | None:
+        """The user ``connection`` acts for, if any."""
+        return self._user_of.get(connection)
 
     def detach(self, connection: amp.AMP) -> None:
         username = self._user_of.pop(connection, None)
@@ -82,6 +81,7 @@ class ClientRegistry:
             users.discard(connection)
             if not users:
                 self.by_user.pop(username, None)
+            _refresh_timeout(connection)
 
     def push_tick(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> None:
         for connection in list(self.connections):
@@ -91,6 +91,12 @@ class ClientRegistry:
         for update in updates:
             for connection in list(self.by_user.get(update["username"], ())):
                 connection.callRemote(OrderUpdate, **update)
+
+
+def _refresh_timeout(connection: amp.AMP) -> None:
+    refresh = getattr(connection, "refresh_timeout", None)
+    if refresh is not None:
+        refresh()
 
 
 class MasterPushes(amp.CommandLocator):
@@ -111,9 +117,21 @@ class MasterPushes(amp.CommandLocator):
         self.clients.push_updates(updates)
         return {}
 
+    @Ping.responder
+    def ping(self) -> dict:
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict:
+        return {}
+
 
 class ClientLocator(amp.CommandLocator):
-    """Answers one client connection by relaying to the master."""
+    """Answers one client connection by relaying to the master.
+
+    Every client command in `RELAYED` is passed on with the envelope; the
+    responders below add what the worker itself does for some of them.
+    """
 
     def __init__(
         self,
@@ -134,32 +152,35 @@ class ClientLocator(amp.CommandLocator):
     def _envelope(self) -> dict[str, str]:
         return {"received_at": iso(self.clock.seconds()), "client_address": self.address}
 
-    @Register.responder
-    def register(self, username: str, email: str, password: str) -> Any:
-        return self.link.call(
-            RelayedRegister, username=username, email=email, password=password, **self._envelope()
-        )
+    def relay(self, command: type[amp.Command], **arguments: Any) -> Deferred:
+        """Pass ``command`` on to the master as its relayed twin, stamped with the envelope."""
+        return self.link.call(RELAYED[command], **arguments, **self._envelope())
+
+    def locateResponder(self, name: bytes) -> Any:
+        responder = super().locateResponder(name)
+        if responder is None and name in _RELAYED_BY_NAME:
+            command = _RELAYED_BY_NAME[name]
+            responder = self._wrapWithSerialization(partial(self.relay, command), command)
+        return responder
 
     @Login.responder
     @inlineCallbacks
     def login(self, username: str, password: str, remember: bool | None = None) -> Any:
-        answer = yield self.link.call(
-            RelayedLogin, username=username, password=password, remember=bool(remember), **self._envelope()
-        )
+        answer = yield self.relay(Login, username=username, password=password, remember=bool(remember))
         self.clients.attach(self.connection, answer["username"])
         returnValue(answer)
 
     @LoginWithToken.responder
     @inlineCallbacks
     def login_with_token(self, token: str) -> Any:
-        answer = yield self.link.call(RelayedLoginWithToken, token=token, **self._envelope())
+        answer = yield self.relay(LoginWithToken, token=token)
         self.clients.attach(self.connection, answer["username"])
         returnValue(answer)
 
     @Logout.responder
     @inlineCallbacks
     def logout(self, token: str) -> Any:
-        answer = yield self.link.call(RelayedLogout, token=token, **self._envelope())
+        answer = yield self.relay(Logout, token=token)
         self.clients.detach(self.connection)
         returnValue(answer)
 
@@ -169,17 +190,25 @@ class ClientLocator(amp.CommandLocator):
         cached = self.cache.quote(symbol)
         if cached is not None:
             return succeed(cached)
-        return self.link.call(RelayedGetAssetValue, symbol=symbol, **self._envelope())
+        return self.relay(GetAssetValue, symbol=symbol)
 
     @PurchaseAsset.responder
-    def purchase(self, token: str, symbol: str, quantity: str) -> Any:
-        return self._order("buy", PurchaseFailed, token, symbol, quantity)
+    def purchase(self, token: str, symbol: str, quantity: str, client_order_id: str | None = None) -> Any:
+        return self._order("buy", PurchaseFailed, token, symbol, quantity, client_order_id)
 
     @SellAsset.responder
-    def sell(self, token: str, symbol: str, quantity: str) -> Any:
-        return self._order("sell", SellFailed, token, symbol, quantity)
+    def sell(self, token: str, symbol: str, quantity: str, client_order_id: str | None = None) -> Any:
+        return self._order("sell", SellFailed, token, symbol, quantity, client_order_id)
 
-    def _order(self, side: str, failed: type[Exception], token: str, symbol: str, quantity: str) -> Deferred:
+    def _order(
+        self,
+        side: str,
+        failed: type[Exception],
+        token: str,
+        symbol: str,
+        quantity: str,
+        client_order_id: str | None,
+    ) -> Deferred:
         # The hottest path of the worker: plain callbacks, no coroutine per order.
         # Bounded, plain-ASCII fields keep every SubmitOrders batch far below AMP's 64 KiB.
         if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
@@ -188,69 +217,46 @@ class ClientLocator(amp.CommandLocator):
             raise failed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}")
         if len(quantity) > MAX_QUANTITY_LENGTH or not quantity.isascii():
             raise failed("quantity must be a whole number of shares")
+        if client_order_id is not None and (
+            len(client_order_id) > MAX_CLIENT_ORDER_ID_LENGTH or not client_order_id.isascii()
+        ):
+            raise failed(f"client order id must be ASCII of at most {MAX_CLIENT_ORDER_ID_LENGTH} characters")
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
-        order = {"side": side, "token": token, "symbol": symbol, "quantity": quantity, **self._envelope()}
-        return self.batcher.submit(order).addCallback(self._order_result, failed)
-
-    def _order_result(self, result: dict[str, Any], failed: type[Exception]) -> dict[str, int]:
-        outcome = result["outcome"]
-        if outcome == OUTCOME_QUEUED:
-            self.clients.attach(self.connection, result["username"])
-            return {"order_id": result["order_id"]}
-        if outcome == OUTCOME_SESSION_INVALID:
-            raise SessionInvalid(result["reason"])
-        if outcome == OUTCOME_UNAVAILABLE:
-            raise ServiceUnavailable(result["reason"])
-        raise failed(result["reason"])
-
-    @ListOrders.responder
-    def list_orders(self, token: str, limit: int | None = None) -> Any:
-        return self.link.call(RelayedListOrders, token=token, limit=limit, **self._envelope())
-
-    @GetUserPortfolio.responder
-    def portfolio(self, token: str) -> Any:
-        return self.link.call(RelayedGetUserPortfolio, token=token, **self._envelope())
-
-    @GetUserTransactionHistory.responder
-    def history(self, token: str, limit: int | None = None) -> Any:
-        return self.link.call(
-            RelayedGetUserTransactionHistory, token=token, limit=limit, **self._envelope()
+        envelope = self._envelope()
+        order = OrderRequest(
+            side, token, symbol, quantity, envelope["received_at"], envelope["client_address"], client_order_id
         )
+        return self.batcher.submit(order).addCallback(self._order_result)
+
+    def _order_result(self, result: OrderResult) -> dict[str, int]:
+        error = result.error()
+        if error is not None:
+            raise error
+        self.clients.attach(self.connection, result.username)
+        return {"order_id": result.order_id}
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict:
+        return {}
 
 
-# A client may not send more than this without completing an AMP box.
-MAX_PENDING_BYTES = 1024 * 1024
+class ClientAMP(GuardedAMP):
+    """One client's connection: guarded (see `papertrader.wire`), registered while it lasts.
 
-
-class _ClientAMP(amp.AMP):
-    """One client's connection; registers and unregisters itself.
-
-    AMP puts no bound on the number of keys in a box, so a client that keeps
-    sending without ever ending a box would grow the worker's memory without
-    end: such a connection is cut.
+    A connection with a session may stay quiet longer than one without.
     """
 
-    log = EventLogger()
     locator: ClientLocator
-    _pending_bytes = 0
 
-    def dataReceived(self, data: bytes) -> None:
-        self._pending_bytes += len(data)
-        if self._pending_bytes > MAX_PENDING_BYTES:
-            self.log.warn("client {address} sent an oversized box; closing", address=self.locator.address)
-            self.transport.abortConnection()
-            return
-        super().dataReceived(data)
-
-    def ampBoxReceived(self, box: amp.AmpBox) -> None:
-        self._pending_bytes = 0
-        super().ampBoxReceived(box)
+    def idle_timeout(self) -> float | None:
+        if self.locator.clients.user_of(self) is not None:
+            return self.timeouts.session_idle
+        return self.timeouts.idle
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        peer = self.transport.getPeer()
-        self.locator.address = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.locator.address = self.peer
         self.locator.clients.connected(self)
 
     def connectionLost(self, reason: Any) -> None:
@@ -261,11 +267,18 @@ class _ClientAMP(amp.AMP):
 class ClientFactory(Factory):
     """Builds the AMP protocol, with a fresh locator from ``new_locator``, for each client connection."""
 
-    def __init__(self, new_locator: Callable[[], ClientLocator]) -> None:
+    def __init__(
+        self,
+        new_locator: Callable[[], ClientLocator],
+        clock: IReactorTime | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         self.new_locator = new_locator
+        self.clock = clock
+        self.timeouts = timeouts
 
     def buildProtocol(self, addr: Any) -> amp.AMP:
         locator = self.new_locator()
-        connection = _ClientAMP(locator=locator)
+        connection = ClientAMP(locator=locator, clock=self.clock, timeouts=self.timeouts)
         locator.connection = connection
         return connection

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from papertrader import tls
 from papertrader.daemon import abort_start
 from papertrader.eventlog import EventLogger
+from papertrader.wire import Timeouts
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientFactory, ClientLocator, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
@@ -30,6 +31,7 @@ class WorkerConfig:
     identity: tls.Identity
     address_file: str | None = None
     exit_with_stdin: bool = False
+    timeouts: Timeouts = attr.Factory(Timeouts)
 
 
 def _tls_options(identity: tls.Identity, master_host: str) -> tuple[Any, Any]:
@@ -77,10 +79,15 @@ class WorkerService(service.MultiService):
             config.name,
             self.cache,
             MasterPushes(self.cache, self.clients),
+            timeouts=config.timeouts,
         )
         self.link.service.setServiceParent(self)
         batcher = OrderBatcher(self.reactor, self.link.call)
-        factory = ClientFactory(partial(ClientLocator, self.reactor, self.link, batcher, self.cache, self.clients))
+        factory = ClientFactory(
+            partial(ClientLocator, self.reactor, self.link, batcher, self.cache, self.clients),
+            clock=self.reactor,
+            timeouts=config.timeouts,
+        )
         endpoint = tls.tls_server_endpoint(self.reactor, config.listen, server_options)
         self.port = yield endpoint.listen(factory)
         host = self.port.getHost()

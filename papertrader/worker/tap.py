@@ -9,8 +9,9 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from papertrader import tls
-from papertrader.config import check_endpoint
+from papertrader.config import check_endpoint, positive_seconds
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
+from papertrader.wire import Timeouts
 from papertrader.worker.service import WorkerConfig, WorkerService
 
 
@@ -27,6 +28,9 @@ class Options(usage.Options):
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
         ["event-log", None, "papertrader-worker-events.log", "The event log file."],
         ["log-memory-entries", None, "1000", "Event log entries held in memory before they are written."],
+        ["handshake-timeout", None, "30", "Seconds for the TLS handshake, then for the first command."],
+        ["idle-timeout", None, "300", "Seconds a client connection without a session may stay silent."],
+        ["logged-in-idle-timeout", None, "3600", "Seconds a logged-in client connection may stay silent."],
     ]
 
     optFlags = [
@@ -54,6 +58,12 @@ class Options(usage.Options):
                 raise ValueError
         except ValueError:
             problems.append("--log-memory-entries: expected a whole number of at least 1")
+        seconds = {}
+        for option in ("handshake-timeout", "idle-timeout", "logged-in-idle-timeout"):
+            try:
+                seconds[option] = positive_seconds(self[option])
+            except ValueError as e:
+                problems.append(f"--{option}: {e}")
         if problems:
             raise usage.UsageError("invalid options:\n  " + "\n  ".join(problems))
         self.config = WorkerConfig(
@@ -64,6 +74,11 @@ class Options(usage.Options):
             identity=tls.Identity(certificate=self["cert"], key=self["key"], ca=self["ca"]),
             address_file=self["address-file"],
             exit_with_stdin=bool(self["exit-with-stdin"]),
+            timeouts=Timeouts(
+                handshake=seconds["handshake-timeout"],
+                idle=seconds["idle-timeout"],
+                session_idle=seconds["logged-in-idle-timeout"],
+            ),
         )
 
 

@@ -1,0 +1,265 @@
+"""What every PaperTrader AMP connection shares: bounded boxes, declared bad requests, timeouts.
+
+`GuardedAMP` is the base of every protocol that faces a peer (clients at a
+worker, workers at the master, the master at a worker).  It makes sure that
+whatever a peer sends costs bounded memory and bounded log space:
+
+- a box may hold at most ``max_box_bytes`` and ``max_box_keys``; a peer that
+  goes past either (a box that never ends) is cut off;
+- a request that cannot be read -- a missing or mistyped argument, invalid
+  UTF-8, an unknown command -- is answered with the declared ``BAD_REQUEST``
+  error instead of AMP's undeclared ``UNKNOWN`` (which closes the connection
+  and logs a traceback); it is logged once per connection, then counted, and
+  a peer that keeps sending them is dropped;
+- a connection that does not complete its TLS handshake, or sends nothing
+  after it, within the handshake timeout is closed, and so is one that stays
+  silent for its idle timeout;
+- every log line caused by a peer goes through one `LogLimiter`, so a flood
+  of peers cannot flood the logs either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.protocols import amp
+from zope.interface import implementer
+
+from papertrader.errors import BadRequest
+from papertrader.eventlog import EventLogger
+
+# The wire code of BadRequest (declared on every Command, see papertrader.protocol).
+BAD_REQUEST = b"BAD_REQUEST"
+
+# The largest box a peer may send, and the most keys in it.  No PaperTrader
+# command comes near either; a box that never ends reaches them quickly.
+MAX_BOX_BYTES = 1024 * 1024
+MAX_BOX_KEYS = 64
+# Bad requests a connection may send before it is dropped.
+MAX_BAD_REQUESTS = 20
+
+
+class LogLimiter:
+    """At most ``burst`` lines every ``interval`` seconds; the rest are counted and reported later."""
+
+    def __init__(self, burst: int = 20, interval: float = 60.0) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._window_start = float("-inf")
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        """Whether a line may be logged at ``now``, and how many were suppressed before it."""
+        if now - self._window_start >= self.interval:
+            self._window_start = now
+            self._used = 0
+        if self._used >= self.burst:
+            self.suppressed += 1
+            return False, 0
+        self._used += 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return True, suppressed
+
+
+# One budget for every line a peer's mistake causes in this process.
+PEER_LOG = LogLimiter()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Timeouts:
+    """How long a connection may take at each stage, in seconds (None: no limit)."""
+
+    handshake: float | None = 30.0
+    """The TLS handshake, and then the first command, must each arrive within this."""
+    idle: float | None = 300.0
+    """A connection without a session that sends nothing for this long is closed."""
+    session_idle: float | None = 3600.0
+    """A connection with a session (or a worker link) that sends nothing for this long is closed."""
+
+
+def describe_address(address: Any) -> str:
+    """``HOST:PORT`` (``[v6]:PORT``) of an ``IAddress``, for logs and envelopes."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{getattr(address, 'port', '')}"
+
+
+@implementer(IHandshakeListener)
+class GuardedAMP(amp.AMP):
+    """An AMP connection that bounds what its peer can make it hold, log and wait for."""
+
+    log = EventLogger()
+    max_box_bytes = MAX_BOX_BYTES
+    max_box_keys = MAX_BOX_KEYS
+    max_bad_requests = MAX_BAD_REQUESTS
+    peer_log = PEER_LOG
+
+    def __init__(
+        self,
+        locator: amp.CommandLocator | None = None,
+        clock: IReactorTime | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        super().__init__(locator=locator)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.timeouts = timeouts or Timeouts()
+        self.peer = "unknown"
+        self.bad_requests = 0
+        self._box_bytes = 0
+        self._box_keys = 0
+        self._cut_off = False
+        self._boxes = 0
+        self._timer: Any = None
+        self._timer_why = ""
+
+    # ------------------------------------------------------------ what subclasses may change
+
+    def idle_timeout(self) -> float | None:
+        """The idle timeout that applies now (by default: the one for connections without a session)."""
+        return self.timeouts.idle
+
+    def established(self) -> bool:
+        """Whether the peer has done what it must first (a worker's hello); until then the handshake timeout runs."""
+        return True
+
+    def note(self, level: str, format: str, **fields: Any) -> None:
+        """Log a line caused by the peer, within the process-wide budget for such lines."""
+        allowed, suppressed = self.peer_log.allow(self.clock.seconds())
+        if not allowed:
+            return
+        if suppressed:
+            format += " ({suppressed} similar lines were suppressed before this one)"
+        getattr(self.log, level)(format, peer=self.peer, suppressed=suppressed, **fields)
+
+    # ------------------------------------------------------------ timeouts
+
+    def connectionMade(self) -> None:
+        self.peer = describe_address(self.transport.getPeer())
+        super().connectionMade()
+        self._arm(self.timeouts.handshake, "did not complete the TLS handshake")
+
+    def handshakeCompleted(self) -> None:
+        if self._boxes == 0 or not self.established():
+            self._arm(self.timeouts.handshake, "sent no command after the TLS handshake")
+
+    def refresh_timeout(self) -> None:
+        """Restart the idle countdown, e.g. after the connection gained or lost a session."""
+        if self._boxes and self.established():
+            self._arm(self.idle_timeout(), "was idle")
+
+    def _arm(self, seconds: float | None, why: str) -> None:
+        self._timer_why = why
+        if self._timer is not None and self._timer.active():
+            if seconds is not None:
+                self._timer.reset(seconds)
+                return
+            self._timer.cancel()
+        self._timer = None if seconds is None else self.clock.callLater(seconds, self._timed_out, seconds)
+
+    def _timed_out(self, seconds: float) -> None:
+        self._timer = None
+        self.note(
+            "info", "{peer} {why} within {seconds} s; closing the connection", why=self._timer_why, seconds=seconds
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.bad_requests > 1:
+            self.note("info", "{peer} sent {count} bad requests in all", count=self.bad_requests)
+        super().connectionLost(reason)
+
+    # ------------------------------------------------------------ bounded boxes
+
+    def proto_value(self, string: bytes) -> str:
+        if self._cut_off:
+            return "key"
+        self._box_bytes += len(self._currentKey) + len(string) + 4
+        self._box_keys += 1
+        if self._box_bytes > self.max_box_bytes or self._box_keys > self.max_box_keys:
+            self._cut_off = True
+            self._currentBox = amp.AmpBox()
+            self.note(
+                "warn",
+                "{peer} sent a box of more than {keys} keys or {size} bytes; closing the connection",
+                keys=self.max_box_keys,
+                size=self.max_box_bytes,
+            )
+            self.transport.abortConnection()
+            return "key"
+        return super().proto_value(string)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.note("warn", "{peer} sent a key of {length} bytes; closing the connection", length=length)
+        super().lengthLimitExceeded(length)
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        self._box_bytes = self._box_keys = 0
+        if self._cut_off:
+            return
+        self._boxes += 1
+        if self.established():
+            self._arm(self.idle_timeout(), "was idle")
+        if amp.ANSWER in box or amp.ERROR in box:
+            tag = box.get(amp.ANSWER, box.get(amp.ERROR))
+            if tag not in self._outstandingRequests or (amp.ERROR in box and amp.ERROR_CODE not in box):
+                self._bad_request(box.get(amp.COMMAND, b"?"), "an answer to no question")
+                return
+        elif amp.COMMAND not in box:
+            self._bad_request(b"?", "a box that is neither a command nor an answer")
+            return
+        super().ampBoxReceived(box)
+
+    # ------------------------------------------------------------ bad requests
+
+    def dispatchCommand(self, box: amp.AmpBox) -> Deferred:
+        name = box[amp.COMMAND]
+        responder = self.locator.locateResponder(name)
+        if responder is None:
+            return self._answer_bad(box, name, "unknown command")
+        try:
+            # Arguments are parsed here, before the responder runs (and its
+            # failures are already Deferred): what raises is the request itself.
+            return responder(box)
+        except Exception as e:
+            return self._answer_bad(box, name, _argument_problem(e))
+
+    def _answer_bad(self, box: amp.AmpBox, name: bytes, reason: str) -> Deferred:
+        text = self._bad_request(name, reason)
+        if amp.ASK not in box:
+            return succeed(None)  # nobody to tell; failing here would log a traceback
+        return fail(amp.RemoteAmpError(BAD_REQUEST, text))
+
+    def _bad_request(self, name: bytes, reason: str) -> str:
+        self.bad_requests += 1
+        command = name.decode("ascii", "replace")[:64]
+        text = f"bad {command} request: {reason}"
+        if self.bad_requests == 1:
+            self.note("warn", "{peer}: {text} (more on this connection are only counted)", text=text)
+        if self.bad_requests == self.max_bad_requests:
+            self.note("warn", "{peer} sent {count} bad requests; closing the connection", count=self.bad_requests)
+            self.clock.callLater(0, self.transport.loseConnection)
+        return str(BadRequest(text))
+
+
+def _argument_problem(error: Exception) -> str:
+    """A short reason for an argument that could not be parsed."""
+    if isinstance(error, KeyError):
+        key = error.args[0] if error.args else "?"
+        if isinstance(key, bytes):
+            key = key.decode("ascii", "replace")
+        return f"missing argument {key!r}"[:200]
+    if isinstance(error, UnicodeDecodeError):
+        return "an argument is not valid UTF-8"
+    return f"malformed argument ({type(error).__name__}: {error})"[:200]
