@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import attr
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.protocols import amp
@@ -120,6 +121,7 @@ class GuardedAMP(amp.AMP):
         self._boxes = 0
         self._timer: Any = None
         self._timer_why = ""
+        self._tls_done = False
 
     # ------------------------------------------------------------ what subclasses may change
 
@@ -148,6 +150,7 @@ class GuardedAMP(amp.AMP):
         self._arm(self.timeouts.handshake, "did not complete the TLS handshake")
 
     def handshakeCompleted(self) -> None:
+        self._tls_done = True
         if self._boxes == 0 or not self.established():
             self._arm(self.timeouts.handshake, "sent no command after the TLS handshake")
 
@@ -176,6 +179,8 @@ class GuardedAMP(amp.AMP):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if not self._tls_done and reason.check(SSL.Error):
+            self.note("warn", "TLS handshake with {peer} failed: {reason}", reason=reason.getErrorMessage()[:300])
         if self.bad_requests > 1:
             self.note("info", "{peer} sent {count} bad requests in all", count=self.bad_requests)
         super().connectionLost(reason)

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, returnValue,
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -23,6 +24,7 @@ from papertrader.protocol import (
     GetAssetValue,
     GetUserPortfolio,
     GetUserTransactionHistory,
+    Heartbeat,
     ListOrders,
     Login,
     LoginWithToken,
@@ -63,6 +65,7 @@ class PaperTraderClient:
         self._on_price_tick: Callable[[dict[str, Any]], None] | None = None
         self._settled: dict[int, dict[str, Any]] = {}
         self._waiting: dict[int, list[Deferred]] = {}
+        self._keep_alive: LoopingCall | None = None
         pushes.on_order_update = self._order_update
         pushes.on_price_tick = self._price_tick
         if isinstance(connection, ClientAMP):
@@ -108,6 +111,8 @@ class PaperTraderClient:
                 self._order_update({**order, "price_cents": order.get("price_cents")})
 
     def _lost(self, reason: Failure) -> None:
+        if self._keep_alive is not None and self._keep_alive.running:
+            self._keep_alive.stop()
         waiting, self._waiting = self._waiting, {}
         for ds in waiting.values():
             for d in ds:
@@ -157,6 +162,18 @@ class PaperTraderClient:
 
     def history(self, limit: int | None = None) -> Deferred:
         return self.connection.callRemote(GetUserTransactionHistory, token=self.token or "", limit=limit)
+
+    def heartbeat(self) -> None:
+        """Tell the worker this connection is still wanted (a quiet logged-in connection is closed after a while)."""
+        self.connection.callRemote(Heartbeat)
+
+    def keep_alive(self, clock: Any, interval: float = 60.0) -> LoopingCall:
+        """Send a heartbeat every ``interval`` seconds until the connection closes; returns the loop."""
+        loop = LoopingCall(self.heartbeat)
+        loop.clock = clock
+        loop.start(interval, now=False).addErrback(lambda _: None)
+        self._keep_alive = loop
+        return loop
 
     def close(self) -> None:
         """Close the connection (if it is still open)."""

@@ -1,0 +1,296 @@
+"""The guarded AMP base shared by every link: bad requests, bounded boxes, timeouts, heartbeats, worker names.
+
+Everything runs in memory (iosim and a Clock) against the real master and
+worker protocols; `tests/test_hostile.py` repeats the hostile cases against
+real processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.logger import globalLogPublisher
+from twisted.protocols import amp
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from papertrader.errors import BadRequest, WorkerRefused
+from papertrader.protocol import ListOrders, WorkerHello
+from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, LogLimiter
+from tests.support import Deployment
+
+
+class LoggedEvents:
+    """Collects every log event while a test runs."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def about(self, text: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if text in (e.get("log_format") or "")]
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if "log_failure" in e]
+
+
+class RawPeer:
+    """A bare AMP connection to one of the deployment's listeners, for sending what no real peer would."""
+
+    def __init__(self, deployment: Deployment, factory: Any, port: int) -> None:
+        address = IPv4Address("TCP", "10.9.8.7", port)
+        self.protocol, self.server, pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(address),
+            amp.AMP,
+            serverTransportFactory=lambda p: iosim.FakeTransport(p, isServer=True, peerAddress=address),
+            clock=deployment.clock,
+        )
+        deployment.pumps.append(pump)
+        self.deployment = deployment
+        self.server_transport = self.server.transport
+
+    def ask(self, command: bytes, **values: bytes) -> Any:
+        """Send a command with raw argument strings; fires with the answer or fails with the error."""
+        return self.protocol.callRemoteString(command, **values)
+
+    def write(self, data: bytes) -> None:
+        self.protocol.transport.write(data)
+        self.deployment.flush()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.server_transport.disconnecting or self.server_transport.disconnected)
+
+
+def gone(client: Any) -> bool:
+    """Whether the worker closed a library client's connection."""
+    transport = client.connection.transport
+    return transport is None or bool(transport.disconnecting or transport.disconnected)
+
+
+class BadRequestTests(SynchronousTestCase):
+    """Requests that cannot be read get a declared BAD_REQUEST, logged once per connection, and never a traceback."""
+
+    def setUp(self) -> None:
+        PEER_LOG.__init__()
+        self.deployment = Deployment(self.mktemp())
+        self.alice = self.deployment.logged_in("alice")
+        self.log = LoggedEvents(self)
+
+    def raw_client(self) -> RawPeer:
+        return RawPeer(self.deployment, self.deployment.client_factory, 50000)
+
+    def bad(self, d: Any) -> str:
+        failure = self.assertRaises(amp.RemoteAmpError, self.deployment.result, d)
+        self.assertEqual(failure.errorCode, b"BAD_REQUEST")
+        return str(failure)
+
+    def test_malformed_arguments(self) -> None:
+        """Missing, mistyped and non-UTF-8 arguments, and unknown commands, each get BAD_REQUEST with a reason."""
+        peer = self.raw_client()
+        self.assertIn("missing argument 'password'", self.bad(peer.ask(b"Login", username=b"alice")))
+        self.assertIn("malformed argument", self.bad(peer.ask(b"ListOrders", token=b"t", limit=b"abc")))
+        self.assertIn(
+            "malformed argument", self.bad(peer.ask(b"Login", username=b"a", password=b"b", remember=b"maybe"))
+        )
+        self.assertIn("not valid UTF-8", self.bad(peer.ask(b"GetAssetValue", symbol=b"\xff\xfe")))
+        self.assertIn("unknown command", self.bad(peer.ask(b"NoSuchCommand")))
+        self.assertFalse(peer.closed)
+        self.assertEqual(self.log.failures(), [])
+        self.assertEqual(len(self.log.about("more on this connection are only counted")), 1)
+
+    def test_declared_to_the_client_library(self) -> None:
+        """A client using the declared Commands receives a bad request as the BadRequest error itself."""
+
+        class ListOrdersWithTextLimit(amp.Command):
+            commandName = b"ListOrders"
+            arguments = [(b"token", amp.Unicode()), (b"limit", amp.Unicode())]
+            response = ListOrders.response
+            errors = ListOrders.errors
+
+        peer = self.raw_client()
+        d = peer.protocol.callRemote(ListOrdersWithTextLimit, token="t", limit="abc")
+        error = self.assertRaises(BadRequest, self.deployment.result, d)
+        self.assertIn("bad ListOrders request", str(error))
+
+    def test_flood_is_dropped_and_counted(self) -> None:
+        """A connection that keeps sending bad requests is dropped; its log holds two lines, not one per box."""
+        peer = self.raw_client()
+        for _ in range(MAX_BAD_REQUESTS - 1):
+            self.bad(peer.ask(b"ListOrders", token=b"t", limit=b"abc"))
+        self.assertFalse(peer.closed)
+        peer.ask(b"ListOrders", token=b"t", limit=b"abc").addErrback(lambda _: None)
+        self.deployment.advance(1)
+        self.assertTrue(peer.closed)
+        self.assertEqual(len(self.log.about("more on this connection are only counted")), 1)
+        self.assertEqual(len(self.log.about("bad requests; closing the connection")), 1)
+        self.assertEqual(len(self.log.about("bad requests in all")), 1)
+        self.assertEqual(self.log.failures(), [])
+        self.assertEqual(self.deployment.result(self.alice.portfolio())["username"], "alice")
+
+    def test_boxes_without_answers(self) -> None:
+        """Bad boxes that want no answer, and answers to no question, are counted without a traceback."""
+        peer = self.raw_client()
+        peer.write(amp.AmpBox({b"_command": b"ListOrders", b"limit": b"abc"}).serialize())
+        peer.write(amp.AmpBox({b"_answer": b"999"}).serialize())
+        peer.write(amp.AmpBox({b"hello": b"world"}).serialize())
+        self.assertFalse(peer.closed)
+        self.assertEqual(self.log.failures(), [])
+        self.assertEqual(len(self.log.about("more on this connection are only counted")), 1)
+
+    def test_master_answers_bad_requests_too(self) -> None:
+        """The master's listener answers a worker's unreadable request with BAD_REQUEST and keeps the link."""
+        peer = RawPeer(self.deployment, self.deployment.master_factory, 50001)
+        self.assertIn("missing argument", self.bad(peer.ask(b"WorkerHello", name=b"w")))
+        self.assertIn("malformed", self.bad(peer.ask(b"SubmitOrders", orders=b"[{\"side\": 1}]")))
+        self.assertFalse(peer.closed)
+        self.assertEqual(self.log.failures(), [])
+
+    def test_bad_order_rows_refused(self) -> None:
+        """A SubmitOrders row that is not an order the worker could have sent is a bad request."""
+        peer = RawPeer(self.deployment, self.deployment.master_factory, 50002)
+        self.deployment.certified_names[0] = "raw"
+        self.deployment.result(peer.protocol.callRemote(WorkerHello, name="raw", version="0"))
+        for rows in (b"{}", b"[1]", b'[{"side": "buy"}]', b"[" + b'{"side":"x"},' * 200 + b"{}]", b"not json"):
+            self.bad(peer.ask(b"SubmitOrders", orders=rows))
+
+
+class BoxLimitTests(SynchronousTestCase):
+    """A box that never ends, or has too many keys, closes the connection that sent it, on worker and master."""
+
+    def setUp(self) -> None:
+        PEER_LOG.__init__()
+        self.deployment = Deployment(self.mktemp())
+        self.alice = self.deployment.logged_in("alice")
+
+    def check(self, factory: Any) -> None:
+        endless = RawPeer(self.deployment, factory, 50010)
+        for n in range(18):  # 18 values of 60,000 bytes: past 1 MiB, and the box never ends
+            self.assertFalse(endless.closed)
+            endless.write(_pair(b"k%d" % n, b"v" * 60_000))
+        self.assertTrue(endless.closed)
+        many = RawPeer(self.deployment, factory, 50011)
+        many.write(b"".join(_pair(b"%d" % i, b"") for i in range(1000)))  # 1,000 keys, a few KB
+        self.assertTrue(many.closed)
+        self.assertEqual(self.deployment.result(self.alice.portfolio())["username"], "alice")
+
+    def test_worker(self) -> None:
+        """On the worker's client listener."""
+        self.check(self.deployment.client_factory)
+
+    def test_master(self) -> None:
+        """On the master's worker listener."""
+        self.check(self.deployment.master_factory)
+
+
+def _pair(key: bytes, value: bytes) -> bytes:
+    """One key and value as AMP frames them."""
+    return len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+
+
+class TimeoutTests(SynchronousTestCase):
+    """Every connection has a deadline at each stage; heartbeats keep the worker link alive."""
+
+    def setUp(self) -> None:
+        PEER_LOG.__init__()
+        self.deployment = Deployment(self.mktemp())
+
+    def test_silent_connection_closed(self) -> None:
+        """A connection that sends nothing is closed after the handshake timeout, on both listeners."""
+        client = RawPeer(self.deployment, self.deployment.client_factory, 50020)
+        master = RawPeer(self.deployment, self.deployment.master_factory, 50021)
+        self.deployment.advance(29)
+        self.assertFalse(client.closed or master.closed)
+        self.deployment.advance(2)
+        self.assertTrue(client.closed)
+        self.assertTrue(master.closed)
+
+    def test_no_hello_closed(self) -> None:
+        """A worker connection that sends commands but never completes WorkerHello is closed all the same."""
+        master = RawPeer(self.deployment, self.deployment.master_factory, 50022)
+        for _ in range(10):
+            master.ask(b"Heartbeat").addErrback(lambda _: None)
+            self.deployment.advance(5)
+        self.assertTrue(master.closed)
+
+    def test_idle_without_session(self) -> None:
+        """A client without a session is closed after the idle timeout; one that logged in stays longer."""
+        anonymous = self.deployment.client()
+        alice = self.deployment.logged_in("alice")
+        self.deployment.result(anonymous.quote("AAPL"))
+        self.deployment.advance(301)
+        self.assertTrue(gone(anonymous))
+        self.assertFalse(gone(alice))
+        self.assertEqual(self.deployment.result(alice.portfolio())["username"], "alice")
+        self.deployment.advance(3601)
+        self.assertTrue(gone(alice))
+
+    def test_client_heartbeats_keep_a_session_connection(self) -> None:
+        """A logged-in client that sends heartbeats is never closed for idleness."""
+        alice = self.deployment.logged_in("alice")
+        for _ in range(10):
+            alice.heartbeat()
+            self.deployment.advance(1000, step=100)
+        self.assertFalse(gone(alice))
+
+    def test_heartbeats_keep_the_worker_link(self) -> None:
+        """A quiet worker-master link stays up for hours: both sides send heartbeats."""
+        self.deployment.advance(4 * 3600, step=5)
+        self.assertIsNotNone(self.deployment.link.connection)
+        self.assertIn("test-worker", self.deployment.registry.workers)
+
+    def test_silent_master_link_aborted(self) -> None:
+        """A link whose other side stops talking (heartbeats lost) is aborted after two intervals."""
+        pump = self.deployment.master_pump
+        self.deployment.pumps.remove(pump)  # nothing moves between worker and master any more
+        self.deployment.advance(15, step=5)
+        self.assertFalse(pump.client.transport.disconnecting or pump.server.transport.disconnecting)
+        self.deployment.advance(10, step=5)
+        self.assertTrue(pump.client.transport.disconnecting or pump.client.transport.disconnected)
+        self.assertTrue(pump.server.transport.disconnecting or pump.server.transport.disconnected)
+
+
+class WorkerNameTests(SynchronousTestCase):
+    """A worker's name belongs to its live connection; only a dead one is replaced."""
+
+    def setUp(self) -> None:
+        PEER_LOG.__init__()
+        self.deployment = Deployment(self.mktemp())
+        self.log = LoggedEvents(self)
+
+    def test_second_connection_refused_while_first_answers(self) -> None:
+        """A second connection under a live worker's name is refused with the reason; the first keeps serving."""
+        first = self.deployment.registry.workers["test-worker"]
+        intruder = RawPeer(self.deployment, self.deployment.master_factory, 50030)
+        error = self.assertRaises(
+            WorkerRefused,
+            self.deployment.result,
+            intruder.protocol.callRemote(WorkerHello, name="test-worker", version="0"),
+        )
+        self.assertIn("already connected", str(error))
+        self.assertIs(self.deployment.registry.workers["test-worker"], first)
+        self.assertEqual(len(self.log.about("refused worker")), 1)
+        alice = self.deployment.logged_in("alice")
+        self.assertIn("order_id", self.deployment.result(alice.buy("AAPL", 1)))
+
+    def test_dead_connection_replaced(self) -> None:
+        """When the old connection does not answer the ping, the new one takes the name."""
+        self.deployment.pumps.remove(self.deployment.master_pump)  # the old link hears nothing any more
+        newcomer = RawPeer(self.deployment, self.deployment.master_factory, 50031)
+        d = newcomer.protocol.callRemote(WorkerHello, name="test-worker", version="0")
+        self.deployment.advance(11, step=1)
+        self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
+        self.assertIs(self.deployment.registry.workers["test-worker"], newcomer.server)
+
+
+class LogLimiterTests(SynchronousTestCase):
+    """The budget for lines caused by peers."""
+
+    def test_burst_then_counted(self) -> None:
+        """Past the burst, lines are counted, and the count is reported with the next allowed line."""
+        limiter = LogLimiter(burst=2, interval=10)
+        self.assertEqual([limiter.allow(0) for _ in range(4)], [(True, 0), (True, 0), (False, 0), (False, 0)])
+        self.assertEqual(limiter.allow(10), (True, 2))
+
