@@ -144,6 +144,11 @@ class GuardedAMP(amp.AMP):
 
     # ------------------------------------------------------------ timeouts
 
+    def makeConnection(self, transport: Any) -> None:
+        # AMP's own version logs a line for every connection: a line any peer
+        # can cause by connecting.  Connections are counted, not logged.
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
     def connectionMade(self) -> None:
         self.peer = describe_address(self.transport.getPeer())
         super().connectionMade()
@@ -183,7 +188,8 @@ class GuardedAMP(amp.AMP):
             self.note("warn", "TLS handshake with {peer} failed: {reason}", reason=reason.getErrorMessage()[:300])
         if self.bad_requests > 1:
             self.note("info", "{peer} sent {count} bad requests in all", count=self.bad_requests)
-        super().connectionLost(reason)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)  # without AMP's line per connection
+        self.transport = None
 
     # ------------------------------------------------------------ bounded boxes
 
