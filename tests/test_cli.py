@@ -95,6 +95,46 @@ class FilesTests(SynchronousTestCase):
         args = argparse.Namespace(server="localhost:9", ca=None, data_dir=data)
         self.assertEqual(cli.resolve_server(args, None)[:2], ("localhost", 9))
 
+    def make_deployment(self, name: str, address: str) -> tuple[str, str]:
+        """A local deployment's data directory with a worker address file and a CA; returns both paths."""
+        data = os.path.join(self.home, name)
+        os.makedirs(os.path.join(data, "tls"))
+        with open(os.path.join(data, "worker-local-1.address"), "w") as f:
+            f.write(address + "\n")
+        ca = os.path.join(data, "tls", "ca.pem")
+        open(ca, "w").close()
+        return data, ca
+
+    def test_explicit_data_dir_beats_session(self) -> None:
+        """An explicit --data-dir wins over the server and CA remembered in the saved session."""
+        old_data, old_ca = self.make_deployment("old", "127.0.0.1:40001")
+        new_data, new_ca = self.make_deployment("new", "127.0.0.1:40002")
+        cli.save_session({"token": "t", "server": "127.0.0.1:40001", "ca": old_ca})
+        session = cli.load_session()
+        args = argparse.Namespace(server=None, ca=None, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("127.0.0.1", 40002, new_ca))
+
+    def test_explicit_server_and_ca_beat_data_dir(self) -> None:
+        """--server and --ca win over an explicit --data-dir and over the session."""
+        old_data, old_ca = self.make_deployment("old", "127.0.0.1:40001")
+        new_data, new_ca = self.make_deployment("new", "127.0.0.1:40002")
+        cli.save_session({"token": "t", "server": "127.0.0.1:40001", "ca": old_ca})
+        session = cli.load_session()
+        args = argparse.Namespace(server="localhost:9", ca=old_ca, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("localhost", 9, old_ca))
+        args = argparse.Namespace(server="localhost:9", ca=None, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("localhost", 9, new_ca))
+        args = argparse.Namespace(server=None, ca=old_ca, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("127.0.0.1", 40002, old_ca))
+
+    def test_session_beats_default_data_dir(self) -> None:
+        """Without --data-dir the session's server and CA win over the default local deployment."""
+        self.make_deployment("papertrader", "127.0.0.1:40002")  # the default: $XDG_DATA_HOME/papertrader
+        old_data, old_ca = self.make_deployment("old", "127.0.0.1:40001")
+        cli.save_session({"token": "t", "server": "127.0.0.1:40001", "ca": old_ca})
+        args = argparse.Namespace(server=None, ca=None, data_dir=None)
+        self.assertEqual(cli.resolve_server(args, cli.load_session()), ("127.0.0.1", 40001, old_ca))
+
     def test_resolve_nothing_found(self) -> None:
         """With no server and no local deployment, the error says how to proceed."""
         args = argparse.Namespace(server=None, ca=None, data_dir=os.path.join(self.home, "none"))

@@ -114,11 +114,13 @@ def check_argument_sizes(args: argparse.Namespace) -> None:
 def resolve_server(args: argparse.Namespace, session: dict[str, Any] | None) -> tuple[str, int, str]:
     """Which worker to talk to and which CA to trust.
 
-    ``--server``/``--ca`` win; then the session's server; then the local
-    deployment in ``--data-dir`` (its worker address file and CA).
+    ``--server``/``--ca`` win over everything; then an explicit ``--data-dir``
+    (its worker address file and CA); then the session's remembered server and
+    CA; then the local deployment in the default data directory.
     """
+    remembered = {} if args.data_dir else (session or {})
     data_dir = args.data_dir or default_data_dir()
-    server = args.server or (session or {}).get("server")
+    server = args.server or remembered.get("server")
     if server is None:
         addresses = sorted(glob.glob(os.path.join(data_dir, "worker-*.address")))
         if not addresses:
@@ -132,7 +134,7 @@ def resolve_server(args: argparse.Namespace, session: dict[str, Any] | None) -> 
         host, port = tls.split_address(server, DEFAULT_PORT)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    ca = args.ca or (session or {}).get("ca") or os.path.join(data_dir, "tls", "ca.pem")
+    ca = args.ca or remembered.get("ca") or os.path.join(data_dir, "tls", "ca.pem")
     if not os.access(ca, os.R_OK):
         raise CommandError(f"cannot read the CA certificate {ca}; pass --ca FILE")
     return host, port, os.path.abspath(ca)
