@@ -27,7 +27,10 @@ from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapC
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-_VALIDITY = datetime.timedelta(days=825)
+# Leaves live 397 days, the most that browsers and strict validators accept;
+# an existing leaf valid for longer in total is reissued.
+_VALIDITY = datetime.timedelta(days=397)
+_MAX_VALIDITY = datetime.timedelta(days=398)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -93,6 +96,7 @@ def create_ca(directory: str, name: str | None = None) -> str:
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -100,6 +104,25 @@ def create_ca(directory: str, name: str | None = None) -> str:
     path = os.path.join(directory, "ca.pem")
     _write_public(path, cert.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI naming ``ca_cert``'s key: its SKI when it has one, else derived from its public key."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _current_style(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``cert`` carries the AKI of ``ca`` and a lifetime strict validators accept."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return False
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return aki.key_identifier == _authority_key_identifier(ca).key_identifier and lifetime <= _MAX_VALIDITY
 
 
 def issue_certificate(directory: str, label: str, common_name: str, hostnames: Sequence[str]) -> Identity:
@@ -128,6 +151,8 @@ def issue_certificate(directory: str, label: str, common_name: str, hostnames: S
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_authority_key_identifier(ca_cert), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     key_path = os.path.join(directory, label + ".key")
@@ -152,7 +177,8 @@ def ensure_identity(directory: str, label: str, common_name: str, hostnames: Seq
         fresh = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=30)
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         same_name = [n.value for n in names] == [common_name]
-        if list(sans) == _general_names(hostnames) and cert.issuer == ca.subject and fresh and same_name:
+        current = _current_style(cert, ca)
+        if list(sans) == _general_names(hostnames) and cert.issuer == ca.subject and fresh and same_name and current:
             try:
                 cert.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature):

@@ -7,13 +7,16 @@ import io
 import os
 import stat
 import sys
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.client import cli
+from papertrader.client.library import ClientAMP, client_from_connection
 
 COMMANDS = ("register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history")
 
@@ -92,6 +95,46 @@ class FilesTests(SynchronousTestCase):
         args = argparse.Namespace(server="localhost:9", ca=None, data_dir=data)
         self.assertEqual(cli.resolve_server(args, None)[:2], ("localhost", 9))
 
+    def make_deployment(self, name: str, address: str) -> tuple[str, str]:
+        """A local deployment's data directory with a worker address file and a CA; returns both paths."""
+        data = os.path.join(self.home, name)
+        os.makedirs(os.path.join(data, "tls"))
+        with open(os.path.join(data, "worker-local-1.address"), "w") as f:
+            f.write(address + "\n")
+        ca = os.path.join(data, "tls", "ca.pem")
+        open(ca, "w").close()
+        return data, ca
+
+    def test_explicit_data_dir_beats_session(self) -> None:
+        """An explicit --data-dir wins over the server and CA remembered in the saved session."""
+        old_data, old_ca = self.make_deployment("old", "127.0.0.1:40001")
+        new_data, new_ca = self.make_deployment("new", "127.0.0.1:40002")
+        cli.save_session({"token": "t", "server": "127.0.0.1:40001", "ca": old_ca})
+        session = cli.load_session()
+        args = argparse.Namespace(server=None, ca=None, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("127.0.0.1", 40002, new_ca))
+
+    def test_explicit_server_and_ca_beat_data_dir(self) -> None:
+        """--server and --ca win over an explicit --data-dir and over the session."""
+        old_data, old_ca = self.make_deployment("old", "127.0.0.1:40001")
+        new_data, new_ca = self.make_deployment("new", "127.0.0.1:40002")
+        cli.save_session({"token": "t", "server": "127.0.0.1:40001", "ca": old_ca})
+        session = cli.load_session()
+        args = argparse.Namespace(server="localhost:9", ca=old_ca, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("localhost", 9, old_ca))
+        args = argparse.Namespace(server="localhost:9", ca=None, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("localhost", 9, new_ca))
+        args = argparse.Namespace(server=None, ca=old_ca, data_dir=new_data)
+        self.assertEqual(cli.resolve_server(args, session), ("127.0.0.1", 40002, old_ca))
+
+    def test_session_beats_default_data_dir(self) -> None:
+        """Without --data-dir the session's server and CA win over the default local deployment."""
+        self.make_deployment("papertrader", "127.0.0.1:40002")  # the default: $XDG_DATA_HOME/papertrader
+        old_data, old_ca = self.make_deployment("old", "127.0.0.1:40001")
+        cli.save_session({"token": "t", "server": "127.0.0.1:40001", "ca": old_ca})
+        args = argparse.Namespace(server=None, ca=None, data_dir=None)
+        self.assertEqual(cli.resolve_server(args, cli.load_session()), ("127.0.0.1", 40001, old_ca))
+
     def test_resolve_nothing_found(self) -> None:
         """With no server and no local deployment, the error says how to proceed."""
         args = argparse.Namespace(server=None, ca=None, data_dir=os.path.join(self.home, "none"))
@@ -128,3 +171,58 @@ class OutputTests(SynchronousTestCase):
         lines = out.getvalue().splitlines()
         self.assertRegex(lines[1], r"^\s+7\s+buy\s+AAPL\s+3\s+queued\s+-\s+placed 2026-01-01")
         self.assertRegex(lines[2], r"^\s+6\s+buy\s+AAPL\s+3\s+filled\s+190\.50\s+2026-01-01T00:01")
+
+
+class RunFailureTests(SynchronousTestCase):
+    """``cli.run`` turns every failure into one ``papertrader: error:`` line and an exit code."""
+
+    def setUp(self) -> None:
+        self.home = os.path.abspath(self.mktemp())
+        self.patch(os, "environ", dict(os.environ, XDG_CONFIG_HOME=self.home, XDG_DATA_HOME=self.home))
+        self.data = os.path.join(self.home, "data")
+        os.makedirs(os.path.join(self.data, "tls"))
+        with open(os.path.join(self.data, "worker-local-1.address"), "w") as f:
+            f.write("127.0.0.1:40123\n")
+        open(os.path.join(self.data, "tls", "ca.pem"), "w").close()
+        self.connection = ClientAMP()
+        self.transport = StringTransport()
+        self.connection.makeConnection(self.transport)
+        self.patch(cli, "connect", lambda reactor, host, port, ca: succeed(client_from_connection(self.connection)))
+
+    def run_cli(self, *argv: str) -> tuple[int, str]:
+        """Run ``papertrader ARGV`` in process; return its exit code and what it printed on stderr."""
+        args = cli.build_parser().parse_args([*argv, "--data-dir", self.data])
+        err = io.StringIO()
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            failure = self.failureResultOf(cli.run(None, args), SystemExit)
+        return failure.value.code, err.getvalue()
+
+    def test_oversized_argument_not_sent(self) -> None:
+        """A symbol longer than an AMP value is refused before anything is sent (exit code 2)."""
+        code, err = self.run_cli("quote", "A" * 65_536)
+        self.assertEqual(code, 2)
+        self.assertEqual(err, "papertrader: error: SYMBOL is too long to send (65,536 bytes; at most 65,535)\n")
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_too_long_while_sending(self) -> None:
+        """A value AMP cannot carry (here a corrupt saved token) is one error line, exit code 2."""
+        cli.save_session({"token": "t" * 70_000, "username": "alice"})
+        code, err = self.run_cli("portfolio")
+        self.assertEqual(code, 2)
+        self.assertEqual(err, "papertrader: error: token is too long to send (at most 65,535 bytes)\n")
+
+    def test_server_failure(self) -> None:
+        """An undeclared error from the server is one error line with exit code 1."""
+        self.patch(
+            cli.PaperTraderClient, "quote", lambda client, symbol: fail(amp.UnknownRemoteError("Unknown Error"))
+        )
+        code, err = self.run_cli("quote", "AAPL")
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "papertrader: error: the server could not answer: Unknown Error\n")
+
+    def test_unexpected_exception(self) -> None:
+        """Even an unforeseen exception is one line naming it, not a traceback."""
+        self.patch(cli.PaperTraderClient, "quote", lambda client, symbol: fail(KeyError("price_cents")))
+        code, err = self.run_cli("quote", "AAPL")
+        self.assertEqual(code, 2)
+        self.assertEqual(err, "papertrader: error: unexpected KeyError: 'price_cents'\n")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import stat
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -34,6 +37,45 @@ def load_certificate(path: str) -> x509.Certificate:
 
 def common_name(name: x509.Name) -> str:
     return name.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def write_old_style_leaf(
+    directory: str, label: str, common_name: str, hostnames: tuple[str, ...], days: int, key_identifiers: bool
+) -> bytes:
+    """Issue ``label`` from the CA in ``directory`` the way older releases did; return the PEM.
+
+    Older releases issued leaves for 825 days and without key identifiers.
+    """
+    ca_key = serialization.load_pem_private_key(read(os.path.join(directory, "ca.key")), None)
+    ca = load_certificate(os.path.join(directory, "ca.pem"))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName(hostnames[0]), x509.IPAddress(ipaddress.ip_address(hostnames[1]))]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    if key_identifiers:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False
+        )
+    pem = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    with open(os.path.join(directory, label + ".pem"), "wb") as f:
+        f.write(pem)
+    with open(os.path.join(directory, label + ".key"), "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return pem
 
 
 class EnsureIdentityTests(SynchronousTestCase):
@@ -97,6 +139,58 @@ class EnsureIdentityTests(SynchronousTestCase):
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         self.assertIn(ExtendedKeyUsageOID.SERVER_AUTH, usages)
         self.assertIn(ExtendedKeyUsageOID.CLIENT_AUTH, usages)
+
+    def test_keyIdentifiers(self) -> None:
+        """Leaves name their CA's key (AKI = the CA's SKI) and their own (SKI); the CA names itself."""
+        identity = tls.ensure_identity(self.directory, "worker-1", "papertrader-worker-1", HOSTNAMES)
+        ca = load_certificate(identity.ca)
+        cert = load_certificate(identity.certificate)
+        ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self.assertEqual(ca_ski, x509.SubjectKeyIdentifier.from_public_key(ca.public_key()))
+        for issued in (cert, ca):
+            aki = issued.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+            self.assertEqual(aki.key_identifier, ca_ski.digest)
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self.assertEqual(ski, x509.SubjectKeyIdentifier.from_public_key(cert.public_key()))
+
+    def test_leafLifetime(self) -> None:
+        """Leaves are valid for 397 days, the most strict validators accept."""
+        identity = tls.ensure_identity(self.directory, "master", "papertrader-master", HOSTNAMES)
+        cert = load_certificate(identity.certificate)
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        self.assertLessEqual(lifetime, datetime.timedelta(days=398))
+        self.assertGreaterEqual(lifetime, datetime.timedelta(days=397))
+
+    def test_opensslVerifiesChain(self) -> None:
+        """OpenSSL's own chain verification accepts a leaf against the CA, and refuses another CA's leaf."""
+        identity = tls.ensure_identity(self.directory, "master", "papertrader-master", HOSTNAMES)
+        store = crypto.X509Store()
+        store.add_cert(crypto.X509.from_cryptography(load_certificate(identity.ca)))
+        store.set_flags(crypto.X509StoreFlags.X509_STRICT)
+        leaf = crypto.X509.from_cryptography(load_certificate(identity.certificate))
+        self.assertIsNone(crypto.X509StoreContext(store, leaf).verify_certificate())
+        other = tls.ensure_identity(os.path.abspath(self.mktemp()), "master", "papertrader-master", HOSTNAMES)
+        foreign = crypto.X509.from_cryptography(load_certificate(other.certificate))
+        self.assertRaises(crypto.X509StoreContextError, crypto.X509StoreContext(store, foreign).verify_certificate)
+
+    def test_oldStyleLeafReissued(self) -> None:
+        """A leaf on disk without key identifiers, or valid for 825 days, is replaced by a current one."""
+        tls.ensure_identity(self.directory, "master", "papertrader-master", HOSTNAMES)
+        for days, key_identifiers in ((825, False), (397, False), (825, True)):
+            old = write_old_style_leaf(self.directory, "master", "papertrader-master", HOSTNAMES, days, key_identifiers)
+            identity = tls.ensure_identity(self.directory, "master", "papertrader-master", HOSTNAMES)
+            self.assertNotEqual(read(identity.certificate), old, (days, key_identifiers))
+            cert = load_certificate(identity.certificate)
+            cert.verify_directly_issued_by(load_certificate(identity.ca))
+            cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+            self.assertLessEqual(cert.not_valid_after_utc - cert.not_valid_before_utc, datetime.timedelta(days=398))
+
+    def test_currentLeafKept(self) -> None:
+        """A leaf with the CA's AKI and a 397-day lifetime written by other means is kept as it is."""
+        tls.ensure_identity(self.directory, "master", "papertrader-master", HOSTNAMES)
+        pem = write_old_style_leaf(self.directory, "master", "papertrader-master", HOSTNAMES, 397, True)
+        identity = tls.ensure_identity(self.directory, "master", "papertrader-master", HOSTNAMES)
+        self.assertEqual(read(identity.certificate), pem)
 
     def test_reusesFiles(self) -> None:
         """A second call with the same hostnames returns the very same CA, certificate and key."""

@@ -1,7 +1,8 @@
 """The ``papertrader`` command: trade from a terminal or a script.
 
-Exit codes: 0 success, 1 the server refused (the message says why),
-2 bad usage or no connection.  ``--json`` prints machine-readable results.
+Exit codes: 0 success, 1 the server refused or failed (the message says why),
+2 bad usage, a local problem or no connection.  Every failure is one
+``papertrader: error: ...`` line on stderr.  ``--json`` prints machine-readable results.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from OpenSSL.SSL import Error as TLSError
 from twisted.internet import task
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.protocols import amp
 
 from papertrader import tls
 from papertrader.client.library import PaperTraderClient, TLSHandshakeFailed, connect
@@ -30,6 +32,9 @@ from papertrader.money import format_cents
 DEFAULT_PORT = 2049
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+
+# Arguments sent to the server as they are typed; none may exceed one AMP value.
+_SENT_ARGUMENTS = ("username", "email", "symbol", "quantity")
 
 
 class CommandError(Exception):
@@ -81,6 +86,7 @@ def read_password(args: argparse.Namespace, confirm: bool = False) -> str:
             raise CommandError(f"cannot read password file: {e.strerror}") from None
         if not password:
             raise CommandError("password file is empty")
+        _check_sendable("the password", password)
         return password
     if not sys.stdin.isatty():
         raise CommandError("no terminal to prompt for a password; use --password-file FILE")
@@ -90,14 +96,31 @@ def read_password(args: argparse.Namespace, confirm: bool = False) -> str:
     return password
 
 
+def _check_sendable(what: str, value: str) -> None:
+    """Refuse ``value`` here if it is longer than AMP can carry in one value."""
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > amp.MAX_VALUE_LENGTH:
+        raise CommandError(f"{what} is too long to send ({size:,} bytes; at most {amp.MAX_VALUE_LENGTH:,})")
+
+
+def check_argument_sizes(args: argparse.Namespace) -> None:
+    """Refuse, before connecting, any argument too long to send to the server."""
+    for name in _SENT_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            _check_sendable(name.upper(), value)
+
+
 def resolve_server(args: argparse.Namespace, session: dict[str, Any] | None) -> tuple[str, int, str]:
     """Which worker to talk to and which CA to trust.
 
-    ``--server``/``--ca`` win; then the session's server; then the local
-    deployment in ``--data-dir`` (its worker address file and CA).
+    ``--server``/``--ca`` win over everything; then an explicit ``--data-dir``
+    (its worker address file and CA); then the session's remembered server and
+    CA; then the local deployment in the default data directory.
     """
+    remembered = {} if args.data_dir else (session or {})
     data_dir = args.data_dir or default_data_dir()
-    server = args.server or (session or {}).get("server")
+    server = args.server or remembered.get("server")
     if server is None:
         addresses = sorted(glob.glob(os.path.join(data_dir, "worker-*.address")))
         if not addresses:
@@ -111,7 +134,7 @@ def resolve_server(args: argparse.Namespace, session: dict[str, Any] | None) -> 
         host, port = tls.split_address(server, DEFAULT_PORT)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    ca = args.ca or (session or {}).get("ca") or os.path.join(data_dir, "tls", "ca.pem")
+    ca = args.ca or remembered.get("ca") or os.path.join(data_dir, "tls", "ca.pem")
     if not os.access(ca, os.R_OK):
         raise CommandError(f"cannot read the CA certificate {ca}; pass --ca FILE")
     return host, port, os.path.abspath(ca)
@@ -304,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(reactor: Any, args: argparse.Namespace) -> Any:
     session = load_session()
     try:
+        check_argument_sizes(args)
         where = resolve_server(args, session)
         host, port, ca = where
         try:
@@ -322,6 +346,14 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         _fail(str(e), EXIT_REFUSED)
     except ConnectionClosed:
         _fail("the server closed the connection", EXIT_USAGE)
+    except amp.TooLong as e:
+        name = e.keyName.decode("ascii", "replace") if e.keyName else "a key"
+        _fail(f"{name} is too long to send (at most {amp.MAX_VALUE_LENGTH:,} bytes)", EXIT_USAGE)
+    except amp.RemoteAmpError as e:
+        _fail(f"the server could not answer: {e.description}", EXIT_REFUSED)
+    except Exception as e:
+        # Anything else is a bug here; still one line, naming the exception to report.
+        _fail(f"unexpected {type(e).__name__}: {e}", EXIT_USAGE)
 
 
 def _fail(message: str, code: int) -> None:

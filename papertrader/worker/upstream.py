@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL.SSL import Error as TLSError
+from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -20,7 +22,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from papertrader import __version__
-from papertrader.errors import ServiceUnavailable, expected_or_unavailable
+from papertrader.errors import ServiceUnavailable, WorkerRefused, expected_or_unavailable
 from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
     MAX_ORDER_BATCH,
@@ -37,6 +39,11 @@ from papertrader.worker.cache import QuoteCache
 MASTER_UNREACHABLE = "the master server is not reachable right now; try again shortly"
 # Used when a master does not say how often to send heartbeats.
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
+
+# A master that refused this worker (its answer, or its TLS handshake) will most
+# likely refuse it again until someone changes a certificate or a name: wait long.
+REFUSED_RETRY_DELAY = 30.0
+REFUSED_MAX_RETRY_DELAY = 300.0
 
 
 class _MasterAMP(GuardedAMP):
@@ -88,11 +95,17 @@ class MasterLink:
         self.connection: _MasterAMP | None = None
         self.update_interval: float | None = None
         self._pushes = pushes
+        self._refusals = 0  # handshakes in a row the master refused
+        self._failed_handshakes = 0  # other handshakes in a row that failed
+        self._retry_after_failure = backoffPolicy(initialDelay=0.5, maxDelay=15.0)
+        self._retry_after_refusal = backoffPolicy(
+            initialDelay=REFUSED_RETRY_DELAY, maxDelay=REFUSED_MAX_RETRY_DELAY, factor=2.0
+        )
         factory = Factory.forProtocol(self._build)
         self.service = ClientService(
             endpoint,
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=15.0),
+            retryPolicy=self._retry_delay,
             clock=clock,
             prepareConnection=self._handshake,
         )
@@ -102,15 +115,52 @@ class MasterLink:
         connection.link = self
         return connection
 
+    def _retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before connecting again: long, and growing, after a refusal."""
+        if self._refusals:
+            return self._retry_after_refusal(self._refusals - 1)
+        return self._retry_after_failure(attempt + self._failed_handshakes)
+
+    def _handshake(self, connection: _MasterAMP) -> Deferred[None]:
+        return self._greet(connection).addErrback(self._handshake_failed, connection)
+
     @inlineCallbacks
-    def _handshake(self, connection: _MasterAMP) -> Any:
+    def _greet(self, connection: _MasterAMP) -> Any:
         answer = yield connection.callRemote(WorkerHello, name=self.name, version=__version__)
         self.update_interval = answer["update_interval"]
         connection.start_heartbeats(answer.get("heartbeat_interval") or DEFAULT_HEARTBEAT_INTERVAL)
         assets = yield connection.callRemote(ListAssets)
         self.cache.load(assets["assets"], assets["tick"], assets.get("as_of"))
         self.connection = connection
+        self._refusals = self._failed_handshakes = 0
         self.log.info("connected to the master as {name}", name=self.name)
+
+    def _handshake_failed(self, failure: Failure, connection: _MasterAMP) -> Deferred[None] | None:
+        """Say in one line why the handshake failed, and drop the connection.
+
+        The failure is not passed on: ClientService keeps a connection whose
+        preparation failed open, and its later loss then meets a state machine
+        that does not expect it (automat's NoTransition).  Absorbed here, the
+        connection counts as made and then lost, and ``_retry_delay`` decides
+        when to try again.
+        """
+        if failure.check(CancelledError) and connection.transport is not None:
+            # The service is stopping and finishes when this connection is lost;
+            # a result from here as well would reach it stopped (NoTransition again).
+            connection.transport.abortConnection()
+            return Deferred()
+        if connection.transport is not None:
+            connection.transport.loseConnection()
+        if failure.check(WorkerRefused):
+            self._refusals += 1
+            self.log.error("the master refused this worker: {reason}", reason=failure.getErrorMessage())
+        elif failure.check(TLSError, VerificationError):
+            self._refusals += 1
+            self.log.error("TLS handshake with the master failed: {reason}", reason=_tls_reason(failure.value))
+        else:
+            self._failed_handshakes += 1
+            self.log.warn("the handshake with the master failed: {reason}", reason=failure.getErrorMessage())
+        return None
 
     def _lost(self, connection: _MasterAMP) -> None:
         if self.connection is connection:
@@ -124,6 +174,14 @@ class MasterLink:
         return self.connection.callRemote(command, **arguments).addErrback(
             expected_or_unavailable, "lost contact with the master during the request; check its outcome and retry"
         )
+
+
+def _tls_reason(error: Exception) -> str:
+    """OpenSSL's reasons (``[(library, function, reason), ...]``) as one phrase; other errors as they print."""
+    details = error.args[0] if error.args else None
+    if isinstance(details, list) and details and all(isinstance(d, tuple) and d for d in details):
+        return "; ".join(str(d[-1]) for d in details)
+    return str(error) or type(error).__name__
 
 
 class OrderBatcher:
