@@ -57,6 +57,8 @@ class Dialect:
 
     Statements are written once with ``?`` placeholders; schema files use
     ``{identity}`` for generated keys and ``{real}`` for floating columns.
+    ``order_writers_lock`` are the statements that open a transaction writing
+    orders (queueing, settlement) so that such transactions run one at a time.
     """
 
     name: str
@@ -65,6 +67,7 @@ class Dialect:
     real: str
     integrity_errors: tuple[type[Exception], ...]
     retry_errors: tuple[type[Exception], ...] = ()
+    order_writers_lock: tuple[str, ...] = ()
 
     def sql(self, statement: str) -> str:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
@@ -75,6 +78,7 @@ class Dialect:
         return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
 
 
+# SQLite: the pool has a single connection, so order writers already run one at a time.
 SQLITE = Dialect(
     name="sqlite",
     placeholder="?",
@@ -94,6 +98,14 @@ def _postgresql_dialect() -> Dialect:
         real="DOUBLE PRECISION",
         integrity_errors=(psycopg.errors.IntegrityError,),
         retry_errors=(psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected),
+        # Serializable transactions that queue orders and one that settles the
+        # queue conflict with each other every time, so under a steady stream of
+        # orders settlement lost every retry.  This lock (self-conflicting, and
+        # conflicting with every row write, but not with plain reads) makes them
+        # wait for each other instead.  It must come first: LOCK TABLE takes no
+        # snapshot, so the transaction's snapshot is taken once the lock is held
+        # and sees everything the previous holder committed.
+        order_writers_lock=("LOCK TABLE orders IN SHARE ROW EXCLUSIVE MODE",),
     )
 
 
@@ -229,6 +241,16 @@ class Database:
 
         return self._pool.runInteraction(attempt).addErrback(retry, 1)
 
+    def _run_writing_orders(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
+        """`_run` for a transaction that writes orders: it first waits for every other one to finish."""
+
+        def locked(cursor: Cursor, *args: Any) -> Any:
+            for statement in cursor.dialect.order_writers_lock:
+                cursor.execute(statement)
+            return interaction(cursor, *args)
+
+        return self._run(locked, *args)
+
     # ------------------------------------------------------------ schema
 
     def migrate(self) -> Deferred[int]:
@@ -343,7 +365,9 @@ class Database:
         in place); others are read from the database.  Fires with, per order,
         its new id or the reason it was refused, and every account state used.
         """
-        return self._run(self._queue_orders, orders, prices, refuse_reason, now, dict(known or {}))
+        return self._run_writing_orders(
+            self._queue_orders, orders, prices, refuse_reason, now, dict(known or {})
+        )
 
     @staticmethod
     def _queue_orders(
@@ -409,8 +433,13 @@ class Database:
         now: str,
         settle: Callable[..., list[Settlement]],
     ) -> Deferred[tuple[int, list[Settlement]]]:
-        """Record a price update and settle the whole queue at it, in one transaction."""
-        return self._run(self._settle_tick, prices, now, settle)
+        """Record a price update and settle the queue at it, in one transaction.
+
+        Only orders created at or before ``now`` are settled (instants are
+        sortable text): one placed later waits for the next update, so no order
+        ever settles before it was placed.
+        """
+        return self._run_writing_orders(self._settle_tick, prices, now, settle)
 
     @staticmethod
     def _settle_tick(
@@ -423,7 +452,8 @@ class Database:
         )
         txn.execute(
             "SELECT o.id, o.user_id, u.username, o.side, o.symbol, o.quantity FROM orders o "
-            "JOIN users u ON u.id = o.user_id WHERE o.status = 'queued' ORDER BY o.id"
+            "JOIN users u ON u.id = o.user_id WHERE o.status = 'queued' AND o.created_at <= ? ORDER BY o.id",
+            (now,),
         )
         queued = [QueuedOrder(*row) for row in txn.fetchall()]
         if not queued:
