@@ -18,8 +18,8 @@ from tests.databases import fresh_database_url, query
 from tests.support import ASSETS, PASSWORD, FixedPrices
 
 
-class BackendTestsMixin:
-    """Tests every backend must pass; subclasses name the backend."""
+class BackendFixture:
+    """A fresh, migrated database of ``backend`` through a real pool, and an exchange on it."""
 
     backend: str
 
@@ -52,6 +52,10 @@ class BackendTestsMixin:
         yield exchange.accounts.register(username, f"{username}@example.com", PASSWORD)
         session = yield exchange.accounts.login(username, PASSWORD)
         return session
+
+
+class BackendTestsMixin(BackendFixture):
+    """Tests every backend must pass; subclasses name the backend."""
 
     @inlineCallbacks
     def test_schema_version(self) -> Any:

@@ -22,8 +22,10 @@ from papertrader.errors import RegisterFailed
 from papertrader.master.trading import (
     BUY,
     AccountState,
+    ClientOrderIdReused,
     NewOrder,
     QueuedOrder,
+    QueueOutcome,
     Settlement,
 )
 
@@ -358,12 +360,17 @@ class Database:
         refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
         now: str,
         known: Mapping[int, AccountState] | None = None,
-    ) -> Deferred[tuple[list[int | str], dict[int, AccountState]]]:
+    ) -> Deferred[tuple[list[QueueOutcome], dict[int, AccountState]]]:
         """Check and insert a batch of orders in one transaction.
 
         ``known`` holds account states the caller already has (they are updated
         in place); others are read from the database.  Fires with, per order,
         its new id or the reason it was refused, and every account state used.
+
+        An order whose client order id the account already used (stored
+        earlier or earlier in this batch) is not stored again: for the same
+        side, symbol and quantity its outcome is the original order's id, with
+        nothing reserved again; otherwise it is a `ClientOrderIdReused`.
         """
         return self._run_writing_orders(
             self._queue_orders, orders, prices, refuse_reason, now, dict(known or {})
@@ -377,23 +384,33 @@ class Database:
         refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
         now: str,
         accounts: dict[int, AccountState],
-    ) -> tuple[list[int | str], dict[int, AccountState]]:
+    ) -> tuple[list[QueueOutcome], dict[int, AccountState]]:
         # Work on copies: a retried attempt must not see what a rolled-back one reserved.
         accounts = {user_id: state.copy() for user_id, state in accounts.items()}
-        results: list[int | str] = []
+        named = Database._orders_named(txn, [o for o in orders if o.client_order_id is not None])
+        results: list[QueueOutcome] = []
         for order in orders:
+            name = (order.user_id, order.client_order_id)
+            if order.client_order_id is not None and name in named:
+                results.append(_repeated(order, named[name]))
+                continue
             account = accounts.get(order.user_id)
             if account is None:
                 account = accounts[order.user_id] = Database._account_state(
                     txn, order.user_id, prices
                 )
+            if order.client_order_id is not None:
+                # Reserve on a copy: kept only if the order is stored under its name.
+                account = account.copy()
             reason = refuse_reason(account, order, prices[order.symbol])
             if reason is not None:
                 results.append(reason)
                 continue
-            order_id = txn.insert(
-                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, "
-                "received_at, client_address, worker) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            row = txn.execute(
+                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
+                "client_address, worker, client_order_id) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?) "
+                "ON CONFLICT (user_id, client_order_id) WHERE client_order_id IS NOT NULL DO NOTHING "
+                "RETURNING id",
                 (
                     order.user_id,
                     order.side,
@@ -403,10 +420,39 @@ class Database:
                     order.received_at,
                     order.client_address,
                     order.worker,
+                    order.client_order_id,
                 ),
-            )
-            results.append(order_id)
+            ).fetchone()
+            if row is None:
+                # The name was taken after it was looked up: answer with the order stored under it.
+                stored = Database._orders_named(txn, [order]).get(name)
+                if stored is None:
+                    raise RuntimeError(f"client order id {order.client_order_id!r} is taken by no visible order")
+                named[name] = stored
+                results.append(_repeated(order, stored))
+                continue
+            accounts[order.user_id] = account
+            if order.client_order_id is not None:
+                named[name] = (row[0], order.side, order.symbol, order.quantity)
+            results.append(row[0])
         return results, accounts
+
+    @staticmethod
+    def _orders_named(txn: Cursor, orders: list[NewOrder]) -> dict[tuple[int, str], tuple[int, str, str, int]]:
+        """The stored orders under the client order ids of ``orders``: (id, side, symbol, quantity) by name."""
+        found: dict[tuple[int, str], tuple[int, str, str, int]] = {}
+        for chunk in _chunks(orders, 500):
+            users = sorted({o.user_id for o in chunk})
+            names = sorted({o.client_order_id for o in chunk})
+            txn.execute(
+                "SELECT user_id, client_order_id, id, side, symbol, quantity FROM orders "
+                f"WHERE user_id IN ({','.join('?' * len(users))}) "
+                f"AND client_order_id IN ({','.join('?' * len(names))})",
+                users + names,
+            )
+            for user_id, name, order_id, side, symbol, quantity in txn.fetchall():
+                found[(user_id, name)] = (order_id, side, symbol, int(quantity))
+        return found
 
     @staticmethod
     def _account_state(txn: Cursor, user_id: int, prices: Mapping[str, int]) -> AccountState:
@@ -521,12 +567,12 @@ class Database:
     @staticmethod
     def _list_orders(txn: Cursor, user_id: int, limit: int) -> list[dict]:
         txn.execute(
-            "SELECT id, side, symbol, quantity, status, reason, created_at, settled_at, price_cents "
-            "FROM orders WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+            "SELECT id, side, symbol, quantity, status, reason, created_at, settled_at, price_cents, "
+            "client_order_id FROM orders WHERE user_id = ? ORDER BY id DESC LIMIT ?",
             (user_id, limit),
         )
         keys = ("order_id", "side", "symbol", "quantity", "status", "reason", "created_at",
-                "settled_at", "price_cents")
+                "settled_at", "price_cents", "client_order_id")
         return [_without_nulls(dict(zip(keys, row))) for row in txn.fetchall()]
 
     def portfolio(self, user_id: int) -> Deferred[tuple[int, dict[str, int]]]:
@@ -577,6 +623,18 @@ def _execute(cursor: Cursor, statement: str, parameters: Sequence[Any]) -> None:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _repeated(order: NewOrder, stored: tuple[int, str, str, int]) -> int | ClientOrderIdReused:
+    """The outcome of ``order`` whose client order id names the ``stored`` order (id, side, symbol, quantity)."""
+    order_id, side, symbol, quantity = stored
+    if order.same_as(side, symbol, quantity):
+        return order_id
+    return ClientOrderIdReused(
+        order_id,
+        f"client order id {order.client_order_id!r} was already used for order {order_id} "
+        f"({side} {quantity} {symbol}); use a new id for a different order",
+    )
 
 
 def _without_nulls(row: dict) -> dict:
