@@ -79,3 +79,7 @@ class ConfigError(PaperTraderError):
     def __init__(self, problems: list[str]) -> None:
         Exception.__init__(self, "; ".join(problems))  # never sent over AMP: keep it whole
         self.problems = problems
+
+
+class OrderConflict(PaperTraderError):
+    """A client order id was reused for a different order."""

@@ -35,6 +35,7 @@ from papertrader.errors import (
     BadRequest,
     DataFailed,
     LoginFailed,
+    OrderConflict,
     PaperTraderError,
     PurchaseFailed,
     RegisterFailed,
@@ -72,6 +73,7 @@ WIRE_CODES: dict[type[PaperTraderError], bytes] = {
     SellFailed: b"SELL_FAILED",
     DataFailed: b"DATA_FAILED",
     WorkerRefused: b"WORKER_REFUSED",
+    OrderConflict: b"ORDER_CONFLICT",
 }
 _ERRORS_BY_CODE = {code.decode("ascii"): error for error, code in WIRE_CODES.items()}
 
@@ -171,7 +173,7 @@ class PurchaseAsset(amp.Command):
         (b"client_order_id", amp.Unicode(optional=True)),
     ]
     response = [(b"order_id", amp.Integer())]
-    errors = declared(PurchaseFailed, SessionInvalid)
+    errors = declared(PurchaseFailed, SessionInvalid, OrderConflict)
 
 
 class SellAsset(amp.Command):
@@ -179,7 +181,7 @@ class SellAsset(amp.Command):
 
     arguments = PurchaseAsset.arguments
     response = PurchaseAsset.response
-    errors = declared(SellFailed, SessionInvalid)
+    errors = declared(SellFailed, SessionInvalid, OrderConflict)
 
 
 ORDER_FIELDS = [

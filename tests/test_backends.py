@@ -18,8 +18,8 @@ from tests.databases import fresh_database_url, query
 from tests.support import ASSETS, PASSWORD, FixedPrices
 
 
-class BackendTestsMixin:
-    """Tests every backend must pass; subclasses name the backend."""
+class BackendFixture:
+    """A fresh, migrated database of ``backend`` through a real pool, and an exchange on it."""
 
     backend: str
 
@@ -52,6 +52,10 @@ class BackendTestsMixin:
         yield exchange.accounts.register(username, f"{username}@example.com", PASSWORD)
         session = yield exchange.accounts.login(username, PASSWORD)
         return session
+
+
+class BackendTestsMixin(BackendFixture):
+    """Tests every backend must pass; subclasses name the backend."""
 
     @inlineCallbacks
     def test_schema_version(self) -> Any:
@@ -147,14 +151,31 @@ class BackendTestsMixin:
             query(
                 self.url,
                 "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
-                "client_address, worker) VALUES (?, 'buy', 'AAPL', 3, 'queued', 't', 't', 'a', 'w')",
+                "client_address, worker) VALUES (?, 'buy', 'AAPL', 3, 'queued', ?, 't', 'a', 'w')",
                 session.user_id,
+                "2000-01-01T00:00:00.000000+00:00",
             )
         yield exchange.tick()
         self.assertEqual(
             query(self.url, "SELECT status FROM orders ORDER BY id"), [("filled",), ("rejected",), ("rejected",)]
         )
         self.assertEqual(query(self.url, "SELECT cash_cents FROM users"), [(100_000 - 3 * 19_000,)])
+
+    @inlineCallbacks
+    def test_order_never_settles_before_it_was_placed(self) -> Any:
+        """An order stored with a later time than a tick's waits for the next tick: settled_at >= created_at."""
+        user_id = yield self.database.create_user("alice", "a@example.com", "h", 100_000, "t")
+        order = NewOrder(user_id, "alice", "buy", "KO", 1, "t", "a", "w")
+        placed, earlier, later = (f"2030-01-01T00:00:00.00000{n}+00:00" for n in (2, 1, 3))
+        ([order_id], _) = yield self.database.queue_orders([order], {"KO": 6_000}, refuse_reason, placed)
+        _, settlements = yield self.database.settle_tick({"KO": 6_000}, earlier, settle_orders)
+        self.assertEqual(settlements, [])
+        self.assertEqual(query(self.url, "SELECT status FROM orders"), [("queued",)])
+        _, settlements = yield self.database.settle_tick({"KO": 6_000}, later, settle_orders)
+        self.assertEqual([s.order.order_id for s in settlements], [order_id])
+        self.assertEqual(
+            query(self.url, "SELECT status, created_at, settled_at FROM orders"), [("filled", placed, later)]
+        )
 
     @inlineCallbacks
     def test_failed_settlement_rolls_back(self) -> Any:

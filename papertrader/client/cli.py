@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from twisted.protocols import amp
 from papertrader import tls
 from papertrader.client.library import PaperTraderClient, TLSHandshakeFailed, connect
 from papertrader.config import default_data_dir
-from papertrader.errors import PaperTraderError
+from papertrader.errors import PaperTraderError, ServiceUnavailable
 from papertrader.money import format_cents
 
 DEFAULT_PORT = 2049
@@ -206,12 +207,20 @@ def _order_command(side: str) -> Any:
     def run(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
         client.token = _session_token(session)
         place = client.buy if side == "buy" else client.sell
-        answer = yield place(args.symbol, args.quantity)
+        client_order_id = args.client_order_id or str(uuid.uuid4())
+        try:
+            answer = yield place(args.symbol, args.quantity, client_order_id)
+        except ServiceUnavailable as e:
+            # The order may or may not be stored: the same id makes a retry safe.
+            raise ServiceUnavailable(
+                f"{e}; to retry without placing it twice, run the same command with "
+                f"--client-order-id {client_order_id}"
+            ) from None
         order_id = answer["order_id"]
         if not args.wait:
             _print(
                 args,
-                {"order_id": order_id, "status": "queued"},
+                {"order_id": order_id, "status": "queued", "client_order_id": client_order_id},
                 f"order {order_id} queued: {side} {args.quantity} {args.symbol.upper()} "
                 "at the next price update",
             )
@@ -315,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("symbol")
         p.add_argument("quantity", help="whole number of shares")
         p.add_argument("--wait", action="store_true", help="wait until the order settles and show the fill")
+        p.add_argument(
+            "--client-order-id",
+            metavar="ID",
+            help="your id for this order (default: a new UUID); the same id again returns the same order",
+        )
     p = add("orders", cmd_orders, "list your recent orders and their status")
     p.add_argument("--limit", type=int, default=20)
     add("portfolio", cmd_portfolio, "show your cash and positions")

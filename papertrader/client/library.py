@@ -5,6 +5,7 @@ Pushed price ticks and order updates are handed to callbacks the caller sets.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -144,14 +145,26 @@ class PaperTraderClient:
     def quote(self, symbol: str) -> Deferred:
         return self.connection.callRemote(GetAssetValue, symbol=symbol)
 
-    def buy(self, symbol: str, quantity: int | str) -> Deferred:
-        return self.connection.callRemote(
-            PurchaseAsset, token=self.token or "", symbol=symbol, quantity=str(quantity)
-        )
+    def buy(self, symbol: str, quantity: int | str, client_order_id: str | None = None) -> Deferred:
+        """Queue a market buy; fires with ``{"order_id": ...}`` once it is stored.
 
-    def sell(self, symbol: str, quantity: int | str) -> Deferred:
+        Every order carries a client order id (a new UUID unless given): sending
+        the same order again with the same id -- say after the connection was
+        lost before the answer came -- returns the original order, never a second.
+        """
+        return self._order(PurchaseAsset, symbol, quantity, client_order_id)
+
+    def sell(self, symbol: str, quantity: int | str, client_order_id: str | None = None) -> Deferred:
+        """Queue a market sell; see `buy` for ``client_order_id``."""
+        return self._order(SellAsset, symbol, quantity, client_order_id)
+
+    def _order(self, command: type[amp.Command], symbol: str, quantity: int | str, client_order_id: str | None) -> Any:
         return self.connection.callRemote(
-            SellAsset, token=self.token or "", symbol=symbol, quantity=str(quantity)
+            command,
+            token=self.token or "",
+            symbol=symbol,
+            quantity=str(quantity),
+            client_order_id=client_order_id or str(uuid.uuid4()),
         )
 
     def orders(self, limit: int | None = None) -> Deferred:

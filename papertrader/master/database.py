@@ -22,8 +22,10 @@ from papertrader.errors import RegisterFailed
 from papertrader.master.trading import (
     BUY,
     AccountState,
+    ClientOrderIdReused,
     NewOrder,
     QueuedOrder,
+    QueueOutcome,
     Settlement,
 )
 
@@ -57,6 +59,8 @@ class Dialect:
 
     Statements are written once with ``?`` placeholders; schema files use
     ``{identity}`` for generated keys and ``{real}`` for floating columns.
+    ``order_writers_lock`` are the statements that open a transaction writing
+    orders (queueing, settlement) so that such transactions run one at a time.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Dialect:
     real: str
     integrity_errors: tuple[type[Exception], ...]
     retry_errors: tuple[type[Exception], ...] = ()
+    order_writers_lock: tuple[str, ...] = ()
 
     def sql(self, statement: str) -> str:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
@@ -75,6 +80,7 @@ class Dialect:
         return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
 
 
+# SQLite: the pool has a single connection, so order writers already run one at a time.
 SQLITE = Dialect(
     name="sqlite",
     placeholder="?",
@@ -94,6 +100,14 @@ def _postgresql_dialect() -> Dialect:
         real="DOUBLE PRECISION",
         integrity_errors=(psycopg.errors.IntegrityError,),
         retry_errors=(psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected),
+        # Serializable transactions that queue orders and one that settles the
+        # queue conflict with each other every time, so under a steady stream of
+        # orders settlement lost every retry.  This lock (self-conflicting, and
+        # conflicting with every row write, but not with plain reads) makes them
+        # wait for each other instead.  It must come first: LOCK TABLE takes no
+        # snapshot, so the transaction's snapshot is taken once the lock is held
+        # and sees everything the previous holder committed.
+        order_writers_lock=("LOCK TABLE orders IN SHARE ROW EXCLUSIVE MODE",),
     )
 
 
@@ -229,6 +243,16 @@ class Database:
 
         return self._pool.runInteraction(attempt).addErrback(retry, 1)
 
+    def _run_writing_orders(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
+        """`_run` for a transaction that writes orders: it first waits for every other one to finish."""
+
+        def locked(cursor: Cursor, *args: Any) -> Any:
+            for statement in cursor.dialect.order_writers_lock:
+                cursor.execute(statement)
+            return interaction(cursor, *args)
+
+        return self._run(locked, *args)
+
     # ------------------------------------------------------------ schema
 
     def migrate(self) -> Deferred[int]:
@@ -336,14 +360,21 @@ class Database:
         refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
         now: str,
         known: Mapping[int, AccountState] | None = None,
-    ) -> Deferred[tuple[list[int | str], dict[int, AccountState]]]:
+    ) -> Deferred[tuple[list[QueueOutcome], dict[int, AccountState]]]:
         """Check and insert a batch of orders in one transaction.
 
         ``known`` holds account states the caller already has (they are updated
         in place); others are read from the database.  Fires with, per order,
         its new id or the reason it was refused, and every account state used.
+
+        An order whose client order id the account already used (stored
+        earlier or earlier in this batch) is not stored again: for the same
+        side, symbol and quantity its outcome is the original order's id, with
+        nothing reserved again; otherwise it is a `ClientOrderIdReused`.
         """
-        return self._run(self._queue_orders, orders, prices, refuse_reason, now, dict(known or {}))
+        return self._run_writing_orders(
+            self._queue_orders, orders, prices, refuse_reason, now, dict(known or {})
+        )
 
     @staticmethod
     def _queue_orders(
@@ -353,23 +384,33 @@ class Database:
         refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
         now: str,
         accounts: dict[int, AccountState],
-    ) -> tuple[list[int | str], dict[int, AccountState]]:
+    ) -> tuple[list[QueueOutcome], dict[int, AccountState]]:
         # Work on copies: a retried attempt must not see what a rolled-back one reserved.
         accounts = {user_id: state.copy() for user_id, state in accounts.items()}
-        results: list[int | str] = []
+        named = Database._orders_named(txn, [o for o in orders if o.client_order_id is not None])
+        results: list[QueueOutcome] = []
         for order in orders:
+            name = (order.user_id, order.client_order_id)
+            if order.client_order_id is not None and name in named:
+                results.append(_repeated(order, named[name]))
+                continue
             account = accounts.get(order.user_id)
             if account is None:
                 account = accounts[order.user_id] = Database._account_state(
                     txn, order.user_id, prices
                 )
+            if order.client_order_id is not None:
+                # Reserve on a copy: kept only if the order is stored under its name.
+                account = account.copy()
             reason = refuse_reason(account, order, prices[order.symbol])
             if reason is not None:
                 results.append(reason)
                 continue
-            order_id = txn.insert(
-                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, "
-                "received_at, client_address, worker) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            row = txn.execute(
+                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
+                "client_address, worker, client_order_id) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?) "
+                "ON CONFLICT (user_id, client_order_id) WHERE client_order_id IS NOT NULL DO NOTHING "
+                "RETURNING id",
                 (
                     order.user_id,
                     order.side,
@@ -379,10 +420,39 @@ class Database:
                     order.received_at,
                     order.client_address,
                     order.worker,
+                    order.client_order_id,
                 ),
-            )
-            results.append(order_id)
+            ).fetchone()
+            if row is None:
+                # The name was taken after it was looked up: answer with the order stored under it.
+                stored = Database._orders_named(txn, [order]).get(name)
+                if stored is None:
+                    raise RuntimeError(f"client order id {order.client_order_id!r} is taken by no visible order")
+                named[name] = stored
+                results.append(_repeated(order, stored))
+                continue
+            accounts[order.user_id] = account
+            if order.client_order_id is not None:
+                named[name] = (row[0], order.side, order.symbol, order.quantity)
+            results.append(row[0])
         return results, accounts
+
+    @staticmethod
+    def _orders_named(txn: Cursor, orders: list[NewOrder]) -> dict[tuple[int, str], tuple[int, str, str, int]]:
+        """The stored orders under the client order ids of ``orders``: (id, side, symbol, quantity) by name."""
+        found: dict[tuple[int, str], tuple[int, str, str, int]] = {}
+        for chunk in _chunks(orders, 500):
+            users = sorted({o.user_id for o in chunk})
+            names = sorted({o.client_order_id for o in chunk})
+            txn.execute(
+                "SELECT user_id, client_order_id, id, side, symbol, quantity FROM orders "
+                f"WHERE user_id IN ({','.join('?' * len(users))}) "
+                f"AND client_order_id IN ({','.join('?' * len(names))})",
+                users + names,
+            )
+            for user_id, name, order_id, side, symbol, quantity in txn.fetchall():
+                found[(user_id, name)] = (order_id, side, symbol, int(quantity))
+        return found
 
     @staticmethod
     def _account_state(txn: Cursor, user_id: int, prices: Mapping[str, int]) -> AccountState:
@@ -409,8 +479,13 @@ class Database:
         now: str,
         settle: Callable[..., list[Settlement]],
     ) -> Deferred[tuple[int, list[Settlement]]]:
-        """Record a price update and settle the whole queue at it, in one transaction."""
-        return self._run(self._settle_tick, prices, now, settle)
+        """Record a price update and settle the queue at it, in one transaction.
+
+        Only orders created at or before ``now`` are settled (instants are
+        sortable text): one placed later waits for the next update, so no order
+        ever settles before it was placed.
+        """
+        return self._run_writing_orders(self._settle_tick, prices, now, settle)
 
     @staticmethod
     def _settle_tick(
@@ -423,7 +498,8 @@ class Database:
         )
         txn.execute(
             "SELECT o.id, o.user_id, u.username, o.side, o.symbol, o.quantity FROM orders o "
-            "JOIN users u ON u.id = o.user_id WHERE o.status = 'queued' ORDER BY o.id"
+            "JOIN users u ON u.id = o.user_id WHERE o.status = 'queued' AND o.created_at <= ? ORDER BY o.id",
+            (now,),
         )
         queued = [QueuedOrder(*row) for row in txn.fetchall()]
         if not queued:
@@ -491,12 +567,12 @@ class Database:
     @staticmethod
     def _list_orders(txn: Cursor, user_id: int, limit: int) -> list[dict]:
         txn.execute(
-            "SELECT id, side, symbol, quantity, status, reason, created_at, settled_at, price_cents "
-            "FROM orders WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+            "SELECT id, side, symbol, quantity, status, reason, created_at, settled_at, price_cents, "
+            "client_order_id FROM orders WHERE user_id = ? ORDER BY id DESC LIMIT ?",
             (user_id, limit),
         )
         keys = ("order_id", "side", "symbol", "quantity", "status", "reason", "created_at",
-                "settled_at", "price_cents")
+                "settled_at", "price_cents", "client_order_id")
         return [_without_nulls(dict(zip(keys, row))) for row in txn.fetchall()]
 
     def portfolio(self, user_id: int) -> Deferred[tuple[int, dict[str, int]]]:
@@ -547,6 +623,18 @@ def _execute(cursor: Cursor, statement: str, parameters: Sequence[Any]) -> None:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _repeated(order: NewOrder, stored: tuple[int, str, str, int]) -> int | ClientOrderIdReused:
+    """The outcome of ``order`` whose client order id names the ``stored`` order (id, side, symbol, quantity)."""
+    order_id, side, symbol, quantity = stored
+    if order.same_as(side, symbol, quantity):
+        return order_id
+    return ClientOrderIdReused(
+        order_id,
+        f"client order id {order.client_order_id!r} was already used for order {order_id} "
+        f"({side} {quantity} {symbol}); use a new id for a different order",
+    )
 
 
 def _without_nulls(row: dict) -> dict:

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from papertrader.errors import (
     DataFailed,
+    OrderConflict,
     PaperTraderError,
     PurchaseFailed,
     SellFailed,
@@ -29,9 +30,12 @@ from papertrader.master.trading import (
     BUY,
     SIDES,
     AccountState,
+    ClientOrderIdReused,
     NewOrder,
     OrderDesk,
+    QueueOutcome,
     Settlement,
+    parse_client_order_id,
     parse_quantity,
     refuse_reason,
     settle_orders,
@@ -81,7 +85,9 @@ class Exchange:
 
         Fires with, per request, either
         ``(order_id, username)`` or the `PaperTraderError` saying why it was not
-        queued (SessionInvalid, PurchaseFailed/SellFailed, ServiceUnavailable).
+        queued (SessionInvalid, PurchaseFailed/SellFailed, OrderConflict,
+        ServiceUnavailable).  A request repeating an order already stored under
+        its client order id gets that order's id and stores nothing.
         """
         sessions: dict[str, Any] = {}
         for token in {request.token for request in requests}:
@@ -117,6 +123,8 @@ class Exchange:
                     results[index] = (outcome, order.username)
                 elif isinstance(outcome, str):
                     results[index] = _failure_for(order.side)(outcome)
+                elif isinstance(outcome, ClientOrderIdReused):
+                    results[index] = OrderConflict(outcome.reason)
                 else:
                     results[index] = outcome
         return results
@@ -131,16 +139,17 @@ class Exchange:
         received_at: str,
         client_address: str,
         worker: str,
+        client_order_id: str | None = None,
     ) -> Any:
         """One order through `submit_orders`; fires with ``(order_id, username)`` or fails with the reason."""
-        request = OrderRequest(side, token, symbol, quantity, received_at, client_address)
+        request = OrderRequest(side, token, symbol, quantity, received_at, client_address, client_order_id)
         [result] = yield self.submit_orders([request], worker)
         if isinstance(result, Exception):
             raise result
         return result
 
     def _new_order(self, request: OrderRequest, session: Any, worker: str) -> NewOrder:
-        """The checks that need no database: side, symbol, quantity, a current price."""
+        """The checks that need no database: side, symbol, quantity, client order id, a current price."""
         side = request.side
         failed = _failure_for(side)
         if side not in SIDES:
@@ -152,6 +161,12 @@ class Exchange:
             quantity = parse_quantity(request.quantity, self._max_quantity)
         except ValueError as e:
             raise failed(str(e)) from None
+        client_order_id = request.client_order_id
+        if client_order_id is not None:
+            try:
+                client_order_id = parse_client_order_id(client_order_id)
+            except ValueError as e:
+                raise failed(str(e)) from None
         if symbol not in self.board.prices:
             raise failed("the market has no price yet; try again after the next update")
         return NewOrder(
@@ -163,9 +178,10 @@ class Exchange:
             request.received_at,
             request.client_address,
             worker,
+            client_order_id,
         )
 
-    def _commit_orders(self, orders: list[NewOrder]) -> Deferred[list[int | str]]:
+    def _commit_orders(self, orders: list[NewOrder]) -> Deferred[list[QueueOutcome]]:
         """Store a batch, checking funds against the cached account states where there are some.
 
         The master is the only writer of orders, so between two updates the
@@ -178,7 +194,7 @@ class Exchange:
             known = {o.user_id: self._accounts[o.user_id].copy() for o in orders if o.user_id in self._accounts}
         d = self._db.queue_orders(orders, self.board.prices, refuse_reason, iso(self._clock.seconds()), known)
 
-        def stored(answer: tuple[list[int | str], dict[int, AccountState]]) -> list[int | str]:
+        def stored(answer: tuple[list[QueueOutcome], dict[int, AccountState]]) -> list[QueueOutcome]:
             results, states = answer
             if generation == self._generation and not self._settling:
                 self._accounts.update(states)

@@ -7,6 +7,7 @@ update.  Nothing here knows about AMP or SQL.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ from papertrader.money import format_cents
 BUY = "buy"
 SELL = "sell"
 SIDES = (BUY, SELL)
+MAX_CLIENT_ORDER_ID = 64
+_CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9._:-]+")
 
 
 def parse_quantity(text: str, maximum: int) -> int:
@@ -34,6 +37,17 @@ def parse_quantity(text: str, maximum: int) -> int:
     return quantity
 
 
+def parse_client_order_id(text: str) -> str:
+    """A client's name for an order: 1 to 64 of ``A-Z a-z 0-9 . _ : -``, or ValueError saying why."""
+    if not 1 <= len(text) <= MAX_CLIENT_ORDER_ID:
+        raise ValueError(f"client order id must be 1 to {MAX_CLIENT_ORDER_ID} characters long, got {len(text)}")
+    if not _CLIENT_ORDER_ID.fullmatch(text):
+        raise ValueError(
+            f"client order id may contain only letters, digits and . _ : - characters, got {text!r}"
+        )
+    return text
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class NewOrder:
     """An order that passed the stateless checks, ready for the funds check and the queue."""
@@ -46,6 +60,23 @@ class NewOrder:
     received_at: str
     client_address: str
     worker: str
+    client_order_id: str | None = None
+
+    def same_as(self, side: str, symbol: str, quantity: int) -> bool:
+        """Whether this order asks for what an order stored under its client order id asked for."""
+        return (self.side, self.symbol, self.quantity) == (side, symbol, quantity)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ClientOrderIdReused:
+    """The outcome of queueing an order whose client order id the account used for a different order."""
+
+    order_id: int
+    reason: str
+
+
+# What queueing one order comes to: its id, the reason it was refused, or a reused client order id.
+QueueOutcome = int | str | ClientOrderIdReused
 
 
 @attr.s(auto_attribs=True)
@@ -177,14 +208,14 @@ class OrderDesk:
     """Collects orders arriving in the same reactor turn and queues them in one commit.
 
     ``commit(orders)`` stores a batch in one transaction and returns, for each
-    order, its id or the reason it was refused.  While one commit runs, new
+    order, its `QueueOutcome`.  While one commit runs, new
     orders gather for the next: under load, batches grow and commits stay few.
     """
 
     def __init__(
         self,
         clock: IReactorTime,
-        commit: Callable[[list[NewOrder]], Deferred[list[int | str]]],
+        commit: Callable[[list[NewOrder]], Deferred[list[QueueOutcome]]],
         max_batch: int = 5000,
     ) -> None:
         self._clock = clock
@@ -194,13 +225,13 @@ class OrderDesk:
         self._scheduled: Any = None
         self._committing = False
 
-    def place(self, order: NewOrder) -> Deferred[int | str]:
+    def place(self, order: NewOrder) -> Deferred[QueueOutcome]:
         """Queue ``order``; fires with its id once durable, or with a refusal reason."""
         return self.place_many([order]).addCallback(lambda results: results[0])
 
-    def place_many(self, orders: list[NewOrder]) -> Deferred[list[int | str]]:
+    def place_many(self, orders: list[NewOrder]) -> Deferred[list[QueueOutcome]]:
         """Queue ``orders`` together; fires with, per order, its id or a refusal reason."""
-        d: Deferred[list[int | str]] = Deferred()
+        d: Deferred[list[QueueOutcome]] = Deferred()
         self._pending.append(_Pending(list(orders), d))
         self._schedule()
         return d
@@ -221,7 +252,7 @@ class OrderDesk:
         self._committing = True
         d = self._commit([order for pending in batch for order in pending.orders])
 
-        def done(results: list[int | str]) -> None:
+        def done(results: list[QueueOutcome]) -> None:
             start = 0
             for pending in batch:
                 pending.result.callback(results[start : start + len(pending.orders)])
