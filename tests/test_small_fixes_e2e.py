@@ -161,3 +161,30 @@ class RefusedWorkerTests(TestCase):
         text = yield self.run_worker(identity, "impostor", "the master refused this worker")
         self.assertRefusedOnce(text, "the master refused this worker")
         self.assertIn("this certificate is not for a worker named 'impostor'", text)
+
+    @inlineCallbacks
+    def test_duplicate_name_refused_while_first_answers(self) -> Any:
+        """A second worker under a live worker's name is refused (no flapping), says why, and backs off.
+
+        Before, the two replaced each other dozens of times a minute and about
+        half of a client's requests failed.
+        """
+        tls_dir = os.path.join(self.deployment.data, "tls")
+        identity = tls.Identity(
+            os.path.join(tls_dir, "worker-local-1.pem"),
+            os.path.join(tls_dir, "worker-local-1.key"),
+            os.path.join(tls_dir, "ca.pem"),
+        )
+        text = yield self.run_worker(identity, "local-1", "the master refused this worker")
+        self.assertRefusedOnce(text, "the master refused this worker")
+        self.assertIn("a worker named 'local-1' is already connected", text)
+        with open(os.path.join(self.deployment.base, "master.log"), encoding="utf-8") as f:
+            master_log = f.read()
+        self.assertEqual(master_log.count("refused worker local-1"), 1, master_log[-4000:])
+        self.assertNotIn("replacing it", master_log)
+        self.assertEqual(master_log.count("worker local-1 (version"), 1)
+        password = self.deployment.password_file("correct horse battery")
+        yield self.deployment.cli_json("register", "dup", "dup@example.com", "--password-file", password)
+        yield self.deployment.cli_json("login", "dup", "--password-file", password)
+        fill = yield self.deployment.cli_json("buy", "KO", "1", "--wait")
+        self.assertEqual(fill["status"], "filled")
