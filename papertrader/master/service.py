@@ -1,7 +1,8 @@
-"""The master's main module (spec 3.1.1): starts everything in order and stops it cleanly.
+"""The master's main module (spec 3.1.1): what its services share, and start-up in order.
 
 Start-up: certificates (created on first start) -> database and schema ->
-latest prices -> listen for workers -> the price update loop -> local workers.
+latest prices; then the listener for workers opens, the price update loop
+starts and the local workers are started (they need the listener's port).
 Any failure stops the process with the reason in the log.
 """
 
@@ -9,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from functools import partial
 from typing import Any
 
+import attr
 from twisted.application import service
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 
 from papertrader import tls
 from papertrader.config import MasterConfig
@@ -25,8 +25,8 @@ from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, describe
 from papertrader.master.exchange import Exchange
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
-from papertrader.master.protocol import MasterFactory, MasterLocator
-from papertrader.master.workers import LocalWorkers, WorkerRegistry
+from papertrader.master.protocol import MasterLocator
+from papertrader.master.workers import WorkerRegistry
 from papertrader.wire import Timeouts
 
 SESSION_SWEEP_INTERVAL = 3600.0
@@ -64,7 +64,14 @@ def timeouts(config: MasterConfig) -> Timeouts:
 
 
 class MasterService(service.MultiService):
-    """The whole master process."""
+    """The whole master process: the objects its services share, and the start-up they wait for.
+
+    `makeService` (``papertrader.master.tap``) adds the children: the event
+    log, the listener for workers, the local workers and the periodic jobs.
+    What they need first -- certificates, the database schema, the latest
+    prices -- is prepared when the service starts; the listener and the jobs
+    wait for it (`when_ready`).  A failure stops the process with the reason.
+    """
 
     log = EventLogger()
 
@@ -73,39 +80,27 @@ class MasterService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.database: Database | None = None
+        self.accounts: Accounts | None = None
         self.exchange: Exchange | None = None
         self.registry = WorkerRegistry(reactor)
         self.port: Any = None
-        self._loops: list[LoopingCall] = []
-        self._ticking: Deferred | None = None
         self.ready: Deferred[None] = Deferred()
+        self._waiting: list[Deferred[Any]] = []
+        self._prepared: _Prepared | None = None
+        self._listening: list[Deferred[Any]] = []
+
+    # ------------------------------------------------------------ start-up
 
     def startService(self) -> None:
+        self._open()
         super().startService()
-        d = self._start()
-        d.addCallbacks(self.ready.callback, self._failed_to_start)
+        self._prepare().addCallbacks(self._ready, self._failed_to_start)
 
-    def _failed_to_start(self, failure: Any) -> None:
-        self.ready.errback(failure)
-        self.ready.addErrback(lambda _: None)
-        abort_start(self.reactor, "master", failure)
-
-    @inlineCallbacks
-    def _start(self) -> Any:
+    def _open(self) -> None:
+        """Build the domain objects (no I/O here: the pool connects in its own threads)."""
         config = self.config
-        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-        master_identity, worker_identities = yield threads.deferToThread(prepare_identities, config)
-
         self.database = Database.open(config.database, config.data_dir)
-        version = yield self.database.migrate()
-        self.log.info(
-            "{backend} database {where}, schema version {version}",
-            backend=self.database.dialect.name,
-            where=describe(config.database) or "in the data directory",
-            version=version,
-        )
-
-        accounts = Accounts(
+        self.accounts = Accounts(
             self.database,
             self.reactor,
             bcrypt_cost=config.bcrypt_cost,
@@ -113,58 +108,102 @@ class MasterService(service.MultiService):
             session_lifetime=config.session_lifetime,
             remember_lifetime=config.remember_lifetime,
         )
-        board = PriceBoard(config.assets)
-        source = SimulatedPriceSource(config.assets, config.price_seed)
         self.exchange = Exchange(
-            self.database, accounts, board, source, self.reactor, config.max_order_quantity
+            self.database,
+            self.accounts,
+            PriceBoard(config.assets),
+            SimulatedPriceSource(config.assets, config.price_seed),
+            self.reactor,
+            config.max_order_quantity,
         )
-        yield self.exchange.resume()
         self.exchange.on_tick(self.registry.broadcast_tick)
 
-        options = yield threads.deferToThread(
-            tls.server_options, master_identity, require_client_certificate=True
+    @inlineCallbacks
+    def _prepare(self) -> Any:
+        config = self.config
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        master_identity, worker_identities = yield threads.deferToThread(prepare_identities, config)
+        version = yield self.database.migrate()
+        self.log.info(
+            "{backend} database {where}, schema version {version}",
+            backend=self.database.dialect.name,
+            where=describe(config.database) or "in the data directory",
+            version=version,
         )
-        endpoint = tls.tls_server_endpoint(self.reactor, config.listen, options)
-        self.port = yield endpoint.listen(
-            MasterFactory(
-                partial(
-                    MasterLocator,
-                    self.exchange,
-                    self.registry,
-                    config.update_interval,
-                    heartbeat_interval=config.heartbeat_interval,
-                ),
-                clock=self.reactor,
-                timeouts=timeouts(config),
-            )
+        yield self.exchange.resume()
+        options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
+        return _Prepared(options, worker_identities)
+
+    def _ready(self, prepared: _Prepared) -> None:
+        self._prepared = prepared
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(prepared)
+        self.ready.callback(None)
+
+    def _failed_to_start(self, failure: Any) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(CancelledError("the master could not start"))
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        abort_start(self.reactor, "master", failure)
+
+    def when_ready(self) -> Deferred[_Prepared]:
+        """Fires once start-up has prepared everything (fails with CancelledError if it could not)."""
+        if self._prepared is not None:
+            return succeed(self._prepared)
+        d: Deferred[_Prepared] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    # ------------------------------------------------------------ what the children call
+
+    def worker_endpoint(self) -> _ListenWhenReady:
+        """Where workers connect: the configured endpoint with TLS, listening once start-up is done."""
+        return _ListenWhenReady(self)
+
+    def new_locator(self) -> MasterLocator:
+        """The responders for one new worker connection."""
+        return MasterLocator(
+            self.exchange,
+            self.registry,
+            self.config.update_interval,
+            heartbeat_interval=self.config.heartbeat_interval,
         )
-        self.log.info("listening for workers on {address}", address=self.port.getHost())
 
-        self._start_loop(self._tick, config.update_interval)
-        self._start_loop(accounts.forget_expired, SESSION_SWEEP_INTERVAL, now=False)
+    def _listening_on(self, port: Any) -> Any:
+        self.port = port
+        self.log.info("listening for workers on {address}", address=port.getHost())
+        waiting, self._listening = self._listening, []
+        for d in waiting:
+            d.callback(port)
+        return port
 
-        if config.workers:
-            self._start_local_workers(worker_identities)
+    def tick(self) -> Deferred:
+        """One price update and settlement (the update loop's job), once start-up is done."""
+        return self.when_ready().addCallbacks(lambda _: self.exchange.tick(), _quietly_cancelled)
 
-    def _tick(self) -> Deferred:
-        self._ticking = self.exchange.tick()
-        return self._ticking
+    def sweep_sessions(self) -> Deferred:
+        """Forget expired sessions (a periodic job), once start-up is done."""
+        return self.when_ready().addCallbacks(lambda _: self.accounts.forget_expired(), _quietly_cancelled)
 
-    def _start_loop(self, job: Any, interval: float, now: bool = True) -> None:
-        loop = LoopingCall(job)
-        loop.clock = self.reactor
-        loop.start(interval, now=now).addErrback(
-            lambda f: self.log.failure("periodic job stopped", f)
-        )
-        self._loops.append(loop)
+    def local_worker_commands(self) -> Deferred[list[tuple[str, list[str]]]]:
+        """The command lines of the local workers, once the master listens (they need its port)."""
+        if self.port is not None:
+            return succeed(self._local_worker_commands())
+        d: Deferred[Any] = Deferred()
+        self._listening.append(d)
+        return d.addCallback(lambda _: self._local_worker_commands())
 
-    def _start_local_workers(self, identities: list[tls.Identity]) -> None:
+    def _local_worker_commands(self) -> list[tuple[str, list[str]]]:
         config = self.config
         log_dir = os.path.join(config.data_dir, "logs")
         os.makedirs(log_dir, exist_ok=True)
         master_address = f"{config.hostnames[0]}:{self.port.getHost().port}"
         commands = []
-        for index, identity in enumerate(identities):
+        for index, identity in enumerate(self._prepared.worker_identities):
             name = local_worker_name(index)
             commands.append(
                 (
@@ -190,19 +229,42 @@ class MasterService(service.MultiService):
                     ],
                 )
             )
-        LocalWorkers(self.reactor, commands, log_dir).setServiceParent(self)
+        return commands
+
+    # ------------------------------------------------------------ shutdown
 
     @inlineCallbacks
     def stopService(self) -> Any:
-        # Own work first, then the children (local workers, and the event log
-        # last of all, so it still holds what this shutdown logs), then the pool.
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        if self.port is not None:
-            yield self.port.stopListening()
-        if self._ticking is not None:
-            yield self._ticking
+        # The children stop together (the update loop waits for a running
+        # update; the event log writes each later entry at once); the pool last.
         yield super().stopService()
         if self.database is not None:
             self.database.close()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class _Prepared:
+    """What start-up prepared: the listener's TLS options and the local workers' certificates."""
+
+    options: Any
+    worker_identities: list[tls.Identity]
+
+
+def _quietly_cancelled(failure: Any) -> None:
+    failure.trap(CancelledError)  # start-up failed; the process is stopping
+
+
+class _ListenWhenReady:
+    """The master's listening endpoint: TLS over the configured endpoint, once start-up is done."""
+
+    def __init__(self, master: MasterService) -> None:
+        self.master = master
+
+    def listen(self, factory: Any) -> Deferred:
+        master = self.master
+
+        def listen(prepared: _Prepared) -> Deferred:
+            endpoint = tls.tls_server_endpoint(master.reactor, master.config.listen, prepared.options)
+            return endpoint.listen(factory).addCallback(master._listening_on).addErrback(master._failed_to_start)
+
+        return master.when_ready().addCallback(listen)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService
 from twisted.python import usage
 
 from papertrader.config import KEYS, load_master_config
 from papertrader.errors import ConfigError
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
-from papertrader.master.service import MasterService
+from papertrader.master.protocol import MasterFactory
+from papertrader.master.service import SESSION_SWEEP_INTERVAL, MasterService, timeouts
+from papertrader.master.workers import LocalWorkers
 
 
 class Options(usage.Options):
@@ -33,6 +36,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    """Wire the master: event log first (it starts first and stops last), then listener, local workers, loops."""
     from twisted.internet import reactor
 
     config = options.config
@@ -42,5 +46,15 @@ def makeService(options: Options) -> IService:
         capacity=config.log_memory_entries,
         run_in_thread=reactor.callInThread,
     )
-    EventLogService(events, reactor).setServiceParent(master)  # first child: starts first, stops last
+    EventLogService(events, reactor).setServiceParent(master)
+    StreamServerEndpointService(
+        master.worker_endpoint(),
+        MasterFactory(master.new_locator, clock=reactor, timeouts=timeouts(config)),
+    ).setServiceParent(master)
+    if config.workers:
+        LocalWorkers(reactor, master.local_worker_commands).setServiceParent(master)
+    for interval, job in ((config.update_interval, master.tick), (SESSION_SWEEP_INTERVAL, master.sweep_sessions)):
+        loop = TimerService(interval, job)
+        loop.clock = reactor
+        loop.setServiceParent(master)
     return master

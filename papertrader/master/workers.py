@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application import service
@@ -129,19 +129,23 @@ class LocalWorkers(service.Service):
     def __init__(
         self,
         reactor: IReactorProcess | IReactorTime,
-        commands: Iterable[tuple[str, list[str]]],
-        log_dir: str,
+        commands: Callable[[], Deferred[Iterable[tuple[str, list[str]]]]],
         restart_delay: float = 2.0,
     ) -> None:
         self._reactor = reactor
-        self._commands = dict(commands)
-        self._log_dir = log_dir
+        self._get_commands = commands
+        self._commands: dict[str, list[str]] = {}
         self._restart_delay = restart_delay
         self._children: dict[str, _ChildProtocol] = {}
         self._transports: dict[str, Any] = {}
 
     def startService(self) -> None:
+        """Start every worker once ``commands()`` says how (it waits for the master's listener)."""
         super().startService()
+        self._get_commands().addCallback(self._start_all)
+
+    def _start_all(self, commands: Iterable[tuple[str, list[str]]]) -> None:
+        self._commands = dict(commands)
         for name in self._commands:
             self._spawn(name)
 

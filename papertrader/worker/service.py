@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import os
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import attr
 from twisted.application import service
 from twisted.internet import protocol, stdio, threads
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.python.failure import Failure
 
 from papertrader import tls
 from papertrader.daemon import abort_start
 from papertrader.eventlog import EventLogger
 from papertrader.wire import Timeouts
 from papertrader.worker.cache import QuoteCache
-from papertrader.worker.clients import ClientFactory, ClientLocator, ClientRegistry, MasterPushes
+from papertrader.worker.clients import ClientLocator, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
 
@@ -42,7 +43,12 @@ def _tls_options(identity: tls.Identity, master_host: str) -> tuple[Any, Any]:
 
 
 class WorkerService(service.MultiService):
-    """The whole worker process."""
+    """The whole worker process: the objects its services share, and start-up.
+
+    `makeService` (``papertrader.worker.tap``) adds the children: the event
+    log, the link to the master and the listener for clients.  Both wait for
+    the TLS options, which are loaded in a thread when the service starts.
+    """
 
     log = EventLogger()
 
@@ -53,52 +59,81 @@ class WorkerService(service.MultiService):
         self.cache = QuoteCache()
         self.clients = ClientRegistry()
         self.port: Any = None
-        self.link: MasterLink | None = None
         self.ready: Deferred[None] = Deferred()
-
-    def startService(self) -> None:
-        super().startService()
-        if self.config.exit_with_stdin:
-            stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
-        self._start().addCallbacks(self.ready.callback, self._failed_to_start)
-
-    def _failed_to_start(self, failure: Any) -> None:
-        self.ready.errback(failure)
-        self.ready.addErrback(lambda _: None)
-        abort_start(self.reactor, "worker", failure)
-
-    @inlineCallbacks
-    def _start(self) -> Any:
-        config = self.config
-        server_options, master_options = yield threads.deferToThread(
-            _tls_options, config.identity, config.master_host
-        )
+        self._options: tuple[Any, Any] | None = None
+        self._waiting: list[Deferred[Any]] = []
         self.link = MasterLink(
-            self.reactor,
-            tls.tls_client_endpoint(self.reactor, config.master_host, config.master_port, master_options),
+            reactor,
+            _WhenReady(self, self._connect_to_master),
             config.name,
             self.cache,
             MasterPushes(self.cache, self.clients),
             timeouts=config.timeouts,
         )
-        self.link.service.setServiceParent(self)
-        batcher = OrderBatcher(self.reactor, self.link.call)
-        factory = ClientFactory(
-            partial(ClientLocator, self.reactor, self.link, batcher, self.cache, self.clients),
-            clock=self.reactor,
-            timeouts=config.timeouts,
+        self.batcher = OrderBatcher(reactor, self.link.call)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.config.exit_with_stdin:
+            stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
+        config = self.config
+        threads.deferToThread(_tls_options, config.identity, config.master_host).addCallbacks(
+            self._ready, self._failed_to_start
         )
-        endpoint = tls.tls_server_endpoint(self.reactor, config.listen, server_options)
-        self.port = yield endpoint.listen(factory)
-        host = self.port.getHost()
-        self.log.info("listening for clients on {address}", address=host)
-        if config.address_file:
-            yield threads.deferToThread(_write_address, config.address_file, f"{host.host}:{host.port}")
+
+    def _ready(self, options: tuple[Any, Any]) -> None:
+        self._options = options
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(options)
+        self.ready.callback(None)
+
+    def _failed_to_start(self, failure: Any) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(CancelledError("the worker could not start"))
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        abort_start(self.reactor, "worker", failure)
+
+    def _when_ready(self) -> Deferred[tuple[Any, Any]]:
+        if self._options is not None:
+            return succeed(self._options)
+        d: Deferred[tuple[Any, Any]] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    # ------------------------------------------------------------ what the children use
+
+    def client_endpoint(self) -> _WhenReady:
+        """Where clients connect: the configured endpoint with TLS, once the options are loaded."""
+        return _WhenReady(self, self._listen_for_clients)
+
+    def new_locator(self) -> ClientLocator:
+        """The responders for one new client connection."""
+        return ClientLocator(self.reactor, self.link, self.batcher, self.cache, self.clients)
+
+    def _connect_to_master(self, options: tuple[Any, Any], factory: Any) -> Deferred:
+        config = self.config
+        endpoint = tls.tls_client_endpoint(self.reactor, config.master_host, config.master_port, options[1])
+        return endpoint.connect(factory)
+
+    @inlineCallbacks
+    def _listen_for_clients(self, options: tuple[Any, Any], factory: Any) -> Any:
+        try:
+            self.port = yield tls.tls_server_endpoint(self.reactor, self.config.listen, options[0]).listen(factory)
+            host = self.port.getHost()
+            self.log.info("listening for clients on {address}", address=host)
+            if self.config.address_file:
+                yield threads.deferToThread(_write_address, self.config.address_file, f"{host.host}:{host.port}")
+        except Exception:
+            self._failed_to_start(Failure())
+            raise CancelledError("the worker could not listen") from None
+        return self.port
 
     @inlineCallbacks
     def stopService(self) -> Any:
-        if self.port is not None:
-            yield self.port.stopListening()
         for connection in list(self.clients.connections):
             connection.transport.loseConnection()
         yield super().stopService()
@@ -107,6 +142,19 @@ class WorkerService(service.MultiService):
                 os.unlink(self.config.address_file)
             except OSError:
                 pass
+
+
+class _WhenReady:
+    """An endpoint (listening or connecting) whose work waits until the worker's TLS options are loaded."""
+
+    def __init__(self, worker: WorkerService, act: Callable[[tuple[Any, Any], Any], Deferred]) -> None:
+        self.worker = worker
+        self.act = act
+
+    def listen(self, factory: Any) -> Deferred:
+        return self.worker._when_ready().addCallback(self.act, factory)
+
+    connect = listen
 
 
 class _ParentWatch(protocol.Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -12,6 +13,7 @@ from papertrader import tls
 from papertrader.config import check_endpoint, positive_seconds
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
 from papertrader.wire import Timeouts
+from papertrader.worker.clients import ClientFactory
 from papertrader.worker.service import WorkerConfig, WorkerService
 
 
@@ -83,13 +85,20 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    """Wire the worker: event log first (it starts first and stops last), the master link, the client listener."""
     from twisted.internet import reactor
 
-    worker = WorkerService(options.config, reactor)
+    config = options.config
+    worker = WorkerService(config, reactor)
     events = BufferedFileLogObserver(
         os.path.abspath(options["event-log"]),
         capacity=options["log-memory-entries"],
         run_in_thread=reactor.callInThread,
     )
-    EventLogService(events, reactor).setServiceParent(worker)  # first child: starts first, stops last
+    EventLogService(events, reactor).setServiceParent(worker)
+    worker.link.service.setServiceParent(worker)
+    StreamServerEndpointService(
+        worker.client_endpoint(),
+        ClientFactory(worker.new_locator, clock=reactor, timeouts=config.timeouts),
+    ).setServiceParent(worker)
     return worker
