@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 
 from papertrader.errors import (
+    LoginFailed,
     PaperTraderError,
     ServiceUnavailable,
     WorkerRefused,
@@ -147,6 +148,13 @@ class MasterLocator(amp.CommandLocator):
     @inlineCallbacks
     def register(self, username: str, email: str, password: str, received_at: str, client_address: str) -> Any:
         name = yield self.exchange.accounts.register(username, email, password)
+        self.log.info(
+            "account {username} registered by {address} via worker {worker} at {received_at}",
+            username=name,
+            address=client_address,
+            worker=self.worker,
+            received_at=received_at,
+        )
         returnValue({"username": name})
 
     @RelayedLogin.responder
@@ -155,7 +163,17 @@ class MasterLocator(amp.CommandLocator):
     def login(
         self, username: str, password: str, received_at: str, client_address: str, remember: bool = False
     ) -> Any:
-        session = yield self.exchange.accounts.login(username, password, bool(remember))
+        try:
+            session = yield self.exchange.accounts.login(username, password, bool(remember))
+        except LoginFailed:
+            self.connection.note(
+                "info",
+                "failed login as {username} by {address} via worker {worker}",
+                username=username[:64],
+                address=client_address[:64],
+                worker=self.worker,
+            )
+            raise
         returnValue(
             {"token": session.token, "username": session.username, "expires_at": iso(session.expires_at)}
         )
