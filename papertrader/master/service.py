@@ -104,7 +104,13 @@ class MasterService(service.MultiService):
             starting_cash_cents=config.starting_cash_cents,
             session_lifetime=config.session_lifetime,
             remember_lifetime=config.remember_lifetime,
+            session_idle_timeout=config.session_idle_timeout,
+            remember_idle_timeout=config.remember_idle_timeout,
+            login_failures_allowed=config.login_failures_allowed,
+            login_delay=config.login_delay,
+            login_max_delay=config.login_max_delay,
         )
+        yield accounts.start()
         board = PriceBoard(config.assets)
         source = SimulatedPriceSource(config.assets, config.price_seed)
         self.exchange = Exchange(
