@@ -329,7 +329,6 @@ class Accounts:
         """
         if not _USERNAME.match(username) or len(password.encode("utf-8")) > MAX_PASSWORD:
             raise LoginFailed(LOGIN_FAILED)  # no account can have these
-        user = None
         with _Attempt(self, username, client_address) as attempt:
             if not attempt.allowed:
                 raise LoginFailed(LOGIN_FAILED)
