@@ -55,6 +55,12 @@ class MasterConfig:
     max_order_quantity: int = 100_000
     session_lifetime: float = 24 * 3600.0
     remember_lifetime: float = 30 * 24 * 3600.0
+    session_idle_timeout: float = 3600.0
+    remember_idle_timeout: float = 7 * 24 * 3600.0
+    login_failures_allowed: int = 5
+    login_address_failures_allowed: int = 20
+    login_delay: float = 1.0
+    login_max_delay: float = 900.0
     price_seed: int | None = None
     handshake_timeout: float = 30.0
     idle_timeout: float = 300.0
@@ -127,6 +133,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_order_quantity": ("max_order_quantity", _int_in(1, 1_000_000_000)),
     "session_lifetime": ("session_lifetime", positive_seconds),
     "remember_lifetime": ("remember_lifetime", positive_seconds),
+    "session_idle_timeout": ("session_idle_timeout", positive_seconds),
+    "remember_idle_timeout": ("remember_idle_timeout", positive_seconds),
+    "login_failures_allowed": ("login_failures_allowed", _int_in(1, 1000)),
+    "login_address_failures_allowed": ("login_address_failures_allowed", _int_in(1, 100_000)),
+    "login_delay": ("login_delay", positive_seconds),
+    "login_max_delay": ("login_max_delay", positive_seconds),
     "price_seed": ("price_seed", _seed),
     "handshake_timeout": ("handshake_timeout", positive_seconds),
     "idle_timeout": ("idle_timeout", positive_seconds),
@@ -190,6 +202,9 @@ def load_master_config(path: str | None, overrides: Mapping[str, str | None]) ->
     except (OSError, UnicodeDecodeError) as e:
         problems.append(f"assets: cannot read {assets_file}: {e}")
 
+    delay, max_delay = values.get("login_delay", 1.0), values.get("login_max_delay", 900.0)
+    if max_delay < delay:
+        problems.append(f"login_max_delay: must be at least login_delay ({delay:g} s), got {max_delay:g}")
     if "data_dir" in values:
         values["data_dir"] = os.path.abspath(os.path.expanduser(values["data_dir"]))
         if os.path.exists(values["data_dir"]) and not os.path.isdir(values["data_dir"]):

@@ -35,6 +35,10 @@ class SessionInvalid(PaperTraderError):
     """The session token is missing, unknown, forged or expired."""
 
 
+class PasswordChangeFailed(PaperTraderError):
+    """A password change was refused (wrong current password, unacceptable new one)."""
+
+
 class PurchaseFailed(PaperTraderError):
     """A buy order was refused before it was queued."""
 

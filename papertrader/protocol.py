@@ -2,7 +2,8 @@
 
 Traffic in each direction:
 
-- client -> worker: Register, Login, LoginWithToken, Logout, GetAssetValue,
+- client -> worker: Register, Login, LoginWithToken, Logout, LogoutEverywhere,
+  ChangePassword, GetAssetValue,
   PurchaseAsset, SellAsset, ListOrders, GetUserPortfolio,
   GetUserTransactionHistory.
 - worker -> master: WorkerHello first (the handshake), then each client
@@ -37,6 +38,7 @@ from papertrader.errors import (
     LoginFailed,
     OrderConflict,
     PaperTraderError,
+    PasswordChangeFailed,
     PurchaseFailed,
     RegisterFailed,
     SellFailed,
@@ -74,6 +76,7 @@ WIRE_CODES: dict[type[PaperTraderError], bytes] = {
     DataFailed: b"DATA_FAILED",
     WorkerRefused: b"WORKER_REFUSED",
     OrderConflict: b"ORDER_CONFLICT",
+    PasswordChangeFailed: b"PASSWORD_CHANGE_FAILED",
 }
 _ERRORS_BY_CODE = {code.decode("ascii"): error for error, code in WIRE_CODES.items()}
 
@@ -142,6 +145,26 @@ class Logout(amp.Command):
     arguments = [(b"token", amp.Unicode())]
     response: list = []
     errors = dict(_SESSION)
+
+
+class LogoutEverywhere(amp.Command):
+    """End every session of the token's user, on every device and worker; answers how many ended."""
+
+    arguments = [(b"token", amp.Unicode())]
+    response = [(b"sessions", amp.Integer())]
+    errors = dict(_SESSION)
+
+
+class ChangePassword(amp.Command):
+    """Replace the password; every session of the user ends, this one too (log in again)."""
+
+    arguments = [
+        (b"token", amp.Unicode()),
+        (b"old_password", amp.Unicode()),
+        (b"new_password", amp.Unicode()),
+    ]
+    response = [(b"sessions", amp.Integer())]
+    errors = declared(SessionInvalid, PasswordChangeFailed)
 
 
 class GetAssetValue(amp.Command):
@@ -286,6 +309,8 @@ RELAYED: dict[type[amp.Command], type[amp.Command]] = {
         Login,
         LoginWithToken,
         Logout,
+        LogoutEverywhere,
+        ChangePassword,
         GetAssetValue,
         ListOrders,
         GetUserPortfolio,
@@ -296,6 +321,8 @@ RelayedRegister = RELAYED[Register]
 RelayedLogin = RELAYED[Login]
 RelayedLoginWithToken = RELAYED[LoginWithToken]
 RelayedLogout = RELAYED[Logout]
+RelayedLogoutEverywhere = RELAYED[LogoutEverywhere]
+RelayedChangePassword = RELAYED[ChangePassword]
 RelayedGetAssetValue = RELAYED[GetAssetValue]
 RelayedListOrders = RELAYED[ListOrders]
 RelayedGetUserPortfolio = RELAYED[GetUserPortfolio]

@@ -132,9 +132,9 @@ class Deployment:
         self.flush()
         return handshake
 
-    def client(self) -> PaperTraderClient:
-        """A new client connected to the worker."""
-        address = IPv4Address("TCP", "192.168.1.1", 40000 + len(self.pumps))
+    def client(self, host: str = "192.168.1.1") -> PaperTraderClient:
+        """A new client connected to the worker from ``host``."""
+        address = IPv4Address("TCP", host, 40000 + len(self.pumps))
         connection, _, pump = iosim.connectedServerAndClient(
             lambda: self.client_factory.buildProtocol(address),
             ClientAMP,

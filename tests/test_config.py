@@ -88,6 +88,28 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(self.config.session_lifetime, 86400.0)
         self.assertEqual(self.config.remember_lifetime, 2_592_000.0)
 
+    def test_sessionsAndLogins(self) -> None:
+        """Sessions end after an hour unused (a week with "remember me"); after 5 failed logins
+        for an account (20 from an address) further ones wait 1 s, doubling up to 900 s."""
+        self.assertEqual(self.config.session_idle_timeout, 3600.0)
+        self.assertEqual(self.config.remember_idle_timeout, 604_800.0)
+        self.assertEqual(self.config.login_failures_allowed, 5)
+        self.assertEqual(self.config.login_address_failures_allowed, 20)
+        self.assertEqual(self.config.login_delay, 1.0)
+        self.assertEqual(self.config.login_max_delay, 900.0)
+
+    def test_connectionTimeouts(self) -> None:
+        """The sample's connection timeouts are the documented defaults: 30 s, 300 s, 3600 s, heartbeats every 10 s."""
+        self.assertEqual(
+            (
+                self.config.handshake_timeout,
+                self.config.idle_timeout,
+                self.config.logged_in_idle_timeout,
+                self.config.heartbeat_interval,
+            ),
+            (30.0, 300.0, 3600.0, 10.0),
+        )
+
     def test_emptyPriceSeed(self) -> None:
         """The sample's empty C{price_seed} means no fixed seed."""
         self.assertIsNone(self.config.price_seed)
@@ -111,6 +133,11 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
             "max_order_quantity",
             "session_lifetime",
             "remember_lifetime",
+            "session_idle_timeout",
+            "remember_idle_timeout",
+            "login_failures_allowed",
+            "login_delay",
+            "login_max_delay",
             "price_seed",
             "data_dir",
         ):
@@ -279,6 +306,11 @@ class LoadMasterConfigTests(ConfigTestMixin, SynchronousTestCase):
             "max_order_quantity = 0\n"
             "session_lifetime = nan\n"
             "remember_lifetime = inf\n"
+            "session_idle_timeout = 0\n"
+            "remember_idle_timeout = soon\n"
+            "login_failures_allowed = 0\n"
+            "login_delay = -1\n"
+            "login_max_delay = nan\n"
             "price_seed = abc\n"
             "colour = blue\n"
             "[extras]\n"
@@ -296,6 +328,11 @@ class LoadMasterConfigTests(ConfigTestMixin, SynchronousTestCase):
             "max_order_quantity",
             "session_lifetime",
             "remember_lifetime",
+            "session_idle_timeout",
+            "remember_idle_timeout",
+            "login_failures_allowed",
+            "login_delay",
+            "login_max_delay",
             "price_seed",
         ]
         for key in expected:
@@ -303,6 +340,34 @@ class LoadMasterConfigTests(ConfigTestMixin, SynchronousTestCase):
         self.assertTrue(any("unknown key 'colour'" in p for p in problems), problems)
         self.assertTrue(any("unknown section [extras]" in p for p in problems), problems)
         self.assertEqual(len(problems), len(expected) + 2, problems)
+
+    def test_sessionAndLoginOverrides(self) -> None:
+        """The idle timeouts and login throttling settings can be overridden like any other."""
+        config = load_master_config(
+            SAMPLE_CONFIG,
+            {
+                "session_idle_timeout": "600",
+                "remember_idle_timeout": "86400",
+                "login_failures_allowed": "3",
+                "login_delay": "0.5",
+                "login_max_delay": "60",
+            },
+        )
+        self.assertEqual(
+            (
+                config.session_idle_timeout,
+                config.remember_idle_timeout,
+                config.login_failures_allowed,
+                config.login_delay,
+                config.login_max_delay,
+            ),
+            (600.0, 86400.0, 3, 0.5, 60.0),
+        )
+
+    def test_loginMaxDelayBelowDelay(self) -> None:
+        """A maximum login delay shorter than the first delay is refused, naming both."""
+        problems = self.problems(SAMPLE_CONFIG, {"login_delay": "10", "login_max_delay": "5"})
+        self.assertEqual(problems, ["login_max_delay: must be at least login_delay (10 s), got 5"])
 
     def test_rangeMessages(self) -> None:
         """Out-of-range numbers say the allowed range and the value given."""

@@ -165,6 +165,42 @@ class EndToEndTests(TestCase):
         self.assertEqual(fill["status"], "filled")
 
     @inlineCallbacks
+    def test_account_protection(self) -> Any:
+        """Through the CLI: wrong passwords are throttled (one message); passwd and logout --everywhere end sessions."""
+        d = self.deployment
+        yield d.cli_json("register", "dana", "dana@example.com", "--password-file", self.password)
+        wrong = d.password_file("not the password")
+        messages = set()
+        for _ in range(6):
+            code, out, err = yield d.cli("login", "dana", "--password-file", wrong)
+            self.assertEqual(code, 1, err)
+            messages.add(err)
+        code, out, err = yield d.cli("login", "dana", "--password-file", self.password)
+        self.assertEqual(code, 1, "the right password too is refused while the account is throttled")
+        self.assertEqual(messages, {err})
+
+        yield d.cli_json("register", "erin", "erin@example.com", "--password-file", self.password)
+        yield d.cli_json("login", "erin", "--password-file", self.password)
+        session_file = os.path.join(d.base, "config", "papertrader", "session.json")
+        with open(session_file, encoding="utf-8") as f:
+            first = json.load(f)
+        yield d.cli_json("login", "erin", "--password-file", self.password)
+        new = d.password_file("a brand new secret")
+        code, out, err = yield d.cli("passwd", "--password-file", self.password, "--new-password-file", new)
+        self.assertEqual(code, 0, err)
+        self.assertIn("2 sessions ended", out)
+        with open(session_file, "w", encoding="utf-8") as f:
+            json.dump(first, f)
+        code, out, err = yield d.cli("portfolio")
+        self.assertEqual(code, 1)
+        self.assertIn("log in again", err)
+        code, out, err = yield d.cli("login", "erin", "--password-file", self.password)
+        self.assertEqual(code, 1)
+        yield d.cli_json("login", "erin", "--password-file", new)
+        ended = yield d.cli_json("logout", "--everywhere")
+        self.assertEqual(ended["sessions"], 1)
+
+    @inlineCallbacks
     def test_worker_name_bound_to_certificate(self) -> Any:
         """Over real TLS, a certificate of the deployment that does not name the worker cannot log in as it."""
         d = self.deployment

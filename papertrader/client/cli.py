@@ -77,11 +77,18 @@ def forget_session() -> None:
         pass
 
 
-def read_password(args: argparse.Namespace, confirm: bool = False) -> str:
-    """From ``--password-file`` (first line) or a prompt; never from the command line."""
-    if args.password_file:
+def read_password(
+    args: argparse.Namespace,
+    confirm: bool = False,
+    option: str = "password_file",
+    prompt: str = "Password",
+) -> str:
+    """From the file option ``option`` (first line) or a prompt; never from the command line."""
+    path = getattr(args, option)
+    flag = "--" + option.replace("_", "-")
+    if path:
         try:
-            with open(args.password_file, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 password = f.readline().rstrip("\r\n")
         except OSError as e:
             raise CommandError(f"cannot read password file: {e.strerror}") from None
@@ -90,9 +97,9 @@ def read_password(args: argparse.Namespace, confirm: bool = False) -> str:
         _check_sendable("the password", password)
         return password
     if not sys.stdin.isatty():
-        raise CommandError("no terminal to prompt for a password; use --password-file FILE")
-    password = getpass.getpass("Password: ")
-    if confirm and getpass.getpass("Password again: ") != password:
+        raise CommandError(f"no terminal to prompt for a password; use {flag} FILE")
+    password = getpass.getpass(f"{prompt}: ")
+    if confirm and getpass.getpass(f"{prompt} again: ") != password:
         raise CommandError("the passwords do not match")
     return password
 
@@ -186,10 +193,30 @@ def cmd_login(client: PaperTraderClient, args: argparse.Namespace, session: Any,
 def cmd_logout(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
     client.token = _session_token(session)
     try:
-        yield client.logout()
+        if args.everywhere:
+            answer = yield client.logout_everywhere()
+        else:
+            answer = yield client.logout()
     finally:
         forget_session()
-    _print(args, {}, "logged out")
+    if args.everywhere:
+        _print(args, answer, f"logged out everywhere ({answer['sessions']} sessions ended)")
+    else:
+        _print(args, {}, "logged out")
+
+
+@inlineCallbacks
+def cmd_passwd(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    client.token = _session_token(session)
+    old = read_password(args, prompt="Current password")
+    new = read_password(args, confirm=True, option="new_password_file", prompt="New password")
+    answer = yield client.change_password(old, new)
+    forget_session()
+    _print(
+        args,
+        answer,
+        f"password changed; {answer['sessions']} sessions ended everywhere; log in again with the new password",
+    )
 
 
 @inlineCallbacks
@@ -316,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p.add_argument("--remember", action="store_true", help="keep the session for longer")
     p.add_argument("--password-file", metavar="FILE", help="read the password from FILE's first line")
-    add("logout", cmd_logout, "end the saved session")
+    p = add("logout", cmd_logout, "end the saved session")
+    p.add_argument("--everywhere", action="store_true", help="end every session of this account, on every device")
+    p = add("passwd", cmd_passwd, "change your password (ends every session: log in again)")
+    p.add_argument("--password-file", metavar="FILE", help="read the current password from FILE's first line")
+    p.add_argument("--new-password-file", metavar="FILE", help="read the new password from FILE's first line")
     p = add("quote", cmd_quote, "show an asset's latest price")
     p.add_argument("symbol")
     for side in ("buy", "sell"):

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from papertrader import tls
 from papertrader.protocol import (
     MAX_LIST_LIMIT,
+    ChangePassword,
     GetAssetValue,
     GetUserPortfolio,
     GetUserTransactionHistory,
@@ -30,6 +31,7 @@ from papertrader.protocol import (
     Login,
     LoginWithToken,
     Logout,
+    LogoutEverywhere,
     OrderUpdate,
     PriceTick,
     PurchaseAsset,
@@ -139,6 +141,22 @@ class PaperTraderClient:
     @inlineCallbacks
     def logout(self) -> Any:
         answer = yield self.connection.callRemote(Logout, token=self.token or "")
+        self.token = None
+        returnValue(answer)
+
+    @inlineCallbacks
+    def logout_everywhere(self) -> Any:
+        """End every session of this user (every device); fires with the answer, ``sessions`` ended."""
+        answer = yield self.connection.callRemote(LogoutEverywhere, token=self.token or "")
+        self.token = None
+        returnValue(answer)
+
+    @inlineCallbacks
+    def change_password(self, old_password: str, new_password: str) -> Any:
+        """Change the password; every session ends, this one too, so log in again afterwards."""
+        answer = yield self.connection.callRemote(
+            ChangePassword, token=self.token or "", old_password=old_password, new_password=new_password
+        )
         self.token = None
         returnValue(answer)
 

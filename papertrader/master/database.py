@@ -149,11 +149,17 @@ class UserRecord:
 
 @attr.s(frozen=True, auto_attribs=True)
 class SessionRecord:
-    """A stored session."""
+    """A stored session.
+
+    ``last_used_at`` and ``remember`` are None for sessions stored before
+    schema version 4.
+    """
 
     user_id: int
     username: str
     expires_at: float
+    last_used_at: float | None = None
+    remember: bool | None = None
 
 
 def _sqlite_connected(connection: sqlite3.Connection) -> None:
@@ -321,13 +327,40 @@ class Database:
         row = txn.fetchone()
         return UserRecord(*row) if row else None
 
-    def create_session(self, token_hash: str, user_id: int, now: float, expires_at: float) -> Deferred:
-        """Store a new session."""
-        return self._run(
-            _execute,
-            "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
-            (token_hash, user_id, now, expires_at),
+    def create_session(
+        self,
+        token_hash: str,
+        user_id: int,
+        now: float,
+        expires_at: float,
+        remember: bool = False,
+        password_hash: str | None = None,
+    ) -> Deferred[bool]:
+        """Store a new session; fires with False (storing nothing) if ``password_hash`` is
+        given and is no longer the user's, i.e. the password changed since it was checked."""
+        return self._run(self._create_session, token_hash, user_id, now, expires_at, remember, password_hash)
+
+    @staticmethod
+    def _create_session(
+        txn: Cursor,
+        token_hash: str,
+        user_id: int,
+        now: float,
+        expires_at: float,
+        remember: bool,
+        password_hash: str | None,
+    ) -> bool:
+        if password_hash is not None:
+            txn.execute("SELECT password_hash FROM users WHERE id = ?", (user_id,))
+            row = txn.fetchone()
+            if row is None or row[0] != password_hash:
+                return False
+        txn.execute(
+            "INSERT INTO sessions (token_hash, user_id, created_at, expires_at, last_used_at, remember) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (token_hash, user_id, now, expires_at, now, int(remember)),
         )
+        return True
 
     def find_session(self, token_hash: str) -> Deferred[SessionRecord | None]:
         """The session stored under ``token_hash``, or None."""
@@ -336,20 +369,79 @@ class Database:
     @staticmethod
     def _find_session(txn: Cursor, token_hash: str) -> SessionRecord | None:
         txn.execute(
-            "SELECT s.user_id, u.username, s.expires_at FROM sessions s "
+            "SELECT s.user_id, u.username, s.expires_at, s.last_used_at, s.remember FROM sessions s "
             "JOIN users u ON u.id = s.user_id WHERE s.token_hash = ?",
             (token_hash,),
         )
         row = txn.fetchone()
-        return SessionRecord(*row) if row else None
+        if row is None:
+            return None
+        user_id, username, expires_at, last_used_at, remember = row
+        return SessionRecord(user_id, username, expires_at, last_used_at, None if remember is None else bool(remember))
+
+    def record_session_use(self, uses: Sequence[tuple[str, float]]) -> Deferred:
+        """Store when each session ``(token_hash, last_used_at)`` was last used (never moving it back)."""
+        return self._run(self._record_session_use, list(uses))
+
+    @staticmethod
+    def _record_session_use(txn: Cursor, uses: list[tuple[str, float]]) -> None:
+        txn.executemany(
+            "UPDATE sessions SET last_used_at = ? WHERE token_hash = ? "
+            "AND (last_used_at IS NULL OR last_used_at < ?)",
+            [(used, token_hash, used) for token_hash, used in uses],
+        )
 
     def delete_session(self, token_hash: str) -> Deferred:
         """Forget a session."""
         return self._run(_execute, "DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
 
-    def delete_expired_sessions(self, now: float) -> Deferred:
-        """Forget every session that expired before ``now``."""
-        return self._run(_execute, "DELETE FROM sessions WHERE expires_at <= ?", (now,))
+    def delete_user_sessions(self, user_id: int) -> Deferred[list[str]]:
+        """Forget every session of the user; fires with the token hashes deleted."""
+        return self._run(self._delete_user_sessions, user_id)
+
+    @staticmethod
+    def _delete_user_sessions(txn: Cursor, user_id: int) -> list[str]:
+        txn.execute("DELETE FROM sessions WHERE user_id = ? RETURNING token_hash", (user_id,))
+        return [row[0] for row in txn.fetchall()]
+
+    def delete_expired_sessions(
+        self, now: float, idle_since: float | None = None, remember_idle_since: float | None = None
+    ) -> Deferred:
+        """Forget every session that expired before ``now``, and those last used before
+        ``idle_since`` (``remember_idle_since`` for "remember me" sessions)."""
+        return self._run(self._delete_expired_sessions, now, idle_since, remember_idle_since)
+
+    @staticmethod
+    def _delete_expired_sessions(
+        txn: Cursor, now: float, idle_since: float | None, remember_idle_since: float | None
+    ) -> None:
+        txn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+        # Sessions from before schema version 4 (remember IS NULL) count as "remember me".
+        if idle_since is not None:
+            txn.execute("DELETE FROM sessions WHERE remember = 0 AND last_used_at <= ?", (idle_since,))
+        if remember_idle_since is not None:
+            txn.execute(
+                "DELETE FROM sessions WHERE (remember = 1 OR remember IS NULL) AND last_used_at <= ?",
+                (remember_idle_since,),
+            )
+
+    # ------------------------------------------------------------ users
+
+    def change_password(self, user_id: int, old_hash: str, new_hash: str) -> Deferred[list[str] | None]:
+        """Replace the user's password hash if it is still ``old_hash`` and forget all their
+        sessions, in one transaction; fires with the token hashes deleted, or None (nothing
+        changed) if the password changed meanwhile."""
+        return self._run(self._change_password, user_id, old_hash, new_hash)
+
+    @staticmethod
+    def _change_password(txn: Cursor, user_id: int, old_hash: str, new_hash: str) -> list[str] | None:
+        txn.execute(
+            "UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ? RETURNING id",
+            (new_hash, user_id, old_hash),
+        )
+        if not txn.fetchall():
+            return None
+        return Database._delete_user_sessions(txn, user_id)
 
     # ------------------------------------------------------------ orders
 

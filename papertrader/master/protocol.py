@@ -34,6 +34,7 @@ from papertrader.protocol import (
     ListAssets,
     OrderRequest,
     OrderResult,
+    RelayedChangePassword,
     RelayedGetAssetValue,
     RelayedGetUserPortfolio,
     RelayedGetUserTransactionHistory,
@@ -41,6 +42,7 @@ from papertrader.protocol import (
     RelayedLogin,
     RelayedLoginWithToken,
     RelayedLogout,
+    RelayedLogoutEverywhere,
     RelayedRegister,
     SubmitOrders,
     WorkerHello,
@@ -164,7 +166,7 @@ class MasterLocator(amp.CommandLocator):
         self, username: str, password: str, received_at: str, client_address: str, remember: bool = False
     ) -> Any:
         try:
-            session = yield self.exchange.accounts.login(username, password, bool(remember))
+            session = yield self.exchange.accounts.login(username, password, bool(remember), client_address)
         except LoginFailed:
             self.connection.note(
                 "info",
@@ -177,6 +179,28 @@ class MasterLocator(amp.CommandLocator):
         returnValue(
             {"token": session.token, "username": session.username, "expires_at": iso(session.expires_at)}
         )
+
+    @RelayedLogoutEverywhere.responder
+    @_guarded
+    @inlineCallbacks
+    def logout_everywhere(self, token: str, received_at: str, client_address: str) -> Any:
+        ended = yield self.exchange.accounts.logout_everywhere(token)
+        returnValue({"sessions": ended})
+
+    @RelayedChangePassword.responder
+    @_guarded
+    @inlineCallbacks
+    def change_password(
+        self, token: str, old_password: str, new_password: str, received_at: str, client_address: str
+    ) -> Any:
+        ended = yield self.exchange.accounts.change_password(token, old_password, new_password, client_address)
+        self.log.info(
+            "password changed by {address} via worker {worker}; {count} sessions ended",
+            address=client_address,
+            worker=self.worker,
+            count=ended,
+        )
+        returnValue({"sessions": ended})
 
     @RelayedLoginWithToken.responder
     @_guarded

@@ -107,6 +107,12 @@ class MasterService(service.MultiService):
             starting_cash_cents=config.starting_cash_cents,
             session_lifetime=config.session_lifetime,
             remember_lifetime=config.remember_lifetime,
+            session_idle_timeout=config.session_idle_timeout,
+            remember_idle_timeout=config.remember_idle_timeout,
+            login_failures_allowed=config.login_failures_allowed,
+            login_address_failures_allowed=config.login_address_failures_allowed,
+            login_delay=config.login_delay,
+            login_max_delay=config.login_max_delay,
         )
         self.exchange = Exchange(
             self.database,
@@ -124,6 +130,7 @@ class MasterService(service.MultiService):
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         master_identity, worker_identities = yield threads.deferToThread(prepare_identities, config)
         version = yield self.database.migrate()
+        yield self.accounts.start()
         self.log.info(
             "{backend} database {where}, schema version {version}",
             backend=self.database.dialect.name,

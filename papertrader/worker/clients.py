@@ -24,11 +24,13 @@ from papertrader.protocol import (
     MAX_SYMBOL_LENGTH,
     MAX_TOKEN_LENGTH,
     RELAYED,
+    ChangePassword,
     GetAssetValue,
     Heartbeat,
     Login,
     LoginWithToken,
     Logout,
+    LogoutEverywhere,
     OrderRequest,
     OrderResult,
     OrderUpdate,
@@ -181,6 +183,20 @@ class ClientLocator(amp.CommandLocator):
     @inlineCallbacks
     def logout(self, token: str) -> Any:
         answer = yield self.relay(Logout, token=token)
+        self.clients.detach(self.connection)
+        returnValue(answer)
+
+    @LogoutEverywhere.responder
+    @inlineCallbacks
+    def logout_everywhere(self, token: str) -> Any:
+        answer = yield self.relay(LogoutEverywhere, token=token)
+        self.clients.detach(self.connection)
+        returnValue(answer)
+
+    @ChangePassword.responder
+    @inlineCallbacks
+    def change_password(self, token: str, old_password: str, new_password: str) -> Any:
+        answer = yield self.relay(ChangePassword, token=token, old_password=old_password, new_password=new_password)
         self.clients.detach(self.connection)
         returnValue(answer)
 
