@@ -19,7 +19,6 @@ from zope.interface import implementer
 
 from papertrader import tls
 from papertrader.protocol import (
-    MAX_LIST_LIMIT,
     GetAssetValue,
     GetUserPortfolio,
     GetUserTransactionHistory,
@@ -98,7 +97,7 @@ class PaperTraderClient:
 
     def _price_tick(self, tick: dict[str, Any]) -> None:
         if self._waiting and self.token:
-            self.orders(MAX_LIST_LIMIT).addCallbacks(self._look_up_waiting, lambda _: None)
+            self.orders_page().addCallbacks(self._look_up_waiting, lambda _: None)
         if self._on_price_tick is not None:
             self._on_price_tick(tick)
 
@@ -149,14 +148,42 @@ class PaperTraderClient:
             SellAsset, token=self.token or "", symbol=symbol, quantity=str(quantity)
         )
 
-    def orders(self, limit: int | None = None) -> Deferred:
-        return self.connection.callRemote(ListOrders, token=self.token or "", limit=limit)
+    def orders(self, limit: int | None = None) -> Deferred[dict[str, Any]]:
+        """The newest ``limit`` orders (None: every one), read page by page, as ``{"orders": [...]}``."""
+        return self._rows(self.orders_page, "orders", limit)
+
+    def orders_page(self, cursor: str | None = None) -> Deferred[dict[str, Any]]:
+        """One page of orders, newest first: ``orders``, ``page``, ``pages`` and ``next_cursor`` but on the last.
+
+        Without ``cursor`` the first page; pass ``next_cursor`` for the next.
+        """
+        return self.connection.callRemote(ListOrders, token=self.token or "", cursor=cursor)
 
     def portfolio(self) -> Deferred:
         return self.connection.callRemote(GetUserPortfolio, token=self.token or "")
 
-    def history(self, limit: int | None = None) -> Deferred:
-        return self.connection.callRemote(GetUserTransactionHistory, token=self.token or "", limit=limit)
+    def history(self, limit: int | None = None) -> Deferred[dict[str, Any]]:
+        """The newest ``limit`` settled trades (None: every one), read page by page, as ``{"transactions": [...]}``."""
+        return self._rows(self.history_page, "transactions", limit)
+
+    def history_page(self, cursor: str | None = None) -> Deferred[dict[str, Any]]:
+        """One page of settled trades, newest first, paged like `orders_page`."""
+        return self.connection.callRemote(GetUserTransactionHistory, token=self.token or "", cursor=cursor)
+
+    @inlineCallbacks
+    def _rows(self, fetch_page: Callable[[str | None], Deferred], key: str, limit: int | None) -> Any:
+        """The rows under ``key`` of the pages of one listing, up to ``limit`` (None: all)."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        rows: list[dict[str, Any]] = []
+        cursor = None
+        while limit is None or len(rows) < limit:
+            page = yield fetch_page(cursor)
+            rows.extend(page[key])
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                break
+        returnValue({key: rows[:limit]})
 
     def close(self) -> None:
         """Close the connection (if it is still open)."""

@@ -205,17 +205,17 @@ class ClientLocator(amp.CommandLocator):
         raise failed(result["reason"])
 
     @ListOrders.responder
-    def list_orders(self, token: str, limit: int | None = None) -> Any:
-        return self.link.call(RelayedListOrders, token=token, limit=limit, **self._envelope())
+    def list_orders(self, token: str, cursor: str | None = None) -> Any:
+        return self.link.call(RelayedListOrders, token=token, cursor=cursor, **self._envelope())
 
     @GetUserPortfolio.responder
     def portfolio(self, token: str) -> Any:
         return self.link.call(RelayedGetUserPortfolio, token=token, **self._envelope())
 
     @GetUserTransactionHistory.responder
-    def history(self, token: str, limit: int | None = None) -> Any:
+    def history(self, token: str, cursor: str | None = None) -> Any:
         return self.link.call(
-            RelayedGetUserTransactionHistory, token=token, limit=limit, **self._envelope()
+            RelayedGetUserTransactionHistory, token=token, cursor=cursor, **self._envelope()
         )
 
 
