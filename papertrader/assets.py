@@ -10,9 +10,9 @@ import attr
 from papertrader.money import parse_amount
 
 COLUMNS = ("symbol", "name", "exchange", "sector", "industry", "reference_price")
-# The whole list travels in one AMP answer (ListAssets) and every price update
-# in one PriceTick, each under AMP's 64 KiB value limit.
-MAX_ASSETS = 400
+# The list travels in pages (ListAssets); every price update in one PriceTick,
+# whose compact encoding keeps this many assets far under AMP's 64 KiB value limit.
+MAX_ASSETS = 1000
 MAX_TEXT = 60
 _SYMBOL = re.compile(r"^[A-Z][A-Z0-9.\-]{0,9}$")
 

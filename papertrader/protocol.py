@@ -32,6 +32,7 @@ from typing import Any
 import attr
 from twisted.protocols import amp
 
+from papertrader.assets import MAX_TEXT
 from papertrader.errors import (
     BadRequest,
     DataFailed,
@@ -46,6 +47,7 @@ from papertrader.errors import (
     SessionInvalid,
     WorkerRefused,
 )
+from papertrader.paging import BoundedText, page_fields, rows_per_page
 from papertrader.wire import BAD_REQUEST
 
 
@@ -63,6 +65,10 @@ class JSON(amp.Argument):
 MAX_TOKEN_LENGTH = 128
 MAX_SYMBOL_LENGTH = 16
 MAX_QUANTITY_LENGTH = 32
+MAX_CLIENT_ORDER_ID_LENGTH = 64
+# Longest text of the fields of a listed row (timestamps are 32 characters; reasons are cut to this).
+MAX_TIMESTAMP_LENGTH = 40
+MAX_ORDER_REASON = 200
 
 # Every declared failure and its wire code: the one table both ends of every link use.
 WIRE_CODES: dict[type[PaperTraderError], bytes] = {
@@ -207,25 +213,39 @@ class SellAsset(amp.Command):
     errors = declared(SellFailed, SessionInvalid, OrderConflict)
 
 
+# Fields of listed rows: each text is bounded, so a page's size is known (see papertrader.paging).
+_SIDE = BoundedText(8, ascii=True)
+_SYMBOL = BoundedText(MAX_SYMBOL_LENGTH, ascii=True)
+
 ORDER_FIELDS = [
     (b"order_id", amp.Integer()),
-    (b"side", amp.Unicode()),
-    (b"symbol", amp.Unicode()),
+    (b"side", _SIDE),
+    (b"symbol", _SYMBOL),
     (b"quantity", amp.Integer()),
-    (b"status", amp.Unicode()),
-    (b"reason", amp.Unicode(optional=True)),
-    (b"created_at", amp.Unicode()),
-    (b"settled_at", amp.Unicode(optional=True)),
+    (b"status", BoundedText(8, ascii=True)),
+    (b"reason", BoundedText(MAX_ORDER_REASON, optional=True)),
+    (b"created_at", BoundedText(MAX_TIMESTAMP_LENGTH, ascii=True)),
+    (b"settled_at", BoundedText(MAX_TIMESTAMP_LENGTH, ascii=True, optional=True)),
     (b"price_cents", amp.Integer(optional=True)),
+    (b"client_order_id", BoundedText(MAX_CLIENT_ORDER_ID_LENGTH, ascii=True, optional=True)),
 ]
+ORDERS_PER_PAGE = rows_per_page(ORDER_FIELDS)
+
+# A list request without ``cursor`` asks for the first page; each answer is
+# page ``page`` of ``pages`` and, but on the last, gives the next page's ``next_cursor``.
+_PAGE_REQUEST = [(b"cursor", amp.Unicode(optional=True))]
 
 
 class ListOrders(amp.Command):
-    """The user's most recent orders, newest first, with their status."""
+    """A page of the user's orders, newest first, with their status.
 
-    arguments = [(b"token", amp.Unicode()), (b"limit", amp.Integer(optional=True))]
-    response = [(b"orders", amp.AmpList(ORDER_FIELDS))]
-    errors = dict(_SESSION)
+    The pages of one listing hold the orders that existed at its first page.
+    A cursor that is malformed or not from this user's listing gets DataFailed.
+    """
+
+    arguments = [(b"token", amp.Unicode()), *_PAGE_REQUEST]
+    response = [(b"orders", amp.AmpList(ORDER_FIELDS)), *page_fields()]
+    errors = declared(DataFailed, SessionInvalid)
 
 
 class GetUserPortfolio(amp.Command):
@@ -252,32 +272,28 @@ class GetUserPortfolio(amp.Command):
     errors = dict(_SESSION)
 
 
+TRANSACTION_FIELDS = [
+    (b"order_id", amp.Integer()),
+    (b"side", _SIDE),
+    (b"symbol", _SYMBOL),
+    (b"quantity", amp.Integer()),
+    (b"price_cents", amp.Integer()),
+    (b"total_cents", amp.Integer()),
+    (b"cash_after_cents", amp.Integer()),
+    (b"settled_at", BoundedText(MAX_TIMESTAMP_LENGTH, ascii=True)),
+]
+TRANSACTIONS_PER_PAGE = rows_per_page(TRANSACTION_FIELDS)
+
+
 class GetUserTransactionHistory(amp.Command):
-    """Settled trades, newest first, each with the time it went through."""
+    """A page of the user's settled trades, newest first, each with the time it went through.
 
-    arguments = [(b"token", amp.Unicode()), (b"limit", amp.Integer(optional=True))]
-    response = [
-        (
-            b"transactions",
-            amp.AmpList(
-                [
-                    (b"order_id", amp.Integer()),
-                    (b"side", amp.Unicode()),
-                    (b"symbol", amp.Unicode()),
-                    (b"quantity", amp.Integer()),
-                    (b"price_cents", amp.Integer()),
-                    (b"total_cents", amp.Integer()),
-                    (b"cash_after_cents", amp.Integer()),
-                    (b"settled_at", amp.Unicode()),
-                ]
-            ),
-        )
-    ]
-    errors = dict(_SESSION)
+    Paged like ListOrders: a listing holds the trades that existed at its first page.
+    """
 
-
-# Results are bounded so one answer stays under AMP's 64 KiB value limit.
-MAX_LIST_LIMIT = 200
+    arguments = [(b"token", amp.Unicode()), *_PAGE_REQUEST]
+    response = [(b"transactions", amp.AmpList(TRANSACTION_FIELDS)), *page_fields()]
+    errors = declared(DataFailed, SessionInvalid)
 
 
 # ---------------------------------------------------------------- worker -> master
@@ -356,28 +372,31 @@ class Ping(amp.Command):
     errors = declared()
 
 
-class ListAssets(amp.Command):
-    """Every tradable asset with its latest price, for the worker's cache."""
+ASSET_FIELDS = [
+    (b"symbol", _SYMBOL),
+    (b"name", BoundedText(MAX_TEXT)),
+    (b"exchange", BoundedText(MAX_TEXT)),
+    (b"sector", BoundedText(MAX_TEXT)),
+    (b"industry", BoundedText(MAX_TEXT)),
+    (b"price_cents", amp.Integer(optional=True)),
+]
+ASSETS_PER_PAGE = rows_per_page(ASSET_FIELDS)
 
-    arguments: list = []
+
+class ListAssets(amp.Command):
+    """A page of the tradable assets with their prices as of ``tick``, for the worker's cache.
+
+    Paged like ListOrders; the worker reads every page at its handshake.
+    """
+
+    arguments = list(_PAGE_REQUEST)
     response = [
-        (
-            b"assets",
-            amp.AmpList(
-                [
-                    (b"symbol", amp.Unicode()),
-                    (b"name", amp.Unicode()),
-                    (b"exchange", amp.Unicode()),
-                    (b"sector", amp.Unicode()),
-                    (b"industry", amp.Unicode()),
-                    (b"price_cents", amp.Integer(optional=True)),
-                ]
-            ),
-        ),
+        (b"assets", amp.AmpList(ASSET_FIELDS)),
         (b"tick", amp.Integer()),
         (b"as_of", amp.Unicode(optional=True)),
+        *page_fields(),
     ]
-    errors = dict(_UNAVAILABLE)
+    errors = declared(DataFailed)
 
 
 # Orders per SubmitOrders box; keeps each value well under 64 KiB.
@@ -385,7 +404,6 @@ MAX_ORDER_BATCH = 150
 
 # The longest ``received_at`` and ``client_address`` of a relayed order.
 MAX_STAMP_LENGTH = 64
-MAX_CLIENT_ORDER_ID_LENGTH = 64
 
 
 def _text(row: dict[str, Any], key: str, limit: int, optional: bool = False) -> str | None:
@@ -494,13 +512,28 @@ class SubmitOrders(amp.Command):
 # ---------------------------------------------------------------- pushes (master -> worker -> client)
 
 
+class PriceList(amp.Argument):
+    """Prices as one compact JSON object ``{symbol: cents}`` on the wire.
+
+    In Python it is a list of ``{"symbol", "price_cents"}`` rows.  About 34 bytes
+    an asset at worst, so the prices of MAX_ASSETS assets stay far under 64 KiB.
+    """
+
+    def toString(self, inObject: list[dict[str, Any]]) -> bytes:
+        prices = {row["symbol"]: row["price_cents"] for row in inObject}
+        return json.dumps(prices, separators=(",", ":")).encode("ascii")
+
+    def fromString(self, inString: bytes) -> list[dict[str, Any]]:
+        return [{"symbol": symbol, "price_cents": cents} for symbol, cents in json.loads(inString).items()]
+
+
 class PriceTick(amp.Command):
     """New prices after an update; the settlement of that tick follows."""
 
     arguments = [
         (b"tick", amp.Integer()),
         (b"as_of", amp.Unicode()),
-        (b"prices", amp.AmpList([(b"symbol", amp.Unicode()), (b"price_cents", amp.Integer())])),
+        (b"prices", PriceList()),
     ]
     requiresAnswer = False
 

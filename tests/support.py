@@ -89,13 +89,16 @@ def make_accounts(database: Database, clock: Clock, **kw: Any) -> Accounts:
 class Deployment:
     """A master and a worker connected through iosim, with clients attached on demand."""
 
-    def __init__(self, path: str, max_order_quantity: int = 1000, **accounts: Any) -> None:
+    def __init__(
+        self, path: str, max_order_quantity: int = 1000, assets: dict[str, Asset] | None = None, **accounts: Any
+    ) -> None:
+        assets = ASSETS if assets is None else assets
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.database, self.pool = make_database(path)
         self.accounts = make_accounts(self.database, self.clock, **accounts)
-        self.board = PriceBoard(ASSETS)
-        self.source = FixedPrices({s: a.reference_cents for s, a in ASSETS.items()})
+        self.board = PriceBoard(assets)
+        self.source = FixedPrices({s: a.reference_cents for s, a in assets.items()})
         self.exchange = Exchange(
             self.database, self.accounts, self.board, self.source, self.clock, max_order_quantity
         )
@@ -122,7 +125,10 @@ class Deployment:
         self.connect_worker()
 
     def connect_worker(self) -> Any:
-        """(Re)connect the worker to the master and run its handshake."""
+        """(Re)connect the worker to the master (closing the link it has) and run its handshake."""
+        if self.link.connection is not None:
+            self.link.connection.transport.loseConnection()
+            self.flush()
         upstream, master_side, pump = iosim.connectedServerAndClient(
             lambda: self.master_factory.buildProtocol(None), self.link._build, clock=self.clock
         )

@@ -8,7 +8,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from papertrader.errors import PurchaseFailed, RegisterFailed
+from papertrader.errors import DataFailed, PurchaseFailed, RegisterFailed
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, SchemaTooNew, schema_files
 from papertrader.master.exchange import Exchange
@@ -176,6 +176,39 @@ class BackendTestsMixin(BackendFixture):
         self.assertEqual(
             query(self.url, "SELECT status, created_at, settled_at FROM orders"), [("filled", placed, later)]
         )
+
+    @inlineCallbacks
+    def test_history_pages(self) -> Any:
+        """The pages of a history are the stored trades, newest first; a forged position is refused."""
+        exchange = self.exchange()
+        session = yield self.logged_in(exchange)
+        for n in range(7):
+            [(order_id,)] = query(
+                self.url,
+                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
+                "client_address, worker, settled_at) VALUES (?, 'buy', 'AAPL', ?, 'filled', 't', 't', 'a', 'w', 't') "
+                "RETURNING id",
+                session.user_id, n + 1,
+            )
+            query(
+                self.url,
+                "INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, total_cents, "
+                "cash_after_cents, settled_at) VALUES (?, ?, 'buy', 'AAPL', ?, 100, ?, 0, 't')",
+                session.user_id, order_id, n + 1, 100 * (n + 1),
+            )
+        pages = []
+        position = None
+        while True:
+            page = yield self.database.history(session.user_id, 3, position)
+            pages.append(page)
+            if page.next_cursor is None:
+                break
+            position = tuple(int(n) for n in page.next_cursor.split("."))
+        self.assertEqual([(p.page, p.pages) for p in pages], [(1, 3), (2, 3), (3, 3)])
+        self.assertEqual([row["quantity"] for p in pages for row in p.rows], [7, 6, 5, 4, 3, 2, 1])
+        top, after, _ = (int(n) for n in pages[0].next_cursor.split("."))
+        for forged in ((top, after + 1, 2), (top, after, 3), (top, after, 4)):
+            yield self.assertFailure(self.database.history(session.user_id, 3, forged), DataFailed)
 
     @inlineCallbacks
     def test_failed_settlement_rolls_back(self) -> Any:

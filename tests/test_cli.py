@@ -52,6 +52,23 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual((args.symbol, args.quantity, args.wait, args.server), ("AAPL", "1.5", True, "h:1"))
 
 
+    def test_limit_or_all(self) -> None:
+        """``--limit N`` takes a positive N, ``--all`` means every row, and the two exclude each other."""
+        parser = cli.build_parser()
+        self.assertEqual(parser.parse_args(["history", "--limit", "100000"]).limit, 100_000)
+        self.assertEqual(parser.parse_args(["history"]).limit, 50)
+        self.assertTrue(parser.parse_args(["orders", "--all"]).all)
+        devnull = io.StringIO()
+        for bad in (["history", "--limit", "0"], ["orders", "--limit", "x"], ["history", "--all", "--limit", "3"]):
+            sys.stderr, saved = devnull, sys.stderr
+            try:
+                with self.assertRaises(SystemExit) as caught:
+                    parser.parse_args(bad)
+            finally:
+                sys.stderr = saved
+            self.assertEqual(caught.exception.code, 2, bad)
+
+
 class FilesTests(SynchronousTestCase):
     """The session file and the password file."""
 
@@ -150,7 +167,11 @@ class _FakeClient:
 
     token = None
 
+    def __init__(self) -> None:
+        self.limits: list[int | None] = []
+
     def orders(self, limit: int | None) -> Any:
+        self.limits.append(limit)
         queued = {"order_id": 7, "side": "buy", "symbol": "AAPL", "quantity": 3, "status": "queued",
                   "reason": None, "created_at": "2026-01-01T00:00:00.000000+00:00", "settled_at": None,
                   "price_cents": None}
@@ -172,6 +193,13 @@ class OutputTests(SynchronousTestCase):
         self.assertRegex(lines[1], r"^\s+7\s+buy\s+AAPL\s+3\s+queued\s+-\s+placed 2026-01-01")
         self.assertRegex(lines[2], r"^\s+6\s+buy\s+AAPL\s+3\s+filled\s+190\.50\s+2026-01-01T00:01")
 
+    def test_orders_all(self) -> None:
+        """``orders --all`` asks the library for every order, ``--limit N`` for N."""
+        client = _FakeClient()
+        for argv in (["orders", "--all"], ["orders", "--limit", "300"]):
+            with redirect_stdout(io.StringIO()):
+                self.successResultOf(cli.cmd_orders(client, cli.build_parser().parse_args(argv), {"token": "t"}, None))
+        self.assertEqual(client.limits, [None, 300])
 
 class RunFailureTests(SynchronousTestCase):
     """``cli.run`` turns every failure into one ``papertrader: error:`` line and an exit code."""

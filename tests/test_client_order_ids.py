@@ -146,7 +146,8 @@ class ClientOrderIdTestsMixin(BackendFixture):
         exchange = self.exchange()
         session = yield self.logged_in(exchange)
         yield self.submit(exchange, session.token, ("buy", "KO", "1", "named"), ("buy", "KO", "1", None))
-        unnamed, named = yield exchange.orders(session.token, None)
+        page = yield exchange.orders(session.token, None)
+        unnamed, named = page.rows
         self.assertEqual(named["client_order_id"], "named")
         self.assertNotIn("client_order_id", unnamed)
 

@@ -188,7 +188,7 @@ class HostileInputTests(TestCase):
             connection = yield self.connect(port, options, amp.AMP())
             asks = [
                 connection.callRemoteString(b"Login", username=b"x"),
-                connection.callRemoteString(b"ListOrders", token=b"t", limit=b"abc"),
+                connection.callRemoteString(b"ListOrders", token=b"t", cursor=b"\xc3\x28"),
                 connection.callRemoteString(b"Login", username=b"a", password=b"b", remember=b"maybe"),
                 connection.callRemoteString(b"GetAssetValue", symbol=b"\xff\xfe\xfd"),
                 connection.callRemoteString(b"NoSuchCommand"),
@@ -198,7 +198,8 @@ class HostileInputTests(TestCase):
                 self.assertEqual(error.errorCode, b"BAD_REQUEST", f"{name}: {error}")
             connection.transport.loseConnection()
             # 100 connections pipelining 20 bad boxes each (2,000 boxes): each is dropped.
-            flood = _box(_command=b"ListOrders", _ask=b"1", token=b"t", limit=b"abc") * MAX_BAD_REQUESTS
+            bad_login = _box(_command=b"Login", _ask=b"1", username=b"a", password=b"b", remember=b"maybe")
+            flood = bad_login * MAX_BAD_REQUESTS
             yield gatherResults([self.send_and_expect_drop(port, options, flood) for _ in range(100)])
             # And one connection pipelining 2,000 at once.
             yield self.send_and_expect_drop(port, options, flood * 100)

@@ -16,7 +16,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import BadRequest, WorkerRefused
-from papertrader.protocol import ListOrders, WorkerHello
+from papertrader.protocol import Login, WorkerHello
 from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, LogLimiter
 from tests.support import Deployment
 
@@ -91,7 +91,7 @@ class BadRequestTests(SynchronousTestCase):
         """Missing, mistyped and non-UTF-8 arguments, and unknown commands, each get BAD_REQUEST with a reason."""
         peer = self.raw_client()
         self.assertIn("missing argument 'password'", self.bad(peer.ask(b"Login", username=b"alice")))
-        self.assertIn("malformed argument", self.bad(peer.ask(b"ListOrders", token=b"t", limit=b"abc")))
+        self.assertIn("not valid UTF-8", self.bad(peer.ask(b"ListOrders", token=b"t", cursor=b"\xff")))
         self.assertIn(
             "malformed argument", self.bad(peer.ask(b"Login", username=b"a", password=b"b", remember=b"maybe"))
         )
@@ -104,24 +104,24 @@ class BadRequestTests(SynchronousTestCase):
     def test_declared_to_the_client_library(self) -> None:
         """A client using the declared Commands receives a bad request as the BadRequest error itself."""
 
-        class ListOrdersWithTextLimit(amp.Command):
-            commandName = b"ListOrders"
-            arguments = [(b"token", amp.Unicode()), (b"limit", amp.Unicode())]
-            response = ListOrders.response
-            errors = ListOrders.errors
+        class LoginWithTextFlag(amp.Command):
+            commandName = b"Login"
+            arguments = [(b"username", amp.Unicode()), (b"password", amp.Unicode()), (b"remember", amp.Unicode())]
+            response = Login.response
+            errors = Login.errors
 
         peer = self.raw_client()
-        d = peer.protocol.callRemote(ListOrdersWithTextLimit, token="t", limit="abc")
+        d = peer.protocol.callRemote(LoginWithTextFlag, username="a", password="b", remember="maybe")
         error = self.assertRaises(BadRequest, self.deployment.result, d)
-        self.assertIn("bad ListOrders request", str(error))
+        self.assertIn("bad Login request", str(error))
 
     def test_flood_is_dropped_and_counted(self) -> None:
         """A connection that keeps sending bad requests is dropped; its log holds two lines, not one per box."""
         peer = self.raw_client()
         for _ in range(MAX_BAD_REQUESTS - 1):
-            self.bad(peer.ask(b"ListOrders", token=b"t", limit=b"abc"))
+            self.bad(peer.ask(b"Login", username=b"a", password=b"b", remember=b"maybe"))
         self.assertFalse(peer.closed)
-        peer.ask(b"ListOrders", token=b"t", limit=b"abc").addErrback(lambda _: None)
+        peer.ask(b"Login", username=b"a", password=b"b", remember=b"maybe").addErrback(lambda _: None)
         self.deployment.advance(1)
         self.assertTrue(peer.closed)
         self.assertEqual(len(self.log.about("more on this connection are only counted")), 1)
@@ -133,7 +133,7 @@ class BadRequestTests(SynchronousTestCase):
     def test_boxes_without_answers(self) -> None:
         """Bad boxes that want no answer, and answers to no question, are counted without a traceback."""
         peer = self.raw_client()
-        peer.write(amp.AmpBox({b"_command": b"ListOrders", b"limit": b"abc"}).serialize())
+        peer.write(amp.AmpBox({b"_command": b"Login", b"remember": b"maybe"}).serialize())
         peer.write(amp.AmpBox({b"_answer": b"999"}).serialize())
         peer.write(amp.AmpBox({b"hello": b"world"}).serialize())
         self.assertFalse(peer.closed)

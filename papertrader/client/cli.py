@@ -276,7 +276,7 @@ def _order_command(side: str) -> Any:
 @inlineCallbacks
 def cmd_orders(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
     client.token = _session_token(session)
-    answer = yield client.orders(args.limit)
+    answer = yield client.orders(None if args.all else args.limit)
     lines = [f"{'ID':>8}  {'SIDE':4}  {'SYMBOL':6}  {'QTY':>8}  {'STATUS':8}  {'PRICE':>10}  DETAIL"]
     for o in answer["orders"]:
         price = format_cents(o["price_cents"]) if o.get("price_cents") is not None else "-"
@@ -305,7 +305,7 @@ def cmd_portfolio(client: PaperTraderClient, args: argparse.Namespace, session: 
 @inlineCallbacks
 def cmd_history(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
     client.token = _session_token(session)
-    answer = yield client.history(args.limit)
+    answer = yield client.history(None if args.all else args.limit)
     lines = [f"{'SETTLED AT':32}  {'ORDER':>7}  {'SIDE':4}  {'SYMBOL':6}  {'QTY':>8}  {'PRICE':>10}  {'TOTAL':>12}"]
     for t in answer["transactions"]:
         lines.append(
@@ -316,6 +316,24 @@ def cmd_history(client: PaperTraderClient, args: argparse.Namespace, session: An
 
 
 # ------------------------------------------------------------------ parsing and running
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return number
+
+
+def _add_limit(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``--limit N`` (the newest N, default ``default``) or ``--all``."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--limit", type=_positive, default=default, metavar="N",
+                       help=f"show the newest N {what} (default {default})")
+    group.add_argument("--all", action="store_true", help=f"show every one of your {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,10 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="your id for this order (default: a new UUID); the same id again returns the same order",
         )
     p = add("orders", cmd_orders, "list your recent orders and their status")
-    p.add_argument("--limit", type=int, default=20)
+    _add_limit(p, 20, "orders")
     add("portfolio", cmd_portfolio, "show your cash and positions")
     p = add("history", cmd_history, "list your settled trades with the time each went through")
-    p.add_argument("--limit", type=int, default=50)
+    _add_limit(p, 50, "trades")
     return parser
 
 

@@ -21,7 +21,6 @@ from zope.interface import implementer
 
 from papertrader import tls
 from papertrader.protocol import (
-    MAX_LIST_LIMIT,
     ChangePassword,
     GetAssetValue,
     GetUserPortfolio,
@@ -104,7 +103,7 @@ class PaperTraderClient:
 
     def _price_tick(self, tick: dict[str, Any]) -> None:
         if self._waiting and self.token:
-            self.orders(MAX_LIST_LIMIT).addCallbacks(self._look_up_waiting, lambda _: None)
+            self.orders_page().addCallbacks(self._look_up_waiting, lambda _: None)
         if self._on_price_tick is not None:
             self._on_price_tick(tick)
 
@@ -185,14 +184,42 @@ class PaperTraderClient:
             client_order_id=client_order_id or str(uuid.uuid4()),
         )
 
-    def orders(self, limit: int | None = None) -> Deferred:
-        return self.connection.callRemote(ListOrders, token=self.token or "", limit=limit)
+    def orders(self, limit: int | None = None) -> Deferred[dict[str, Any]]:
+        """The newest ``limit`` orders (None: every one), read page by page, as ``{"orders": [...]}``."""
+        return self._rows(self.orders_page, "orders", limit)
+
+    def orders_page(self, cursor: str | None = None) -> Deferred[dict[str, Any]]:
+        """One page of orders, newest first: ``orders``, ``page``, ``pages`` and ``next_cursor`` but on the last.
+
+        Without ``cursor`` the first page; pass ``next_cursor`` for the next.
+        """
+        return self.connection.callRemote(ListOrders, token=self.token or "", cursor=cursor)
 
     def portfolio(self) -> Deferred:
         return self.connection.callRemote(GetUserPortfolio, token=self.token or "")
 
-    def history(self, limit: int | None = None) -> Deferred:
-        return self.connection.callRemote(GetUserTransactionHistory, token=self.token or "", limit=limit)
+    def history(self, limit: int | None = None) -> Deferred[dict[str, Any]]:
+        """The newest ``limit`` settled trades (None: every one), read page by page, as ``{"transactions": [...]}``."""
+        return self._rows(self.history_page, "transactions", limit)
+
+    def history_page(self, cursor: str | None = None) -> Deferred[dict[str, Any]]:
+        """One page of settled trades, newest first, paged like `orders_page`."""
+        return self.connection.callRemote(GetUserTransactionHistory, token=self.token or "", cursor=cursor)
+
+    @inlineCallbacks
+    def _rows(self, fetch_page: Callable[[str | None], Deferred], key: str, limit: int | None) -> Any:
+        """The rows under ``key`` of the pages of one listing, up to ``limit`` (None: all)."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        rows: list[dict[str, Any]] = []
+        cursor = None
+        while limit is None or len(rows) < limit:
+            page = yield fetch_page(cursor)
+            rows.extend(page[key])
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                break
+        returnValue({key: rows[:limit]})
 
     def heartbeat(self) -> None:
         """Tell the worker this connection is still wanted (a quiet logged-in connection is closed after a while)."""

@@ -18,7 +18,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from papertrader.errors import RegisterFailed
+from papertrader.errors import DataFailed, RegisterFailed
 from papertrader.master.trading import (
     BUY,
     AccountState,
@@ -28,6 +28,7 @@ from papertrader.master.trading import (
     QueueOutcome,
     Settlement,
 )
+from papertrader.paging import Page, encode_cursor, page_count
 
 _SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Retries of a transaction that lost a serialization conflict (PostgreSQL).
@@ -652,20 +653,16 @@ class Database:
 
     # ------------------------------------------------------------ reading an account
 
-    def list_orders(self, user_id: int, limit: int) -> Deferred[list[dict]]:
-        """The user's newest orders first."""
-        return self._run(self._list_orders, user_id, limit)
+    def list_orders(self, user_id: int, per_page: int, position: tuple[int, int, int] | None) -> Deferred[Page]:
+        """A page of the user's orders, newest first; ``position`` is a decoded cursor (None: the first page)."""
+        return self._run(self._list_orders, user_id, per_page, position)
 
     @staticmethod
-    def _list_orders(txn: Cursor, user_id: int, limit: int) -> list[dict]:
-        txn.execute(
-            "SELECT id, side, symbol, quantity, status, reason, created_at, settled_at, price_cents, "
-            "client_order_id FROM orders WHERE user_id = ? ORDER BY id DESC LIMIT ?",
-            (user_id, limit),
-        )
+    def _list_orders(txn: Cursor, user_id: int, per_page: int, position: tuple[int, int, int] | None) -> Page:
         keys = ("order_id", "side", "symbol", "quantity", "status", "reason", "created_at",
                 "settled_at", "price_cents", "client_order_id")
-        return [_without_nulls(dict(zip(keys, row))) for row in txn.fetchall()]
+        page = _newest_first_page(txn, "orders", "id, " + ", ".join(keys[1:]), user_id, per_page, position)
+        return attr.evolve(page, rows=[_without_nulls(dict(zip(keys, row))) for row in page.rows])
 
     def portfolio(self, user_id: int) -> Deferred[tuple[int, dict[str, int]]]:
         """The user's cash and share counts."""
@@ -680,20 +677,16 @@ class Database:
         )
         return cash, dict(txn.fetchall())
 
-    def history(self, user_id: int, limit: int) -> Deferred[list[dict]]:
-        """The user's settled trades, newest first."""
-        return self._run(self._history, user_id, limit)
+    def history(self, user_id: int, per_page: int, position: tuple[int, int, int] | None) -> Deferred[Page]:
+        """A page of the user's settled trades, newest first; ``position`` as for `list_orders`."""
+        return self._run(self._history, user_id, per_page, position)
 
     @staticmethod
-    def _history(txn: Cursor, user_id: int, limit: int) -> list[dict]:
-        txn.execute(
-            "SELECT order_id, side, symbol, quantity, price_cents, total_cents, cash_after_cents, "
-            "settled_at FROM transactions WHERE user_id = ? ORDER BY id DESC LIMIT ?",
-            (user_id, limit),
-        )
+    def _history(txn: Cursor, user_id: int, per_page: int, position: tuple[int, int, int] | None) -> Page:
         keys = ("order_id", "side", "symbol", "quantity", "price_cents", "total_cents",
                 "cash_after_cents", "settled_at")
-        return [dict(zip(keys, row)) for row in txn.fetchall()]
+        page = _newest_first_page(txn, "transactions", "id, " + ", ".join(keys), user_id, per_page, position)
+        return attr.evolve(page, rows=[dict(zip(keys, row[1:])) for row in page.rows])
 
     def latest_prices(self) -> Deferred[tuple[int, str, dict[str, int]] | None]:
         """The last recorded tick (id, time, prices), to resume the market after a restart."""
@@ -711,6 +704,46 @@ class Database:
 
 def _execute(cursor: Cursor, statement: str, parameters: Sequence[Any]) -> None:
     cursor.execute(statement, parameters)
+
+
+def _newest_first_page(
+    txn: Cursor, table: str, columns: str, user_id: int, per_page: int, position: tuple[int, int, int] | None
+) -> Page:
+    """A page of the user's rows of ``table``, newest (highest id) first; each row starts with its id.
+
+    A listing holds the rows up to the highest id at its first page, so rows
+    added meanwhile never shift its pages.  Its cursor holds that id, the id of
+    the last row sent and the next page's number: (top, after, page).  One that
+    does not match the user's rows is refused with DataFailed.
+    """
+    if position is None:
+        txn.execute(f"SELECT COUNT(*), MAX(id) FROM {table} WHERE user_id = ?", (user_id,))
+        total, top = txn.fetchone()
+        top, after, page = top or 0, None, 1
+    else:
+        top, after, page = position
+        txn.execute(
+            f"SELECT COUNT(*), SUM(CASE WHEN id >= ? THEN 1 ELSE 0 END) FROM {table} WHERE user_id = ? AND id <= ?",
+            (after, user_id, top),
+        )
+        total, sent = txn.fetchone()
+        sent = int(sent or 0)  # PostgreSQL sums as NUMERIC, and to NULL over no rows
+        if page < 2 or page > page_count(total, per_page) or after > top or sent != (page - 1) * per_page:
+            raise DataFailed("this cursor is not from a listing of yours; list again from the first page")
+    if after is None:
+        txn.execute(
+            f"SELECT {columns} FROM {table} WHERE user_id = ? AND id <= ? ORDER BY id DESC LIMIT ?",
+            (user_id, top, per_page),
+        )
+    else:
+        txn.execute(
+            f"SELECT {columns} FROM {table} WHERE user_id = ? AND id < ? AND id <= ? ORDER BY id DESC LIMIT ?",
+            (user_id, after, top, per_page),
+        )
+    rows = txn.fetchall()
+    pages = page_count(total, per_page)
+    next_cursor = encode_cursor(top, rows[-1][0], page + 1) if page < pages else None
+    return Page(rows, page, pages, next_cursor)
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -40,7 +40,8 @@ from papertrader.master.trading import (
     refuse_reason,
     settle_orders,
 )
-from papertrader.protocol import MAX_LIST_LIMIT, OrderRequest
+from papertrader.paging import BadCursor, Page, decode_cursor
+from papertrader.protocol import ORDERS_PER_PAGE, TRANSACTIONS_PER_PAGE, OrderRequest
 from papertrader.timestamps import iso
 
 TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
@@ -233,11 +234,11 @@ class Exchange:
         }
 
     @inlineCallbacks
-    def orders(self, token: str, limit: int | None) -> Any:
-        """The user's newest orders."""
+    def orders(self, token: str, cursor: str | None = None) -> Any:
+        """A `Page` of the user's orders, newest first (``cursor`` None: the first page)."""
         session = yield self.accounts.authenticate(token)
-        rows = yield self._read(self._db.list_orders(session.user_id, _limit(limit)))
-        returnValue(rows)
+        page = yield self._read(self._db.list_orders(session.user_id, ORDERS_PER_PAGE, _position(cursor)))
+        returnValue(page)
 
     @inlineCallbacks
     def portfolio(self, token: str) -> Any:
@@ -261,11 +262,11 @@ class Exchange:
         )
 
     @inlineCallbacks
-    def history(self, token: str, limit: int | None) -> Any:
-        """The user's settled trades, newest first."""
+    def history(self, token: str, cursor: str | None = None) -> Any:
+        """A `Page` of the user's settled trades, newest first (``cursor`` None: the first page)."""
         session = yield self.accounts.authenticate(token)
-        rows = yield self._read(self._db.history(session.user_id, _limit(limit)))
-        returnValue(rows)
+        page: Page = yield self._read(self._db.history(session.user_id, TRANSACTIONS_PER_PAGE, _position(cursor)))
+        returnValue(page)
 
     def _read(self, d: Deferred) -> Deferred:
         return d.addErrback(self._unavailable, "try again later")
@@ -320,7 +321,12 @@ def _failure_for(side: str) -> type[PaperTraderError]:
     return PurchaseFailed if side == BUY else SellFailed
 
 
-def _limit(limit: int | None) -> int:
-    if limit is None or limit <= 0:
-        return 50
-    return min(limit, MAX_LIST_LIMIT)
+def _position(cursor: str | None) -> tuple[int, int, int] | None:
+    """The (top, after, page) a list cursor holds; DataFailed if it holds none."""
+    if cursor is None:
+        return None
+    try:
+        top, after, page = decode_cursor(cursor, 3)
+    except BadCursor:
+        raise DataFailed("malformed list cursor; list again from the first page") from None
+    return top, after, page

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
@@ -20,6 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 
 from papertrader.errors import (
+    DataFailed,
     LoginFailed,
     PaperTraderError,
     ServiceUnavailable,
@@ -29,7 +31,9 @@ from papertrader.errors import (
 from papertrader.eventlog import EventLogger
 from papertrader.master.exchange import Exchange
 from papertrader.master.workers import WorkerRegistry
+from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
+    ASSETS_PER_PAGE,
     Heartbeat,
     ListAssets,
     OrderRequest,
@@ -220,10 +224,14 @@ class MasterLocator(amp.CommandLocator):
 
     @ListAssets.responder
     @_guarded
-    def list_assets(self) -> dict[str, Any]:
+    def list_assets(self, cursor: str | None = None) -> dict[str, Any]:
         board = self.exchange.board
+        try:
+            page = page_of_sequence(list(board.assets.values()), ASSETS_PER_PAGE, cursor)
+        except BadCursor:
+            raise DataFailed("this cursor is not from the asset list; list again from the first page") from None
         assets = []
-        for asset in board.assets.values():
+        for asset in page.rows:
             row = {
                 "symbol": asset.symbol,
                 "name": asset.name,
@@ -234,7 +242,7 @@ class MasterLocator(amp.CommandLocator):
             if asset.symbol in board.prices:
                 row["price_cents"] = board.prices[asset.symbol]
             assets.append(row)
-        answer: dict[str, Any] = {"assets": assets, "tick": board.tick}
+        answer: dict[str, Any] = {**attr.evolve(page, rows=assets).answer("assets"), "tick": board.tick}
         if board.as_of is not None:
             answer["as_of"] = board.as_of
         return answer
@@ -257,9 +265,9 @@ class MasterLocator(amp.CommandLocator):
     @RelayedListOrders.responder
     @_guarded
     @inlineCallbacks
-    def list_orders(self, token: str, received_at: str, client_address: str, limit: int | None = None) -> Any:
-        rows = yield self.exchange.orders(token, limit)
-        returnValue({"orders": rows})
+    def list_orders(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
+        page = yield self.exchange.orders(token, cursor)
+        returnValue(page.answer("orders"))
 
     @RelayedGetUserPortfolio.responder
     @_guarded
@@ -269,9 +277,9 @@ class MasterLocator(amp.CommandLocator):
     @RelayedGetUserTransactionHistory.responder
     @_guarded
     @inlineCallbacks
-    def history(self, token: str, received_at: str, client_address: str, limit: int | None = None) -> Any:
-        rows = yield self.exchange.history(token, limit)
-        returnValue({"transactions": rows})
+    def history(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
+        page = yield self.exchange.history(token, cursor)
+        returnValue(page.answer("transactions"))
 
 
 def _result(result: Any) -> OrderResult:

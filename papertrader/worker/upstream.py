@@ -22,6 +22,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from papertrader import __version__
+from papertrader.assets import MAX_ASSETS
 from papertrader.errors import ServiceUnavailable, WorkerRefused, expected_or_unavailable
 from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
@@ -44,6 +45,8 @@ DEFAULT_HEARTBEAT_INTERVAL = 10.0
 # likely refuse it again until someone changes a certificate or a name: wait long.
 REFUSED_RETRY_DELAY = 30.0
 REFUSED_MAX_RETRY_DELAY = 300.0
+# Times the asset list is read again when a price update came between its pages.
+ASSET_LIST_ATTEMPTS = 3
 
 
 class _MasterAMP(GuardedAMP):
@@ -129,8 +132,13 @@ class MasterLink:
         answer = yield connection.callRemote(WorkerHello, name=self.name, version=__version__)
         self.update_interval = answer["update_interval"]
         connection.start_heartbeats(answer.get("heartbeat_interval") or DEFAULT_HEARTBEAT_INTERVAL)
-        assets = yield connection.callRemote(ListAssets)
-        self.cache.load(assets["assets"], assets["tick"], assets.get("as_of"))
+        for _ in range(ASSET_LIST_ATTEMPTS):
+            assets, ticks = yield self._read_asset_list(connection)
+            if len(ticks) == 1:
+                break
+        # Pages of different updates (every attempt raced one): the oldest tick, so the next update replaces all.
+        tick, as_of = min(ticks, key=lambda t: t[0])
+        self.cache.load(assets, tick, as_of)
         self.connection = connection
         self._refusals = self._failed_handshakes = 0
         self.log.info("connected to the master as {name}", name=self.name)
@@ -161,6 +169,21 @@ class MasterLink:
             self._failed_handshakes += 1
             self.log.warn("the handshake with the master failed: {reason}", reason=failure.getErrorMessage())
         return None
+    @inlineCallbacks
+    def _read_asset_list(self, connection: _MasterAMP) -> Any:
+        """Every page of ListAssets: the assets, and the (tick, as_of) of the prices the pages carry."""
+        assets: list[dict[str, Any]] = []
+        ticks: set[tuple[int, str | None]] = set()
+        cursor = None
+        while True:
+            page = yield connection.callRemote(ListAssets, cursor=cursor)
+            assets.extend(page["assets"])
+            ticks.add((page["tick"], page.get("as_of")))
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                return assets, ticks
+            if len(assets) >= MAX_ASSETS:
+                raise ServiceUnavailable(f"the master lists more than {MAX_ASSETS} assets")
 
     def _lost(self, connection: _MasterAMP) -> None:
         if self.connection is connection:
