@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.python.failure import Failure
 
 from papertrader.eventlog import EventLogger
@@ -38,3 +39,46 @@ def _reason(failure: Failure) -> str:
     message = failure.getErrorMessage()
     name = failure.type.__name__ if failure.type else "error"
     return f"{name}: {message}" if message else name
+
+
+class StartUp:
+    """The outcome of a daemon's start-up, for the services that must wait for it.
+
+    Each waiter gets a Deferred of its own from `when_done`: it fires with
+    start-up's result, or fails with CancelledError if start-up failed (the
+    process is then stopping, through `abort_start`).  `ready` fires once,
+    with None, or fails with the reason.
+    """
+
+    def __init__(self, reactor: Any, role: str) -> None:
+        self.reactor = reactor
+        self.role = role
+        self.ready: Deferred[None] = Deferred()
+        self._done = False
+        self._result: Any = None
+        self._waiting: list[Deferred[Any]] = []
+
+    def when_done(self) -> Deferred[Any]:
+        """Fires with start-up's result once it is done."""
+        if self._done:
+            return succeed(self._result)
+        d: Deferred[Any] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def succeeded(self, result: Any) -> None:
+        self._done, self._result = True, result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(result)
+        self.ready.callback(None)
+
+    def failed(self, failure: Failure) -> None:
+        """Release the waiters, then stop the process with the reason and exit status 1."""
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(CancelledError(f"the {self.role} could not start"))
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        abort_start(self.reactor, self.role, failure)

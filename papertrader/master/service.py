@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, su
 
 from papertrader import tls
 from papertrader.config import MasterConfig
-from papertrader.daemon import abort_start
+from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, describe
@@ -84,8 +84,8 @@ class MasterService(service.MultiService):
         self.exchange: Exchange | None = None
         self.registry = WorkerRegistry(reactor)
         self.port: Any = None
-        self.ready: Deferred[None] = Deferred()
-        self._waiting: list[Deferred[Any]] = []
+        self.startup = StartUp(reactor, "master")
+        self.ready = self.startup.ready
         self._prepared: _Prepared | None = None
         self._listening: list[Deferred[Any]] = []
 
@@ -94,7 +94,7 @@ class MasterService(service.MultiService):
     def startService(self) -> None:
         self._open()
         super().startService()
-        self._prepare().addCallbacks(self._ready, self._failed_to_start)
+        self._prepare().addCallbacks(self.startup.succeeded, self.startup.failed)
 
     def _open(self) -> None:
         """Build the domain objects (no I/O here: the pool connects in its own threads)."""
@@ -139,31 +139,12 @@ class MasterService(service.MultiService):
         )
         yield self.exchange.resume()
         options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
-        return _Prepared(options, worker_identities)
-
-    def _ready(self, prepared: _Prepared) -> None:
-        self._prepared = prepared
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(prepared)
-        self.ready.callback(None)
-
-    def _failed_to_start(self, failure: Any) -> None:
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(CancelledError("the master could not start"))
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
-        abort_start(self.reactor, "master", failure)
+        self._prepared = _Prepared(options, worker_identities)
+        return self._prepared
 
     def when_ready(self) -> Deferred[_Prepared]:
         """Fires once start-up has prepared everything (fails with CancelledError if it could not)."""
-        if self._prepared is not None:
-            return succeed(self._prepared)
-        d: Deferred[_Prepared] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self.startup.when_done()
 
     # ------------------------------------------------------------ what the children call
 
@@ -272,6 +253,6 @@ class _ListenWhenReady:
 
         def listen(prepared: _Prepared) -> Deferred:
             endpoint = tls.tls_server_endpoint(master.reactor, master.config.listen, prepared.options)
-            return endpoint.listen(factory).addCallback(master._listening_on).addErrback(master._failed_to_start)
+            return endpoint.listen(factory).addCallback(master._listening_on).addErrback(master.startup.failed)
 
         return master.when_ready().addCallback(listen)

@@ -9,11 +9,11 @@ from typing import Any
 import attr
 from twisted.application import service
 from twisted.internet import protocol, stdio, threads
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
 from papertrader import tls
-from papertrader.daemon import abort_start
+from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.wire import Timeouts
 from papertrader.worker.cache import QuoteCache
@@ -59,9 +59,8 @@ class WorkerService(service.MultiService):
         self.cache = QuoteCache()
         self.clients = ClientRegistry()
         self.port: Any = None
-        self.ready: Deferred[None] = Deferred()
-        self._options: tuple[Any, Any] | None = None
-        self._waiting: list[Deferred[Any]] = []
+        self.startup = StartUp(reactor, "worker")
+        self.ready = self.startup.ready
         self.link = MasterLink(
             reactor,
             _WhenReady(self, self._connect_to_master),
@@ -78,31 +77,8 @@ class WorkerService(service.MultiService):
             stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
         config = self.config
         threads.deferToThread(_tls_options, config.identity, config.master_host).addCallbacks(
-            self._ready, self._failed_to_start
+            self.startup.succeeded, self.startup.failed
         )
-
-    def _ready(self, options: tuple[Any, Any]) -> None:
-        self._options = options
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(options)
-        self.ready.callback(None)
-
-    def _failed_to_start(self, failure: Any) -> None:
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(CancelledError("the worker could not start"))
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
-        abort_start(self.reactor, "worker", failure)
-
-    def _when_ready(self) -> Deferred[tuple[Any, Any]]:
-        if self._options is not None:
-            return succeed(self._options)
-        d: Deferred[tuple[Any, Any]] = Deferred()
-        self._waiting.append(d)
-        return d
 
     # ------------------------------------------------------------ what the children use
 
@@ -128,7 +104,7 @@ class WorkerService(service.MultiService):
             if self.config.address_file:
                 yield threads.deferToThread(_write_address, self.config.address_file, f"{host.host}:{host.port}")
         except Exception:
-            self._failed_to_start(Failure())
+            self.startup.failed(Failure())
             raise CancelledError("the worker could not listen") from None
         return self.port
 
@@ -152,7 +128,7 @@ class _WhenReady:
         self.act = act
 
     def listen(self, factory: Any) -> Deferred:
-        return self.worker._when_ready().addCallback(self.act, factory)
+        return self.worker.startup.when_done().addCallback(self.act, factory)
 
     connect = listen
 
