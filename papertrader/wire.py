@@ -121,6 +121,7 @@ class GuardedAMP(amp.AMP):
         self._boxes = 0
         self._timer: Any = None
         self._timer_why = ""
+        self._timer_seconds: float | None = None
         self._tls_done = False
 
     # ------------------------------------------------------------ what subclasses may change
@@ -152,31 +153,35 @@ class GuardedAMP(amp.AMP):
     def connectionMade(self) -> None:
         self.peer = describe_address(self.transport.getPeer())
         super().connectionMade()
-        self._arm(self.timeouts.handshake, "did not complete the TLS handshake")
+        self._arm(self.timeouts.handshake, "did not complete the TLS handshake within")
 
     def handshakeCompleted(self) -> None:
         self._tls_done = True
         if self._boxes == 0 or not self.established():
-            self._arm(self.timeouts.handshake, "sent no command after the TLS handshake")
+            self._arm(self.timeouts.handshake, "sent no command after the TLS handshake within")
 
     def refresh_timeout(self) -> None:
         """Restart the idle countdown, e.g. after the connection gained or lost a session."""
         if self._boxes and self.established():
-            self._arm(self.idle_timeout(), "was idle")
+            self._arm(self.idle_timeout(), "was idle for")
 
     def _arm(self, seconds: float | None, why: str) -> None:
         self._timer_why = why
+        self._timer_seconds = seconds
         if self._timer is not None and self._timer.active():
             if seconds is not None:
                 self._timer.reset(seconds)
                 return
             self._timer.cancel()
-        self._timer = None if seconds is None else self.clock.callLater(seconds, self._timed_out, seconds)
+        self._timer = None if seconds is None else self.clock.callLater(seconds, self._timed_out)
 
-    def _timed_out(self, seconds: float) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
         self.note(
-            "info", "{peer} {why} within {seconds} s; closing the connection", why=self._timer_why, seconds=seconds
+            "info",
+            "{peer} {why} {seconds} s; closing the connection",
+            why=self._timer_why,
+            seconds=self._timer_seconds,
         )
         self.transport.abortConnection()
 
@@ -221,7 +226,7 @@ class GuardedAMP(amp.AMP):
             return
         self._boxes += 1
         if self.established():
-            self._arm(self.idle_timeout(), "was idle")
+            self._arm(self.idle_timeout(), "was idle for")
         if amp.ANSWER in box or amp.ERROR in box:
             tag = box.get(amp.ANSWER, box.get(amp.ERROR))
             if tag not in self._outstandingRequests or (amp.ERROR in box and amp.ERROR_CODE not in box):

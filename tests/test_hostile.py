@@ -22,7 +22,7 @@ from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 
 from papertrader import tls
-from papertrader.client.library import ClientAMP
+from papertrader.client.library import ClientAMP, client_from_connection
 from papertrader.wire import MAX_BAD_REQUESTS
 from tests.processes import RunningDeployment
 
@@ -30,6 +30,7 @@ PASSWORD = "correct horse battery"
 # Connection timeouts of the deployment under test, short so that the idle cases end quickly.
 HANDSHAKE_TIMEOUT = 2
 IDLE_TIMEOUT = 4
+LOGGED_IN_IDLE_TIMEOUT = 6
 # How long a test waits for a server to close a connection before it fails (a liveness bound, not a timing claim).
 GIVE_UP = 60
 
@@ -88,6 +89,7 @@ class HostileInputTests(TestCase):
             self.mktemp(),
             "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
             "--idle-timeout", str(IDLE_TIMEOUT),
+            "--logged-in-idle-timeout", str(LOGGED_IN_IDLE_TIMEOUT),
         )
         self.addCleanup(d.stop)
         yield d.start()
@@ -215,14 +217,19 @@ class HostileInputTests(TestCase):
             waits.append(self.send_and_expect_drop(port, None))  # TCP only: the TLS handshake never starts
             waits.append(self.send_and_expect_drop(port, options))  # TLS done, no command
         waits.append(self.idle_client())
+        waits.append(self.idle_client(logged_in=True))
         yield gatherResults(waits)
         yield self.assert_honest_user_served()
 
     @inlineCallbacks
-    def idle_client(self) -> Any:
-        """A client that asks one quote and then stays silent is closed after the idle timeout."""
+    def idle_client(self, logged_in: bool = False) -> Any:
+        """A client that asks one thing (a quote, or logs in) and then stays silent is closed after its idle timeout."""
         connection = yield self.connect(self.worker_port, self.client_options, ClientAMP())
+        client = client_from_connection(connection)
         lost: Deferred[None] = Deferred()
         connection.on_lost = lambda reason: lost.callback(None)
-        yield connection.callRemoteString(b"GetAssetValue", symbol=b"AAPL")
+        if logged_in:
+            yield client.login("honest", PASSWORD)
+        else:
+            yield connection.callRemoteString(b"GetAssetValue", symbol=b"AAPL")
         yield lost.addTimeout(GIVE_UP, reactor)

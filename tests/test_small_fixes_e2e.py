@@ -140,6 +140,9 @@ class RefusedWorkerTests(TestCase):
         text = yield self.run_worker(identity, "other-1", "TLS handshake with the master failed")
         self.assertRefusedOnce(text, "TLS handshake with the master failed")
         self.assertIn("unknown ca", text)
+        with open(os.path.join(self.deployment.base, "master.log"), encoding="utf-8") as f:
+            master_log = f.read()
+        self.assertRegex(master_log, r"TLS handshake with 127\.0\.0\.1:\d+ failed: .*certificate verify failed")
 
     @inlineCallbacks
     def test_master_from_another_ca(self) -> Any:
