@@ -151,7 +151,7 @@ class _Sink(amp.CommandLocator):
         self.last = 0
 
     @PurchaseAsset.responder
-    def purchase(self, token: str, symbol: str, quantity: str) -> dict[str, int]:
+    def purchase(self, token: str, symbol: str, quantity: str, client_order_id: str | None = None) -> dict[str, int]:
         self.last += 1
         return {"order_id": self.last}
 
@@ -163,8 +163,10 @@ class _Relay(amp.CommandLocator):
         self.upstream = upstream
 
     @PurchaseAsset.responder
-    def purchase(self, token: str, symbol: str, quantity: str) -> Deferred:
-        return self.upstream.callRemote(PurchaseAsset, token=token, symbol=symbol, quantity=quantity)
+    def purchase(self, token: str, symbol: str, quantity: str, client_order_id: str | None = None) -> Deferred:
+        return self.upstream.callRemote(
+            PurchaseAsset, token=token, symbol=symbol, quantity=quantity, client_order_id=client_order_id
+        )
 
 
 def _identity(tls_dir: str, label: str) -> tls.Identity:
