@@ -265,8 +265,13 @@ class GuardedAMP(amp.AMP):
             self.note("warn", "{peer}: {text} (more on this connection are only counted)", text=text)
         if self.bad_requests == self.max_bad_requests:
             self.note("warn", "{peer} sent {count} bad requests; closing the connection", count=self.bad_requests)
-            self.clock.callLater(0, self.transport.loseConnection)
+            self.clock.callLater(0, self._close)
         return str(BadRequest(text))
+
+    def _close(self) -> None:
+        """Close after the answers already written (the connection may have ended meanwhile)."""
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
 def _argument_problem(error: Exception) -> str:
