@@ -71,7 +71,8 @@ class StartUp:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(result)
-        self.ready.callback(None)
+        if not self.ready.called:  # a waiter may already have failed start-up
+            self.ready.callback(None)
 
     def failed(self, failure: Failure) -> None:
         """Release the waiters, then stop the process with the reason and exit status 1."""

@@ -455,6 +455,7 @@ class Accounts:
         """End the session for ``token``."""
         yield self.authenticate(token)
         digest = token_digest(token)
+        self._revocations += 1  # a lookup that read the row before the delete must not cache it again
         self._sessions.pop(digest, None)
         yield self._db.delete_session(digest)
 

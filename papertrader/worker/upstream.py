@@ -234,8 +234,13 @@ class OrderBatcher:
 
     @staticmethod
     def _answer(answer: dict[str, Any], batch: list[tuple[OrderRequest, Deferred]]) -> None:
-        for (_, d), result in zip(batch, answer["results"]):
-            d.callback(result)
+        results = answer["results"]
+        missing = ServiceUnavailable("the master gave no answer for this order; check its outcome and retry")
+        for index, (_, d) in enumerate(batch):
+            if index < len(results):
+                d.callback(results[index])
+            else:
+                d.errback(missing)
 
     @staticmethod
     def _fail(failure: Failure, batch: list[tuple[OrderRequest, Deferred]]) -> None:
