@@ -205,6 +205,12 @@ def load_master_config(path: str | None, overrides: Mapping[str, str | None]) ->
     delay, max_delay = values.get("login_delay", 1.0), values.get("login_max_delay", 900.0)
     if max_delay < delay:
         problems.append(f"login_max_delay: must be at least login_delay ({delay:g} s), got {max_delay:g}")
+    handshake, heartbeat = values.get("handshake_timeout", 30.0), values.get("heartbeat_interval", 10.0)
+    if heartbeat >= handshake:
+        # A worker taking over a name waits one interval for the old connection's ping, within its handshake.
+        problems.append(
+            f"heartbeat_interval: must be shorter than handshake_timeout ({handshake:g} s), got {heartbeat:g}"
+        )
     if "data_dir" in values:
         values["data_dir"] = os.path.abspath(os.path.expanduser(values["data_dir"]))
         if os.path.exists(values["data_dir"]) and not os.path.isdir(values["data_dir"]):

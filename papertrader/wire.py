@@ -123,6 +123,7 @@ class GuardedAMP(amp.AMP):
         self._timer_why = ""
         self._timer_seconds: float | None = None
         self._tls_done = False
+        self._ended = False
 
     # ------------------------------------------------------------ what subclasses may change
 
@@ -166,6 +167,8 @@ class GuardedAMP(amp.AMP):
             self._arm(self.idle_timeout(), "was idle for")
 
     def _arm(self, seconds: float | None, why: str) -> None:
+        if self._ended:
+            return  # nothing left to time out
         self._timer_why = why
         self._timer_seconds = seconds
         if self._timer is not None and self._timer.active():
@@ -183,9 +186,11 @@ class GuardedAMP(amp.AMP):
             why=self._timer_why,
             seconds=self._timer_seconds,
         )
-        self.transport.abortConnection()
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Any) -> None:
+        self._ended = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

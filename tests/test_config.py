@@ -369,6 +369,16 @@ class LoadMasterConfigTests(ConfigTestMixin, SynchronousTestCase):
         problems = self.problems(SAMPLE_CONFIG, {"login_delay": "10", "login_max_delay": "5"})
         self.assertEqual(problems, ["login_max_delay: must be at least login_delay (10 s), got 5"])
 
+    def test_heartbeatWithinHandshake(self) -> None:
+        """Heartbeats must come more often than the handshake timeout.
+
+        A worker taking over a name waits one heartbeat interval for the old
+        connection's answer, inside its handshake time; a longer interval would
+        time every such worker out.
+        """
+        problems = self.problems(SAMPLE_CONFIG, {"handshake_timeout": "10", "heartbeat_interval": "10"})
+        self.assertEqual(problems, ["heartbeat_interval: must be shorter than handshake_timeout (10 s), got 10"])
+
     def test_rangeMessages(self) -> None:
         """Out-of-range numbers say the allowed range and the value given."""
         problems = self.problems(SAMPLE_CONFIG, {"workers": "65", "bcrypt_cost": "32"})

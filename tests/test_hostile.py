@@ -31,6 +31,7 @@ PASSWORD = "correct horse battery"
 HANDSHAKE_TIMEOUT = 2
 IDLE_TIMEOUT = 4
 LOGGED_IN_IDLE_TIMEOUT = 6
+HEARTBEAT_INTERVAL = 1  # shorter than the handshake timeout, as the configuration requires
 # How long a test waits for a server to close a connection before it fails (a liveness bound, not a timing claim).
 GIVE_UP = 60
 
@@ -90,6 +91,7 @@ class HostileInputTests(TestCase):
             "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
             "--idle-timeout", str(IDLE_TIMEOUT),
             "--logged-in-idle-timeout", str(LOGGED_IN_IDLE_TIMEOUT),
+            "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
         )
         self.addCleanup(d.stop)
         yield d.start()

@@ -16,7 +16,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import BadRequest, WorkerRefused
-from papertrader.protocol import Login, WorkerHello
+from papertrader.protocol import Heartbeat, Login, WorkerHello
 from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, LogLimiter
 from tests.support import Deployment
 
@@ -39,11 +39,11 @@ class LoggedEvents:
 class RawPeer:
     """A bare AMP connection to one of the deployment's listeners, for sending what no real peer would."""
 
-    def __init__(self, deployment: Deployment, factory: Any, port: int) -> None:
+    def __init__(self, deployment: Deployment, factory: Any, port: int, protocol: type = amp.AMP) -> None:
         address = IPv4Address("TCP", "10.9.8.7", port)
         self.protocol, self.server, pump = iosim.connectedServerAndClient(
             lambda: factory.buildProtocol(address),
-            amp.AMP,
+            protocol,
             serverTransportFactory=lambda p: iosim.FakeTransport(p, isServer=True, peerAddress=address),
             clock=deployment.clock,
         )
@@ -62,6 +62,14 @@ class RawPeer:
     @property
     def closed(self) -> bool:
         return bool(self.server_transport.disconnecting or self.server_transport.disconnected)
+
+
+class BeatingPeer(amp.AMP):
+    """A bare worker-side connection that answers the master's heartbeats, as a real worker does."""
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict:
+        return {}
 
 
 def gone(client: Any) -> bool:
@@ -283,6 +291,45 @@ class WorkerNameTests(SynchronousTestCase):
         self.deployment.advance(11, step=1)
         self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
         self.assertIs(self.deployment.registry.workers["test-worker"], newcomer.server)
+
+
+    def test_newcomer_lost_while_claiming(self) -> None:
+        """A connection that ends while the old one is being pinged never takes the name; the next one can.
+
+        Before, the lost connection was stored under the name, and every later
+        hello failed on its missing transport: the name was locked for good.
+        """
+        self.deployment.pumps.remove(self.deployment.master_pump)  # the old link hears nothing any more
+        newcomer = RawPeer(self.deployment, self.deployment.master_factory, 50032)
+        newcomer.protocol.callRemote(WorkerHello, name="test-worker", version="0").addErrback(lambda _: None)
+        self.deployment.flush()
+        newcomer.protocol.transport.loseConnection()
+        self.deployment.advance(11, step=1)
+        self.assertIsNot(self.deployment.registry.workers.get("test-worker"), newcomer.server)
+        third = RawPeer(self.deployment, self.deployment.master_factory, 50033, BeatingPeer)
+        d = third.protocol.callRemote(WorkerHello, name="test-worker", version="0")
+        self.deployment.advance(11, step=1)
+        self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
+        self.assertIs(self.deployment.registry.workers["test-worker"], third.server)
+        self.assertEqual(self.log.failures(), [])
+
+    def test_no_timers_after_the_end(self) -> None:
+        """A connection that has ended arms no timeout and sends no heartbeat, whatever calls it later."""
+        peer = RawPeer(self.deployment, self.deployment.master_factory, 50034)
+        server = peer.server
+        peer.protocol.transport.loseConnection()
+        self.deployment.flush()
+        server.refresh_timeout()
+        server._arm(5.0, "was idle for")
+        server.start_heartbeats(5.0)
+        armed = [
+            call
+            for call in self.deployment.clock.getDelayedCalls()
+            if call.func is server._heartbeats or getattr(call.func, "__self__", None) is server
+        ]
+        self.assertEqual(armed, [])
+        self.deployment.advance(30, step=5)
+        self.assertEqual(self.log.failures(), [])
 
 
 class LogLimiterTests(SynchronousTestCase):

@@ -324,6 +324,8 @@ class WorkerAMP(GuardedAMP):
 
     def start_heartbeats(self, interval: float) -> None:
         """Send a Heartbeat every ``interval`` seconds from now on (the hello's answer is the first sign of life)."""
+        if self._ended:
+            return
         self._heartbeats = LoopingCall(self._beat)
         self._heartbeats.clock = self.clock
         self._heartbeats.start(interval, now=False)

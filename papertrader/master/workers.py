@@ -60,8 +60,16 @@ class WorkerRegistry:
                     f"a worker named {name!r} is already connected (from {getattr(old, 'peer', 'elsewhere')}) "
                     "and answering; use another name"
                 )
-            self.log.warn("worker {name}'s old connection does not answer; replacing it", name=name)
-            old.transport.abortConnection()
+            if self.workers.get(name) is old:
+                self.log.warn("worker {name}'s old connection does not answer; replacing it", name=name)
+                del self.workers[name]
+            if old.transport is not None:
+                old.transport.abortConnection()
+        if connection.transport is None:
+            # It ended while the old one was being pinged: it must not hold the name.
+            raise WorkerRefused("the connection ended during the handshake")
+        if name in self.workers and self.workers[name] is not connection:
+            raise WorkerRefused(f"another connection took the name {name!r} meanwhile")
         self.workers[name] = connection
 
     def _answers_ping(self, connection: amp.AMP, timeout: float) -> Deferred[bool]:
