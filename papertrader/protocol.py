@@ -248,28 +248,34 @@ class ListOrders(amp.Command):
     errors = declared(DataFailed, SessionInvalid)
 
 
-class GetUserPortfolio(amp.Command):
-    """Cash and positions, valued at the latest prices."""
+POSITION_FIELDS = [
+    (b"symbol", _SYMBOL),
+    (b"quantity", amp.Integer()),
+    (b"price_cents", amp.Integer()),
+    (b"value_cents", amp.Integer()),
+]
+POSITIONS_PER_PAGE = rows_per_page(POSITION_FIELDS)
 
-    arguments = [(b"token", amp.Unicode())]
+
+class GetUserPortfolio(amp.Command):
+    """Cash and a page of the positions (by symbol), valued at the latest prices.
+
+    Every page carries the whole portfolio's cash and total.  The pages of one
+    reading are of one portfolio at one tick: if a price update or a fill
+    changed it since the first page, the next page is refused with DataFailed
+    and the reading starts again.
+    """
+
+    arguments = [(b"token", amp.Unicode()), *_PAGE_REQUEST]
     response = [
         (b"username", amp.Unicode()),
         (b"cash_cents", amp.Integer()),
-        (
-            b"positions",
-            amp.AmpList(
-                [
-                    (b"symbol", amp.Unicode()),
-                    (b"quantity", amp.Integer()),
-                    (b"price_cents", amp.Integer()),
-                    (b"value_cents", amp.Integer()),
-                ]
-            ),
-        ),
+        (b"positions", amp.AmpList(POSITION_FIELDS)),
         (b"total_cents", amp.Integer()),
         (b"as_of", amp.Unicode()),
+        *page_fields(),
     ]
-    errors = dict(_SESSION)
+    errors = declared(DataFailed, SessionInvalid)
 
 
 TRANSACTION_FIELDS = [

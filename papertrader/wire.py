@@ -34,6 +34,8 @@ from papertrader.eventlog import EventLogger
 
 # The wire code of BadRequest (declared on every Command, see papertrader.protocol).
 BAD_REQUEST = b"BAD_REQUEST"
+# The wire code of ServiceUnavailable, also declared on every Command.
+SERVICE_UNAVAILABLE = b"SERVICE_UNAVAILABLE"
 
 # The largest box a peer may send, and the most keys in it.  No PaperTrader
 # command comes near either; a box that never ends reaches them quickly.
@@ -241,6 +243,24 @@ class GuardedAMP(amp.AMP):
             self._bad_request(b"?", "a box that is neither a command nor an answer")
             return
         super().ampBoxReceived(box)
+
+    # ------------------------------------------------------------ answers too long to send
+
+    def _safeEmit(self, box: amp.AmpBox) -> None:
+        # AMP would drop the whole connection on an answer with a value over
+        # 64 KiB; the asker hears a declared error instead.
+        try:
+            super()._safeEmit(box)
+        except amp.TooLong:
+            tag = box.get(amp.ANSWER, box.get(amp.ERROR))
+            if tag is None:
+                raise
+            self.note("error", "an answer to {peer} was too long to send; answered SERVICE_UNAVAILABLE instead")
+            error = amp.AmpBox()
+            error[amp.ERROR] = tag
+            error[amp.ERROR_CODE] = SERVICE_UNAVAILABLE
+            error[amp.ERROR_DESCRIPTION] = b"the answer was too long to send; try again later"
+            super()._safeEmit(error)
 
     # ------------------------------------------------------------ bad requests
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sqlite3
 from typing import Any
@@ -20,7 +21,9 @@ from papertrader.protocol import (
     ASSETS_PER_PAGE,
     MAX_ORDER_REASON,
     ORDERS_PER_PAGE,
+    POSITIONS_PER_PAGE,
     TRANSACTIONS_PER_PAGE,
+    GetUserPortfolio,
     GetUserTransactionHistory,
     ListAssets,
     ListOrders,
@@ -153,6 +156,71 @@ class ManyAssetsTests(SynchronousTestCase):
         client = deployment.client()
         last = list(assets)[-1]
         self.assertEqual(deployment.result(client.quote(last))["price_cents"], assets[last].reference_cents)
+
+
+class PortfolioTests(SynchronousTestCase):
+    """A portfolio with a position in each of 1,000 assets (far over one AMP value) reaches the client whole."""
+
+    def setUp(self) -> None:
+        self.assets = realistic_assets(1000)
+        self.deployment = Deployment(self.mktemp(), assets=self.assets)
+        self.client = self.deployment.logged_in("alice")
+        connection = self.deployment.pool.connection
+        [(user_id,)] = connection.execute("SELECT id FROM users WHERE username = 'alice'").fetchall()
+        connection.executemany(
+            "INSERT INTO positions (user_id, symbol, quantity) VALUES (?, ?, ?)",
+            [(user_id, symbol, 1 + n) for n, symbol in enumerate(self.assets)],
+        )
+        connection.commit()
+
+    def expected_positions(self) -> list[dict[str, Any]]:
+        prices = self.deployment.board.prices
+        quantities = {symbol: n + 1 for n, symbol in enumerate(self.assets)}
+        return [
+            {"symbol": s, "quantity": q, "price_cents": prices[s], "value_cents": prices[s] * q}
+            for s, q in sorted(quantities.items())
+        ]
+
+    def test_every_position(self) -> None:
+        """All 1,000 positions come back in symbol order with the whole total, and the worker's link stays up.
+
+        Before, the one answer was too long for AMP and the master dropped the worker's connection.
+        """
+        expected = self.expected_positions()
+        fields = dict(GetUserPortfolio.response)[b"positions"].subargs
+        self.assertGreater(encoded_size(fields, expected), AMP_VALUE_LIMIT)
+        answer = self.deployment.result(self.client.portfolio())
+        self.assertEqual(answer["positions"], expected)
+        self.assertEqual(answer["total_cents"], 10_000_000 + sum(p["value_cents"] for p in expected))
+        self.assertIn("test-worker", self.deployment.registry.workers)
+        first = self.deployment.result(self.client.portfolio_page())
+        self.assertEqual((first["page"], first["pages"]), (1, math.ceil(1000 / POSITIONS_PER_PAGE)))
+
+    def test_price_update_between_pages(self) -> None:
+        """A page asked for after a price update is refused; the library reads again, so every value is of one tick."""
+        original = self.client.portfolio_page
+        asked: list[str | None] = []
+
+        def racing(cursor: str | None = None) -> Any:
+            asked.append(cursor)
+            if len(asked) == 2:
+                self.deployment.source.prices = {s: c + 1 for s, c in self.deployment.source.prices.items()}
+                self.deployment.exchange.tick()  # the pushes go out with the next flush
+            return original(cursor)
+
+        self.client.portfolio_page = racing  # type: ignore[method-assign]
+        answer = self.deployment.result(self.client.portfolio())
+        self.assertEqual(answer["positions"], self.expected_positions())
+        self.assertEqual(asked[2], None)  # the reading started again from the first page
+
+    def test_stale_and_bad_cursors_refused(self) -> None:
+        """A cursor from before a fill, or not a portfolio cursor at all, gets DataFailed."""
+        cursor = self.deployment.result(self.client.portfolio_page())["next_cursor"]
+        self.deployment.result(self.client.sell("AAPL", 1))
+        self.deployment.tick()
+        self.assertRaises(DataFailed, self.deployment.result, self.client.portfolio_page(cursor))
+        for bad in ("2", "x", "99.1.1", "2." + cursor):
+            self.assertRaises(DataFailed, self.deployment.result, self.client.portfolio_page(bad))
 
 
 class RealProcessesTests(TestCase):

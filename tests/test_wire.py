@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from papertrader.errors import BadRequest, WorkerRefused
+from papertrader.errors import BadRequest, ServiceUnavailable, WorkerRefused
 from papertrader.protocol import Heartbeat, Login, WorkerHello
-from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, LogLimiter
+from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, GuardedAMP, LogLimiter
 from tests.support import Deployment
 
 
@@ -330,6 +331,50 @@ class WorkerNameTests(SynchronousTestCase):
         self.assertEqual(armed, [])
         self.deployment.advance(30, step=5)
         self.assertEqual(self.log.failures(), [])
+
+
+class _Huge(amp.Command):
+    arguments: list = []
+    response = [(b"text", amp.Unicode())]
+    errors = {ServiceUnavailable: b"SERVICE_UNAVAILABLE"}
+
+
+class _Small(amp.Command):
+    arguments: list = []
+    response = [(b"text", amp.Unicode())]
+
+
+class _Answers(amp.CommandLocator):
+    @_Huge.responder
+    def huge(self) -> dict:
+        return {"text": "x" * 70_000}
+
+    @_Small.responder
+    def small(self) -> dict:
+        return {"text": "ok"}
+
+
+class TooLongAnswerTests(SynchronousTestCase):
+    """An answer too long for AMP becomes a declared SERVICE_UNAVAILABLE, not a dropped connection."""
+
+    def test_answer_too_long(self) -> None:
+        """The asker hears SERVICE_UNAVAILABLE and the connection goes on serving it."""
+        PEER_LOG.__init__()
+        log = LoggedEvents(self)
+        clock = Clock()
+        asker, _, pump = iosim.connectedServerAndClient(
+            lambda: GuardedAMP(locator=_Answers(), clock=clock), amp.AMP, clock=clock
+        )
+        failures: list[Any] = []
+        asker.callRemote(_Huge).addErrback(failures.append)  # before the answer arrives, as AMP requires
+        pump.flush()
+        [failure] = failures
+        self.assertIn("too long", str(failure.trap(ServiceUnavailable) and failure.value))
+        small = asker.callRemote(_Small)
+        pump.flush()
+        self.assertEqual(self.successResultOf(small), {"text": "ok"})
+        self.assertEqual(len(log.about("too long to send")), 1)
+        self.assertEqual(log.failures(), [])
 
 
 class LogLimiterTests(SynchronousTestCase):

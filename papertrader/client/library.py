@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from papertrader import tls
+from papertrader.errors import DataFailed
 from papertrader.protocol import (
     ChangePassword,
     GetAssetValue,
@@ -37,6 +38,9 @@ from papertrader.protocol import (
     Register,
     SellAsset,
 )
+
+# How many times `PaperTraderClient.portfolio` starts again when the portfolio changes between its pages.
+PORTFOLIO_ATTEMPTS = 5
 
 
 class _Pushes(amp.CommandLocator):
@@ -195,8 +199,33 @@ class PaperTraderClient:
         """
         return self.connection.callRemote(ListOrders, token=self.token or "", cursor=cursor)
 
-    def portfolio(self) -> Deferred:
-        return self.connection.callRemote(GetUserPortfolio, token=self.token or "")
+    @inlineCallbacks
+    def portfolio(self) -> Any:
+        """Cash, every position and the total, read page by page (``username``, ``cash_cents``, ``positions``,
+        ``total_cents``, ``as_of``).
+
+        The pages of one reading are of one portfolio at one tick; if it
+        changes while they are read, the reading starts again (a few times).
+        """
+        for attempt in range(PORTFOLIO_ATTEMPTS):
+            first = yield self.portfolio_page()
+            positions = list(first["positions"])
+            cursor = first.get("next_cursor")
+            try:
+                while cursor is not None:
+                    page = yield self.portfolio_page(cursor)
+                    positions.extend(page["positions"])
+                    cursor = page.get("next_cursor")
+            except DataFailed:
+                if attempt + 1 == PORTFOLIO_ATTEMPTS:
+                    raise
+                continue
+            keys = ("username", "cash_cents", "total_cents", "as_of")
+            returnValue({**{key: first[key] for key in keys}, "positions": positions})
+
+    def portfolio_page(self, cursor: str | None = None) -> Deferred[dict[str, Any]]:
+        """One page of the portfolio, paged like `orders_page`; each page also carries the cash and the total."""
+        return self.connection.callRemote(GetUserPortfolio, token=self.token or "", cursor=cursor)
 
     def history(self, limit: int | None = None) -> Deferred[dict[str, Any]]:
         """The newest ``limit`` settled trades (None: every one), read page by page, as ``{"transactions": [...]}``."""

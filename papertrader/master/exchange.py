@@ -6,6 +6,7 @@ together; the AMP responders in `papertrader.master.protocol` only translate.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +41,8 @@ from papertrader.master.trading import (
     refuse_reason,
     settle_orders,
 )
-from papertrader.paging import BadCursor, Page, decode_cursor
-from papertrader.protocol import ORDERS_PER_PAGE, TRANSACTIONS_PER_PAGE, OrderRequest
+from papertrader.paging import BadCursor, Page, decode_cursor, encode_cursor, page_count
+from papertrader.protocol import ORDERS_PER_PAGE, POSITIONS_PER_PAGE, TRANSACTIONS_PER_PAGE, OrderRequest
 from papertrader.timestamps import iso
 
 TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
@@ -241,25 +242,43 @@ class Exchange:
         returnValue(page)
 
     @inlineCallbacks
-    def portfolio(self, token: str) -> Any:
-        """Cash and positions valued at the latest prices."""
+    def portfolio(self, token: str, cursor: str | None = None) -> Any:
+        """A page of the user's positions (by symbol) valued at the latest prices, with the cash and the total.
+
+        The cursor names the next page, the tick and a fingerprint of the
+        holdings: a page asked for after either changed is refused with
+        DataFailed, so the pages of one reading always add up.
+        """
+        expected = None if cursor is None else _portfolio_position(cursor)
         session = yield self.accounts.authenticate(token)
         cash, holdings = yield self._read(self._db.portfolio(session.user_id))
+        tick = self.board.tick
+        fingerprint = zlib.crc32(repr((cash, sorted(holdings.items()))).encode("ascii"))
         positions = []
-        for symbol, quantity in holdings.items():
+        for symbol, quantity in sorted(holdings.items()):
             price = self.board.prices.get(symbol, 0)
             positions.append(
                 {"symbol": symbol, "quantity": quantity, "price_cents": price, "value_cents": price * quantity}
             )
-        returnValue(
-            {
-                "username": session.username,
-                "cash_cents": cash,
-                "positions": positions,
-                "total_cents": cash + sum(p["value_cents"] for p in positions),
-                "as_of": self.board.as_of or "",
-            }
-        )
+        pages = page_count(len(positions), POSITIONS_PER_PAGE)
+        page = 1
+        if expected is not None:
+            page, cursor_tick, cursor_fingerprint = expected
+            if (cursor_tick, cursor_fingerprint) != (tick, fingerprint) or not 2 <= page <= pages:
+                raise DataFailed("the portfolio changed since its first page; read it again from the first page")
+        start = (page - 1) * POSITIONS_PER_PAGE
+        answer = {
+            "username": session.username,
+            "cash_cents": cash,
+            "positions": positions[start : start + POSITIONS_PER_PAGE],
+            "total_cents": cash + sum(p["value_cents"] for p in positions),
+            "as_of": self.board.as_of or "",
+            "page": page,
+            "pages": pages,
+        }
+        if page < pages:
+            answer["next_cursor"] = encode_cursor(page + 1, tick, fingerprint)
+        returnValue(answer)
 
     @inlineCallbacks
     def history(self, token: str, cursor: str | None = None) -> Any:
@@ -319,6 +338,15 @@ class Exchange:
 
 def _failure_for(side: str) -> type[PaperTraderError]:
     return PurchaseFailed if side == BUY else SellFailed
+
+
+def _portfolio_position(cursor: str) -> tuple[int, int, int]:
+    """The (page, tick, fingerprint) a portfolio cursor holds; DataFailed if it holds none."""
+    try:
+        page, tick, fingerprint = decode_cursor(cursor, 3)
+    except BadCursor:
+        raise DataFailed("malformed portfolio cursor; read it again from the first page") from None
+    return page, tick, fingerprint
 
 
 def _position(cursor: str | None) -> tuple[int, int, int] | None:

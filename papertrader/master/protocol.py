@@ -271,8 +271,8 @@ class MasterLocator(amp.CommandLocator):
 
     @RelayedGetUserPortfolio.responder
     @_guarded
-    def portfolio(self, token: str, received_at: str, client_address: str) -> Any:
-        return self.exchange.portfolio(token)
+    def portfolio(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
+        return self.exchange.portfolio(token, cursor)
 
     @RelayedGetUserTransactionHistory.responder
     @_guarded
