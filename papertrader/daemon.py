@@ -46,14 +46,15 @@ class StartUp:
 
     Each waiter gets a Deferred of its own from `when_done`: it fires with
     start-up's result, or fails with CancelledError if start-up failed (the
-    process is then stopping, through `abort_start`).  `ready` fires once,
-    with None, or fails with the reason.
+    process is then stopping, through `abort_start`).  `ready` fires once
+    start-up is over: with True if it succeeded, False if it failed (the
+    reason is logged by `abort_start`).
     """
 
     def __init__(self, reactor: Any, role: str) -> None:
         self.reactor = reactor
         self.role = role
-        self.ready: Deferred[None] = Deferred()
+        self.ready: Deferred[bool] = Deferred()
         self._done = False
         self._result: Any = None
         self._waiting: list[Deferred[Any]] = []
@@ -72,7 +73,7 @@ class StartUp:
         for d in waiting:
             d.callback(result)
         if not self.ready.called:  # a waiter may already have failed start-up
-            self.ready.callback(None)
+            self.ready.callback(True)
 
     def failed(self, failure: Failure) -> None:
         """Release the waiters, then stop the process with the reason and exit status 1."""
@@ -80,6 +81,5 @@ class StartUp:
         for d in waiting:
             d.errback(CancelledError(f"the {self.role} could not start"))
         if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
+            self.ready.callback(False)
         abort_start(self.reactor, self.role, failure)

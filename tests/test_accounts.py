@@ -506,25 +506,38 @@ class RevocationTests(SynchronousTestCase):
             self.pool.connection.execute("SELECT COUNT(*) FROM sessions WHERE user_id = 1").fetchone(), (0,)
         )
 
+    def held_lookup(self, accounts: Any, token: str) -> tuple[Deferred, Deferred]:
+        """Start ``accounts.authenticate(token)`` with its database read done now but delivered only when
+        the returned gate fires, as a read running in a thread during other work would be."""
+        real_find = self.database.find_session
+        gate: Deferred = Deferred()
+
+        def held_find(digest: str) -> Deferred:
+            self.database.find_session = real_find  # type: ignore[method-assign]
+            record = self.successResultOf(real_find(digest))
+            return gate.addCallback(lambda _: record)
+
+        self.database.find_session = held_find  # type: ignore[method-assign]
+        lookup = accounts.authenticate(token)
+        self.assertNoResult(lookup)
+        return lookup, gate
+
     def test_lookup_overlapping_revocation_is_not_cached(self) -> None:
         """A session read from the database while its user's sessions are being revoked is not put
         back in memory: it is read again and found gone."""
-        gate: list[Deferred] = []
-        real_find = self.database.find_session
-
-        def slow_find(digest: str) -> Deferred:
-            if gate:
-                return real_find(digest)
-            d: Deferred = Deferred()
-            gate.append(d)
-            return d.addCallback(lambda _: real_find(digest))
-
         restarted = make_accounts(self.database, self.clock)
-        self.database.find_session = slow_find  # type: ignore[method-assign]
-        lookup = restarted.authenticate(self.sessions[0].token)
-        self.assertNoResult(lookup)
-        self.database.find_session = real_find  # type: ignore[method-assign]
+        lookup, gate = self.held_lookup(restarted, self.sessions[0].token)
         self.successResultOf(restarted.logout_everywhere(self.sessions[1].token))
-        gate[0].callback(None)  # the first read saw the session (it ran before the revocation)...
+        gate.callback(None)  # the first read saw the session (it ran before the revocation)...
         self.failureResultOf(lookup, SessionInvalid)
         self.assertIsNone(restarted.cached_session(self.sessions[0].token))
+
+    def test_lookup_overlapping_logout_is_not_cached(self) -> None:
+        """A lookup that read the session just before its logout does not keep it alive in memory."""
+        restarted = make_accounts(self.database, self.clock)
+        lookup, gate = self.held_lookup(restarted, self.sessions[0].token)
+        self.successResultOf(restarted.logout(self.sessions[0].token))
+        gate.callback(None)
+        self.failureResultOf(lookup, SessionInvalid)
+        self.assertIsNone(restarted.cached_session(self.sessions[0].token))
+        self.failureResultOf(restarted.authenticate(self.sessions[0].token), SessionInvalid)

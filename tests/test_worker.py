@@ -112,6 +112,15 @@ class OrderBatcherTests(SynchronousTestCase):
         self.failureResultOf(results[-1], ServiceUnavailable)
 
 
+    def test_orders_left_unanswered_are_refused(self) -> None:
+        """Orders the master gave no result for are refused as unavailable, not left hanging."""
+        results = [self.batcher.submit({"n": str(i)}) for i in range(3)]
+        self.clock.advance(0)
+        self.sent[0][2].callback({"results": [{"i": 0}]})
+        self.assertEqual(self.successResultOf(results[0]), {"i": 0})
+        for d in results[1:]:
+            self.assertIn("no answer for this order", str(self.failureResultOf(d, ServiceUnavailable).value))
+
 class MasterLinkTests(SynchronousTestCase):
     """The worker's link to the master."""
 
