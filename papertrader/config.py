@@ -66,6 +66,7 @@ class MasterConfig:
     idle_timeout: float = 300.0
     logged_in_idle_timeout: float = 3600.0
     heartbeat_interval: float = 10.0
+    max_connections: int = 10_000
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -144,6 +145,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "idle_timeout": ("idle_timeout", positive_seconds),
     "logged_in_idle_timeout": ("logged_in_idle_timeout", positive_seconds),
     "heartbeat_interval": ("heartbeat_interval", positive_seconds),
+    "max_connections": ("max_connections", _int_in(1, 1_000_000)),
 }
 
 KEYS = tuple(_PARSERS)

@@ -219,13 +219,23 @@ def peer_common_name(transport: Any) -> str | None:
     return certificate.get_subject().CN if certificate is not None else None
 
 
+class _TLSServerFactory(TLSMemoryBIOFactory):
+    """Wraps each connection in TLS, or refuses it (closes it at once) when the wrapped factory does."""
+
+    def buildProtocol(self, addr):
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return self.protocol(self, wrapped)
+
+
 def tls_server_endpoint(reactor, description: str, options: ssl.CertificateOptions):
     """A listening endpoint for ``description`` (``tcp:PORT...``) that speaks TLS."""
     inner = serverFromString(reactor, description)
 
     class _TLSServerEndpoint:
         def listen(self, factory):
-            return inner.listen(TLSMemoryBIOFactory(options, False, factory))
+            return inner.listen(_TLSServerFactory(options, False, factory))
 
     return _TLSServerEndpoint()
 

@@ -20,12 +20,14 @@ whatever a peer sends costs bounded memory and bounded log space:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attr
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from zope.interface import implementer
 
@@ -84,6 +86,16 @@ class Timeouts:
     """A connection with a session (or a worker link) that sends nothing for this long is closed."""
 
 
+def note(log: EventLogger, budget: LogLimiter, clock: IReactorTime, level: str, format: str, **fields: Any) -> None:
+    """Log a line that a peer caused, if ``budget`` allows it now, with a count of the lines it held back."""
+    allowed, suppressed = budget.allow(clock.seconds())
+    if not allowed:
+        return
+    if suppressed:
+        format += " ({suppressed} similar lines were suppressed before this one)"
+    getattr(log, level)(format, suppressed=suppressed, **fields)
+
+
 def describe_address(address: Any) -> str:
     """``HOST:PORT`` (``[v6]:PORT``) of an ``IAddress``, for logs and envelopes."""
     host = getattr(address, "host", None)
@@ -139,12 +151,7 @@ class GuardedAMP(amp.AMP):
 
     def note(self, level: str, format: str, **fields: Any) -> None:
         """Log a line caused by the peer, within the process-wide budget for such lines."""
-        allowed, suppressed = self.peer_log.allow(self.clock.seconds())
-        if not allowed:
-            return
-        if suppressed:
-            format += " ({suppressed} similar lines were suppressed before this one)"
-        getattr(self.log, level)(format, peer=self.peer, suppressed=suppressed, **fields)
+        note(self.log, self.peer_log, self.clock, level, format, peer=self.peer, **fields)
 
     # ------------------------------------------------------------ timeouts
 
@@ -155,6 +162,8 @@ class GuardedAMP(amp.AMP):
 
     def connectionMade(self) -> None:
         self.peer = describe_address(self.transport.getPeer())
+        if isinstance(self.factory, GuardedFactory):
+            self.factory.opened()
         super().connectionMade()
         self._arm(self.timeouts.handshake, "did not complete the TLS handshake within")
 
@@ -202,6 +211,8 @@ class GuardedAMP(amp.AMP):
             self.note("info", "{peer} sent {count} bad requests in all", count=self.bad_requests)
         amp.BinaryBoxProtocol.connectionLost(self, reason)  # without AMP's line per connection
         self.transport = None
+        if isinstance(self.factory, GuardedFactory):
+            self.factory.closed()
 
     # ------------------------------------------------------------ bounded boxes
 
@@ -309,3 +320,55 @@ def _argument_problem(error: Exception) -> str:
     if isinstance(error, UnicodeDecodeError):
         return "an argument is not valid UTF-8"
     return f"malformed argument ({type(error).__name__}: {error})"[:200]
+
+
+class GuardedFactory(Factory):
+    """Builds a `GuardedAMP` of type ``protocol``, with a fresh locator, per connection; at most
+    ``max_connections`` at once (None: no limit): past that, new connections are closed at once.
+    """
+
+    protocol: type[GuardedAMP] = GuardedAMP
+    log = EventLogger()
+    peer_log = PEER_LOG
+
+    def __init__(
+        self,
+        new_locator: Callable[[], amp.CommandLocator],
+        clock: IReactorTime | None = None,
+        timeouts: Timeouts | None = None,
+        max_connections: int | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.new_locator = new_locator
+        self.clock = clock
+        self.timeouts = timeouts
+        self.max_connections = max_connections
+        self.open = 0
+        self._refused = 0
+
+    def buildProtocol(self, addr: Any) -> GuardedAMP | None:
+        if self.max_connections is not None and self.open >= self.max_connections:
+            if self._refused == 0:
+                note(
+                    self.log, self.peer_log, self.clock, "warn",
+                    "{limit} connections are open, the most allowed; refusing new ones (from {peer} first)",
+                    limit=self.max_connections, peer=describe_address(addr),
+                )
+            self._refused += 1
+            return None  # the reactor closes the connection
+        locator = self.new_locator()
+        connection = self.protocol(locator=locator, clock=self.clock, timeouts=self.timeouts)
+        locator.connection = connection  # type: ignore[attr-defined]
+        connection.factory = self
+        return connection
+
+    def opened(self) -> None:
+        self.open += 1
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self._refused and (self.max_connections is None or self.open < self.max_connections):
+            note(self.log, self.peer_log, self.clock, "info",
+                 "accepting connections again; {count} were refused while full", count=self._refused)
+            self._refused = 0

@@ -110,6 +110,12 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
             (30.0, 300.0, 3600.0, 10.0),
         )
 
+    def test_connectionCap(self) -> None:
+        """Each listener holds at most 10,000 connections by default; the cap must be a whole number of at least 1."""
+        self.assertEqual(self.config.max_connections, 10_000)
+        self.assertEqual(self.problems(SAMPLE_CONFIG, {"max_connections": "0"}),
+                         ["max_connections: must be between 1 and 1000000, got 0"])
+
     def test_emptyPriceSeed(self) -> None:
         """The sample's empty C{price_seed} means no fixed seed."""
         self.assertIsNone(self.config.price_seed)

@@ -235,3 +235,35 @@ class HostileInputTests(TestCase):
         else:
             yield connection.callRemoteString(b"GetAssetValue", symbol=b"AAPL")
         yield lost.addTimeout(GIVE_UP, reactor)
+
+
+class ConnectionCapTests(TestCase):
+    """A listener full of connections closes new ones at once, and serves again when one leaves."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_worker_listener_full(self) -> Any:
+        """With room for three, a fourth raw connection to the worker is closed at once; after one of the
+        three leaves, a real client is served."""
+        self.deployment = d = RunningDeployment(self.mktemp(), "--max-connections", "3")
+        self.addCleanup(d.stop)
+        yield d.start()
+        host, port = d.worker_address()
+        endpoint = TCP4ClientEndpoint(reactor, host, port)
+        holders = [Probe() for _ in range(3)]
+        for holder in holders:
+            yield endpoint.connect(Factory.forProtocol(lambda holder=holder: holder))
+        refused = Probe()
+        yield endpoint.connect(Factory.forProtocol(lambda: refused))
+        yield refused.lost.addTimeout(GIVE_UP, reactor)  # closed by the worker, long before any timeout
+        self.assertFalse(any(holder.lost.called for holder in holders))
+        holders[0].transport.loseConnection()
+        yield holders[0].lost
+        code, out, err = yield d.cli("quote", "AAPL")
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(d.data, "logs", "worker-local-1.log"), encoding="utf-8") as f:
+            log = f.read()
+        self.assertEqual(log.count("the most allowed; refusing new ones"), 1, log[-3000:])
+        for holder in holders[1:]:
+            holder.transport.loseConnection()

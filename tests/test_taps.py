@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
 from twisted.plugin import getPlugins
@@ -147,6 +148,14 @@ class MasterOptionsTests(SynchronousTestCase):
         self.assertFalse(service.running)
 
 
+    def test_connectionCap(self) -> None:
+        """The master's listener takes its cap from C{max_connections}, and passes it on to local workers."""
+        options = self.parse("--config", SAMPLE_CONFIG, "--max-connections", "9")
+        service = master_tap.makeService(options)
+        [listener] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(listener.factory.max_connections, 9)
+
+
 class WorkerOptionsTests(SynchronousTestCase):
     """
     C{twistd papertrader-worker} needs TLS files and a well-formed master address.
@@ -247,6 +256,15 @@ class WorkerOptionsTests(SynchronousTestCase):
         for part in ("--master: ", "--listen: ", "--ca is required", "--cert is required"):
             self.assertIn(part, message)
         self.assertEqual(len(message.splitlines()), 5, message)
+
+    def test_connectionCap(self) -> None:
+        """C{--max-connections} (10,000 by default) caps the client listener; it must be a whole number >= 1."""
+        self.assertEqual(self.parse(*self.tlsArgs)["max-connections"], 10_000)
+        service = worker_tap.makeService(self.parse("--max-connections", "7", *self.tlsArgs))
+        [listener] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(listener.factory.max_connections, 7)
+        message = self.usageError("--max-connections", "0", *self.tlsArgs)
+        self.assertIn("--max-connections: expected a whole number", message)
 
     def test_makeService(self) -> None:
         """C{makeService} builds a L{WorkerService} from the options without starting it."""

@@ -377,6 +377,29 @@ class TooLongAnswerTests(SynchronousTestCase):
         self.assertEqual(log.failures(), [])
 
 
+class ConnectionCapTests(SynchronousTestCase):
+    """Each listener holds at most its number of connections; past it, new ones are closed at once."""
+
+    def test_cap(self) -> None:
+        """With a cap of two, a third connection is refused (logged once), and accepted when one closes."""
+        PEER_LOG.__init__()
+        log = LoggedEvents(self)
+        deployment = Deployment(self.mktemp())
+        factory = deployment.client_factory
+        factory.max_connections = 2
+        first = RawPeer(deployment, factory, 50040)
+        second = RawPeer(deployment, factory, 50041)
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.9.8.7", 50042)))
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.9.8.7", 50043)))
+        self.assertEqual(len(log.about("the most allowed")), 1)
+        self.assertFalse(first.closed or second.closed)
+        first.protocol.transport.loseConnection()
+        deployment.flush()
+        third = RawPeer(deployment, factory, 50044)
+        self.assertFalse(third.closed)
+        self.assertEqual(factory.open, 2)
+
+
 class LogLimiterTests(SynchronousTestCase):
     """The budget for lines caused by peers."""
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 
@@ -53,7 +51,7 @@ from papertrader.protocol import (
 )
 from papertrader.timestamps import iso
 from papertrader.tls import peer_common_name
-from papertrader.wire import GuardedAMP, Timeouts
+from papertrader.wire import GuardedAMP, GuardedFactory
 
 
 def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
@@ -290,26 +288,6 @@ def _result(result: Any) -> OrderResult:
     return OrderResult.queued(order_id, username)
 
 
-class MasterFactory(Factory):
-    """Builds an AMP connection, with a fresh locator from ``new_locator``, for each worker."""
-
-    def __init__(
-        self,
-        new_locator: Callable[[], MasterLocator],
-        clock: IReactorTime | None = None,
-        timeouts: Timeouts | None = None,
-    ) -> None:
-        self.new_locator = new_locator
-        self.clock = clock
-        self.timeouts = timeouts
-
-    def buildProtocol(self, addr: Any) -> amp.AMP:
-        locator = self.new_locator()
-        connection = WorkerAMP(locator=locator, clock=self.clock, timeouts=self.timeouts)
-        locator.connection = connection
-        return connection
-
-
 class WorkerAMP(GuardedAMP):
     """A worker's connection: guarded, kept alive by heartbeats, and in the registry while it lasts."""
 
@@ -341,3 +319,9 @@ class WorkerAMP(GuardedAMP):
         if locator.worker is not None:
             locator.registry.remove(locator.worker, self)
         super().connectionLost(reason)
+
+
+class MasterFactory(GuardedFactory):
+    """Builds a `WorkerAMP`, with a fresh locator from ``new_locator``, for each worker connection."""
+
+    protocol = WorkerAMP

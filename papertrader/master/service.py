@@ -214,6 +214,7 @@ class MasterService(service.MultiService):
                         "--handshake-timeout", repr(config.handshake_timeout),
                         "--idle-timeout", repr(config.idle_timeout),
                         "--logged-in-idle-timeout", repr(config.logged_in_idle_timeout),
+                        "--max-connections", str(config.max_connections),
                     ],
                 )
             )

@@ -49,7 +49,9 @@ def makeService(options: Options) -> IService:
     EventLogService(events, reactor).setServiceParent(master)
     StreamServerEndpointService(
         master.worker_endpoint(),
-        MasterFactory(master.new_locator, clock=reactor, timeouts=timeouts(config)),
+        MasterFactory(
+            master.new_locator, clock=reactor, timeouts=timeouts(config), max_connections=config.max_connections
+        ),
     ).setServiceParent(master)
     if config.workers:
         LocalWorkers(reactor, master.local_worker_commands).setServiceParent(master)

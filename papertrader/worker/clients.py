@@ -8,13 +8,11 @@ that user's order updates.  `MasterPushes` receives the master's pushes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
 from papertrader.errors import PurchaseFailed, SellFailed, ServiceUnavailable, SessionInvalid
@@ -41,7 +39,7 @@ from papertrader.protocol import (
     SellAsset,
 )
 from papertrader.timestamps import iso
-from papertrader.wire import GuardedAMP, Timeouts
+from papertrader.wire import GuardedAMP, GuardedFactory
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
@@ -280,21 +278,7 @@ class ClientAMP(GuardedAMP):
         super().connectionLost(reason)
 
 
-class ClientFactory(Factory):
-    """Builds the AMP protocol, with a fresh locator from ``new_locator``, for each client connection."""
+class ClientFactory(GuardedFactory):
+    """Builds a `ClientAMP`, with a fresh locator from ``new_locator``, for each client connection."""
 
-    def __init__(
-        self,
-        new_locator: Callable[[], ClientLocator],
-        clock: IReactorTime | None = None,
-        timeouts: Timeouts | None = None,
-    ) -> None:
-        self.new_locator = new_locator
-        self.clock = clock
-        self.timeouts = timeouts
-
-    def buildProtocol(self, addr: Any) -> amp.AMP:
-        locator = self.new_locator()
-        connection = ClientAMP(locator=locator, clock=self.clock, timeouts=self.timeouts)
-        locator.connection = connection
-        return connection
+    protocol = ClientAMP

@@ -33,6 +33,7 @@ class Options(usage.Options):
         ["handshake-timeout", None, "30", "Seconds for the TLS handshake, then for the first command."],
         ["idle-timeout", None, "300", "Seconds a client connection without a session may stay silent."],
         ["logged-in-idle-timeout", None, "3600", "Seconds a logged-in client connection may stay silent."],
+        ["max-connections", None, "10000", "Client connections held at once; past it, new ones are closed."],
     ]
 
     optFlags = [
@@ -60,6 +61,12 @@ class Options(usage.Options):
                 raise ValueError
         except ValueError:
             problems.append("--log-memory-entries: expected a whole number of at least 1")
+        try:
+            self["max-connections"] = int(self["max-connections"])
+            if self["max-connections"] < 1:
+                raise ValueError
+        except ValueError:
+            problems.append("--max-connections: expected a whole number of at least 1")
         seconds = {}
         for option in ("handshake-timeout", "idle-timeout", "logged-in-idle-timeout"):
             try:
@@ -99,6 +106,11 @@ def makeService(options: Options) -> IService:
     worker.link.service.setServiceParent(worker)
     StreamServerEndpointService(
         worker.client_endpoint(),
-        ClientFactory(worker.new_locator, clock=reactor, timeouts=config.timeouts),
+        ClientFactory(
+            worker.new_locator,
+            clock=reactor,
+            timeouts=config.timeouts,
+            max_connections=options["max-connections"],
+        ),
     ).setServiceParent(worker)
     return worker
