@@ -49,6 +49,7 @@ from papertrader.errors import (
 )
 from papertrader.paging import BoundedText, page_fields, rows_per_page
 from papertrader.wire import BAD_REQUEST
+from papertrader.wire import Heartbeat as Heartbeat  # one of the commands, defined with the connection it keeps alive
 
 
 class JSON(amp.Argument):
@@ -361,13 +362,6 @@ class WorkerHello(amp.Command):
         (b"heartbeat_interval", amp.Float(optional=True)),
     ]
     errors = declared(WorkerRefused)
-
-
-class Heartbeat(amp.Command):
-    """"Still here": sent both ways on a quiet worker-master link, and by long-lived clients."""
-
-    arguments: list = []
-    requiresAnswer = False
 
 
 class Ping(amp.Command):

@@ -28,6 +28,7 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 from zope.interface import implementer
 
@@ -45,6 +46,21 @@ MAX_BOX_BYTES = 1024 * 1024
 MAX_BOX_KEYS = 64
 # Bad requests a connection may send before it is dropped.
 MAX_BAD_REQUESTS = 20
+
+
+class Heartbeat(amp.Command):
+    """"Still here": sent both ways on a quiet worker-master link, and by long-lived clients."""
+
+    arguments: list = []
+    requiresAnswer = False
+
+
+class AnswersHeartbeats(amp.CommandLocator):
+    """A locator that takes Heartbeats (each one restarts the connection's idle countdown, nothing more)."""
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict:
+        return {}
 
 
 class LogLimiter:
@@ -138,6 +154,7 @@ class GuardedAMP(amp.AMP):
         self._timer_seconds: float | None = None
         self._tls_done = False
         self._ended = False
+        self._heartbeats: LoopingCall | None = None
 
     # ------------------------------------------------------------ what subclasses may change
 
@@ -172,6 +189,15 @@ class GuardedAMP(amp.AMP):
         if self._boxes == 0 or not self.established():
             self._arm(self.timeouts.handshake, "sent no command after the TLS handshake within")
 
+    def start_heartbeats(self, interval: float) -> None:
+        """Send a Heartbeat every ``interval`` seconds until the connection ends, and start the idle countdown."""
+        if self._ended or self._heartbeats is not None:
+            return
+        self._heartbeats = LoopingCall(self.callRemote, Heartbeat)
+        self._heartbeats.clock = self.clock
+        self._heartbeats.start(interval, now=False)
+        self.refresh_timeout()
+
     def refresh_timeout(self) -> None:
         """Restart the idle countdown, e.g. after the connection gained or lost a session."""
         if self._boxes and self.established():
@@ -202,6 +228,8 @@ class GuardedAMP(amp.AMP):
 
     def connectionLost(self, reason: Any) -> None:
         self._ended = True
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -15,8 +15,6 @@ from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
-from twisted.internet.task import LoopingCall
-from twisted.protocols import amp
 
 from papertrader.errors import (
     DataFailed,
@@ -32,7 +30,6 @@ from papertrader.master.workers import WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
-    Heartbeat,
     ListAssets,
     OrderRequest,
     OrderResult,
@@ -51,7 +48,7 @@ from papertrader.protocol import (
 )
 from papertrader.timestamps import iso
 from papertrader.tls import peer_common_name
-from papertrader.wire import GuardedAMP, GuardedFactory
+from papertrader.wire import AnswersHeartbeats, GuardedAMP, GuardedFactory
 
 
 def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,7 +73,7 @@ def _after_handshake(locator: MasterLocator, responder: Callable[..., Any], *arg
     return responder(locator, *args, **kwargs)
 
 
-class MasterLocator(amp.CommandLocator):
+class MasterLocator(AnswersHeartbeats):
     """Answers one worker."""
 
     log = EventLogger()
@@ -140,10 +137,6 @@ class MasterLocator(amp.CommandLocator):
             "warn", "refused worker {name} connecting from {peer}: {reason}", name=name[:64], reason=reason
         )
         raise WorkerRefused(reason)
-
-    @Heartbeat.responder
-    def heartbeat(self) -> dict:
-        return {}
 
     # ------------------------------------------------------------ accounts
 
@@ -292,7 +285,6 @@ class WorkerAMP(GuardedAMP):
     """A worker's connection: guarded, kept alive by heartbeats, and in the registry while it lasts."""
 
     locator: MasterLocator
-    _heartbeats: LoopingCall | None = None
 
     def established(self) -> bool:
         return self.locator.worker is not None
@@ -300,21 +292,7 @@ class WorkerAMP(GuardedAMP):
     def idle_timeout(self) -> float | None:
         return 2 * self.locator.heartbeat_interval
 
-    def start_heartbeats(self, interval: float) -> None:
-        """Send a Heartbeat every ``interval`` seconds from now on (the hello's answer is the first sign of life)."""
-        if self._ended:
-            return
-        self._heartbeats = LoopingCall(self._beat)
-        self._heartbeats.clock = self.clock
-        self._heartbeats.start(interval, now=False)
-        self.refresh_timeout()
-
-    def _beat(self) -> None:
-        self.callRemote(Heartbeat)
-
     def connectionLost(self, reason: Any) -> None:
-        if self._heartbeats is not None and self._heartbeats.running:
-            self._heartbeats.stop()
         locator = self.locator
         if locator.worker is not None:
             locator.registry.remove(locator.worker, self)

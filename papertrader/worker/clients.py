@@ -24,7 +24,6 @@ from papertrader.protocol import (
     RELAYED,
     ChangePassword,
     GetAssetValue,
-    Heartbeat,
     Login,
     LoginWithToken,
     Logout,
@@ -39,7 +38,7 @@ from papertrader.protocol import (
     SellAsset,
 )
 from papertrader.timestamps import iso
-from papertrader.wire import GuardedAMP, GuardedFactory
+from papertrader.wire import AnswersHeartbeats, GuardedAMP, GuardedFactory
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
@@ -99,7 +98,7 @@ def _refresh_timeout(connection: amp.AMP) -> None:
         refresh()
 
 
-class MasterPushes(amp.CommandLocator):
+class MasterPushes(AnswersHeartbeats):
     """What the master pushes to this worker: prices and order outcomes."""
 
     def __init__(self, cache: QuoteCache, clients: ClientRegistry) -> None:
@@ -121,12 +120,8 @@ class MasterPushes(amp.CommandLocator):
     def ping(self) -> dict:
         return {}
 
-    @Heartbeat.responder
-    def heartbeat(self) -> dict:
-        return {}
 
-
-class ClientLocator(amp.CommandLocator):
+class ClientLocator(AnswersHeartbeats):
     """Answers one client connection by relaying to the master.
 
     Every client command in `RELAYED` is passed on with the envelope; the
@@ -249,10 +244,6 @@ class ClientLocator(amp.CommandLocator):
             raise error
         self.clients.attach(self.connection, result.username)
         return {"order_id": result.order_id}
-
-    @Heartbeat.responder
-    def heartbeat(self) -> dict:
-        return {}
 
 
 class ClientAMP(GuardedAMP):

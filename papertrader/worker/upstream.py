@@ -17,7 +17,6 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -27,7 +26,6 @@ from papertrader.errors import ServiceUnavailable, WorkerRefused, expected_or_un
 from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
     MAX_ORDER_BATCH,
-    Heartbeat,
     ListAssets,
     OrderRequest,
     OrderResult,
@@ -53,7 +51,6 @@ class _MasterAMP(GuardedAMP):
     """The worker's side of the master connection: guarded, and kept alive by heartbeats after the handshake."""
 
     link: MasterLink
-    _heartbeats: LoopingCall | None = None
     _interval: float | None = None
 
     def established(self) -> bool:
@@ -65,14 +62,9 @@ class _MasterAMP(GuardedAMP):
     def start_heartbeats(self, interval: float) -> None:
         """Send a Heartbeat every ``interval`` seconds; a master silent for two is given up on."""
         self._interval = interval
-        self._heartbeats = LoopingCall(self.callRemote, Heartbeat)
-        self._heartbeats.clock = self.clock
-        self._heartbeats.start(interval, now=False)
-        self.refresh_timeout()
+        super().start_heartbeats(interval)
 
     def connectionLost(self, reason: Any) -> None:
-        if self._heartbeats is not None and self._heartbeats.running:
-            self._heartbeats.stop()
         super().connectionLost(reason)
         self.link._lost(self)
 
