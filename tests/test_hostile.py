@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from papertrader import tls
 from papertrader.client.library import ClientAMP, client_from_connection
+from papertrader.protocol import Heartbeat, OrderUpdate, PriceTick
 from papertrader.wire import MAX_BAD_REQUESTS
 from tests.processes import RunningDeployment
 
@@ -49,6 +50,22 @@ class Probe(Protocol):
     def connectionLost(self, reason: Any) -> None:
         if not self.lost.called:
             self.lost.callback(None)
+
+
+class ListeningPeer(amp.AMP):
+    """A bare AMP peer that takes the pushes either listener may send it (a price tick can come at any time)."""
+
+    @PriceTick.responder
+    def price_tick(self, **_: Any) -> dict:
+        return {}
+
+    @OrderUpdate.responder
+    def order_update(self, **_: Any) -> dict:
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self) -> dict:
+        return {}
 
 
 def _pair(key: bytes, value: bytes) -> bytes:
@@ -189,7 +206,7 @@ class HostileInputTests(TestCase):
         log_before = self.log_sizes()
         for name, port, options in self.listeners():
             # One connection: each kind gets its declared answer.
-            connection = yield self.connect(port, options, amp.AMP())
+            connection = yield self.connect(port, options, ListeningPeer())
             asks = [
                 connection.callRemoteString(b"Login", username=b"x"),
                 connection.callRemoteString(b"ListOrders", token=b"t", cursor=b"\xc3\x28"),
