@@ -67,6 +67,8 @@ class MasterConfig:
     logged_in_idle_timeout: float = 3600.0
     heartbeat_interval: float = 10.0
     max_connections: int = 10_000
+    hashing_processes: int = 0
+    hashing_queue: int = 32
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -146,6 +148,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "logged_in_idle_timeout": ("logged_in_idle_timeout", positive_seconds),
     "heartbeat_interval": ("heartbeat_interval", positive_seconds),
     "max_connections": ("max_connections", _int_in(1, 1_000_000)),
+    "hashing_processes": ("hashing_processes", _int_in(0, 256)),
+    "hashing_queue": ("hashing_queue", _int_in(1, 100_000)),
 }
 
 KEYS = tuple(_PARSERS)

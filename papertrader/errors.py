@@ -59,6 +59,10 @@ class WorkerRefused(PaperTraderError):
     """The master refused a worker's handshake."""
 
 
+class Busy(PaperTraderError):
+    """The server cannot take this request right now (e.g. too many passwords being checked); retry shortly."""
+
+
 class BadRequest(PaperTraderError):
     """A request that could not be read: a missing or malformed argument, or an unknown command."""
 

@@ -35,6 +35,7 @@ from twisted.protocols import amp
 from papertrader.assets import MAX_TEXT
 from papertrader.errors import (
     BadRequest,
+    Busy,
     DataFailed,
     LoginFailed,
     OrderConflict,
@@ -84,6 +85,7 @@ WIRE_CODES: dict[type[PaperTraderError], bytes] = {
     WorkerRefused: b"WORKER_REFUSED",
     OrderConflict: b"ORDER_CONFLICT",
     PasswordChangeFailed: b"PASSWORD_CHANGE_FAILED",
+    Busy: b"BUSY",
 }
 _ERRORS_BY_CODE = {code.decode("ascii"): error for error, code in WIRE_CODES.items()}
 
@@ -119,7 +121,7 @@ class Register(amp.Command):
         (b"password", amp.Unicode()),
     ]
     response = [(b"username", amp.Unicode())]
-    errors = declared(RegisterFailed)
+    errors = declared(RegisterFailed, Busy)
 
 
 class Login(amp.Command):
@@ -135,7 +137,7 @@ class Login(amp.Command):
         (b"username", amp.Unicode()),
         (b"expires_at", amp.Unicode()),
     ]
-    errors = declared(LoginFailed)
+    errors = declared(LoginFailed, Busy)
 
 
 class LoginWithToken(amp.Command):
@@ -171,7 +173,7 @@ class ChangePassword(amp.Command):
         (b"new_password", amp.Unicode()),
     ]
     response = [(b"sessions", amp.Integer())]
-    errors = declared(SessionInvalid, PasswordChangeFailed)
+    errors = declared(SessionInvalid, PasswordChangeFailed, Busy)
 
 
 class GetAssetValue(amp.Command):

@@ -38,7 +38,9 @@ class EndToEndTests(TestCase):
 
     @inlineCallbacks
     def setUp(self) -> Any:
-        self.deployment = RunningDeployment(self.mktemp(), *self.database_args())
+        # A throttled account stays throttled for the whole test, however slowly the CLI starts.
+        throttle = ("--login-delay", "600", "--login-max-delay", "600")
+        self.deployment = RunningDeployment(self.mktemp(), *self.database_args(), *throttle)
         self.addCleanup(self.deployment.stop)
         yield self.deployment.start()
         self.password = self.deployment.password_file(PASSWORD)

@@ -24,6 +24,7 @@ from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, describe
 from papertrader.master.exchange import Exchange
+from papertrader.master.hashing import HashingPool
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
 from papertrader.master.protocol import MasterLocator
 from papertrader.master.workers import WorkerRegistry
@@ -81,6 +82,7 @@ class MasterService(service.MultiService):
         self.reactor = reactor
         self.database: Database | None = None
         self.accounts: Accounts | None = None
+        self.hashing: HashingPool | None = None
         self.exchange: Exchange | None = None
         self.registry = WorkerRegistry(reactor)
         self.port: Any = None
@@ -100,6 +102,7 @@ class MasterService(service.MultiService):
         """Build the domain objects (no I/O here: the pool connects in its own threads)."""
         config = self.config
         self.database = Database.open(config.database, config.data_dir)
+        self.hashing = HashingPool(self.reactor, config.hashing_processes or None, config.hashing_queue)
         self.accounts = Accounts(
             self.database,
             self.reactor,
@@ -113,6 +116,7 @@ class MasterService(service.MultiService):
             login_address_failures_allowed=config.login_address_failures_allowed,
             login_delay=config.login_delay,
             login_max_delay=config.login_max_delay,
+            run_in_thread=self.hashing.run,
         )
         self.exchange = Exchange(
             self.database,
@@ -227,6 +231,8 @@ class MasterService(service.MultiService):
         # The children stop together (the update loop waits for a running
         # update; the event log writes each later entry at once); the pool last.
         yield super().stopService()
+        if self.hashing is not None:
+            self.hashing.close()
         if self.database is not None:
             self.database.close()
 
