@@ -178,6 +178,7 @@ class ThrottledLoginTests(SynchronousTestCase):
                 self.checks += 1
             return run_now(function, *args)
 
+        self.in_thread = in_thread
         self.accounts = make_accounts(self.database, self.clock, run_in_thread=in_thread, login_max_delay=8.0)
         self.successResultOf(self.accounts.start())
         self.successResultOf(self.accounts.register("alice", "alice@example.com", PASSWORD))
@@ -250,6 +251,26 @@ class ThrottledLoginTests(SynchronousTestCase):
             self.assertEqual(self.attempt("wrong password", username=f"guess{index}", address=address), "failed")
         self.assertEqual(self.attempt("wrong password", username="guess9", address="[2001:db8::1]:5"), "failed")
         self.assertEqual(self.attempt(PASSWORD, address="[2001:db8::1]:6"), "refused")
+
+    def test_ipv6_addresses_count_by_their_64_prefix(self) -> None:
+        """An IPv6 client holds a whole /64: 30 failures from 30 of its addresses are throttled like
+        30 from one address, and another /64 is counted on its own."""
+
+        def failures(addresses: list[str]) -> list[str]:
+            self.accounts = make_accounts(
+                self.database, self.clock, run_in_thread=self.in_thread, login_address_failures_allowed=20
+            )
+            return [
+                self.attempt("wrong password", username=f"guess{index}", address=address)
+                for index, address in enumerate(addresses)
+            ]
+
+        from_one = failures(["[2001:db8:1:2::1]:40001"] * 30)
+        from_many = failures([f"[2001:db8:1:2:{index:x}::{index + 1:x}]:40001" for index in range(30)])
+        self.assertEqual(from_one, ["failed"] * 20 + ["refused"] * 10)
+        self.assertEqual(from_many, from_one)
+        self.assertEqual(self.attempt(PASSWORD, address="[2001:db8:1:2:ffff:ffff:ffff:ffff]:1"), "refused")
+        self.assertEqual(self.attempt(PASSWORD, address="[2001:db8:1:3::1]:40001"), "ok")
 
     def test_simultaneous_attempts_count(self) -> None:
         """Guesses sent all at once cannot slip past the limit while the first ones are being checked."""

@@ -5,9 +5,10 @@ Passwords are hashed with bcrypt off the reactor thread.  Session tokens are
 of the database does not hand out live sessions.
 
 Failed logins are throttled per account and per client address
-(`LoginThrottle`): after a few failures further attempts are refused, without
-any bcrypt work and with the same message as a wrong password, for a delay
-that doubles with each further failure.  A session ends at its absolute expiry
+(`LoginThrottle`; an IPv6 client counts by its /64, see `address_key`): after
+a few failures further attempts are refused, without any bcrypt work and with
+the same message as a wrong password, for a delay that doubles with each
+further failure.  A session ends at its absolute expiry
 or after going unused for its idle timeout; use is recorded in memory on every
 check and written to the database at most once a minute per session.
 """
@@ -96,6 +97,19 @@ def client_host(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
+
+
+def address_key(address: str) -> str:
+    """The key under which a client address is throttled: its `client_host`, but for IPv6 its /64.
+
+    An IPv6 client is handed at least a /64 and can pick any address in it, so
+    counting single addresses would let it rotate past every per-address limit.
+    """
+    host = client_host(address)
+    ip = _ip(host)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))  # drops any %zone
+    return host
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -541,9 +555,9 @@ class _Attempt:
     def __init__(self, accounts: Accounts, username: str, client_address: str) -> None:
         account = username.lower()
         self._checks = [(accounts._account_failures, account, f"account {account!r}")]
-        host = client_host(client_address) if client_address else ""
-        if host:
-            self._checks.append((accounts._address_failures, host, f"address {host}"))
+        key = address_key(client_address) if client_address else ""
+        if key:
+            self._checks.append((accounts._address_failures, key, f"address {key}"))
         self._log = accounts.log
         self.allowed = all(throttle.allows(key) for throttle, key, _ in self._checks)
         self._open = self.allowed
