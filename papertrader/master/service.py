@@ -113,6 +113,7 @@ class MasterService(service.MultiService):
             login_address_failures_allowed=config.login_address_failures_allowed,
             login_delay=config.login_delay,
             login_max_delay=config.login_max_delay,
+            registrations_per_address_per_hour=config.registrations_per_address_per_hour,
         )
         self.exchange = Exchange(
             self.database,
