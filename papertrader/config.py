@@ -61,6 +61,7 @@ class MasterConfig:
     login_address_failures_allowed: int = 20
     login_delay: float = 1.0
     login_max_delay: float = 900.0
+    registrations_per_address_per_hour: int = 20
     price_seed: int | None = None
     handshake_timeout: float = 30.0
     idle_timeout: float = 300.0
@@ -142,6 +143,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "login_address_failures_allowed": ("login_address_failures_allowed", _int_in(1, 100_000)),
     "login_delay": ("login_delay", positive_seconds),
     "login_max_delay": ("login_max_delay", positive_seconds),
+    "registrations_per_address_per_hour": ("registrations_per_address_per_hour", _int_in(1, 100_000)),
     "price_seed": ("price_seed", _seed),
     "handshake_timeout": ("handshake_timeout", positive_seconds),
     "idle_timeout": ("idle_timeout", positive_seconds),

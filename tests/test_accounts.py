@@ -12,6 +12,8 @@ from papertrader.errors import LoginFailed, PasswordChangeFailed, RegisterFailed
 from papertrader.master.accounts import LOGIN_FAILED, Session, token_digest
 from tests.support import PASSWORD, make_accounts, make_database, run_now
 
+TOO_MANY_REGISTRATIONS = "too many registrations from this address; try again later"
+
 
 class HeldThreads:
     """A stand-in for ``deferToThread`` that records each call and holds it until `release`."""
@@ -178,6 +180,7 @@ class ThrottledLoginTests(SynchronousTestCase):
                 self.checks += 1
             return run_now(function, *args)
 
+        self.in_thread = in_thread
         self.accounts = make_accounts(self.database, self.clock, run_in_thread=in_thread, login_max_delay=8.0)
         self.successResultOf(self.accounts.start())
         self.successResultOf(self.accounts.register("alice", "alice@example.com", PASSWORD))
@@ -251,6 +254,26 @@ class ThrottledLoginTests(SynchronousTestCase):
         self.assertEqual(self.attempt("wrong password", username="guess9", address="[2001:db8::1]:5"), "failed")
         self.assertEqual(self.attempt(PASSWORD, address="[2001:db8::1]:6"), "refused")
 
+    def test_ipv6_addresses_count_by_their_64_prefix(self) -> None:
+        """An IPv6 client holds a whole /64: 30 failures from 30 of its addresses are throttled like
+        30 from one address, and another /64 is counted on its own."""
+
+        def failures(addresses: list[str]) -> list[str]:
+            self.accounts = make_accounts(
+                self.database, self.clock, run_in_thread=self.in_thread, login_address_failures_allowed=20
+            )
+            return [
+                self.attempt("wrong password", username=f"guess{index}", address=address)
+                for index, address in enumerate(addresses)
+            ]
+
+        from_one = failures(["[2001:db8:1:2::1]:40001"] * 30)
+        from_many = failures([f"[2001:db8:1:2:{index:x}::{index + 1:x}]:40001" for index in range(30)])
+        self.assertEqual(from_one, ["failed"] * 20 + ["refused"] * 10)
+        self.assertEqual(from_many, from_one)
+        self.assertEqual(self.attempt(PASSWORD, address="[2001:db8:1:2:ffff:ffff:ffff:ffff]:1"), "refused")
+        self.assertEqual(self.attempt(PASSWORD, address="[2001:db8:1:3::1]:40001"), "ok")
+
     def test_simultaneous_attempts_count(self) -> None:
         """Guesses sent all at once cannot slip past the limit while the first ones are being checked."""
         runner = HeldThreads()
@@ -286,6 +309,126 @@ class ThrottledLoginTests(SynchronousTestCase):
             )
         self.assertEqual(len(accounts._account_failures), 3)
         self.assertEqual(len(accounts._address_failures), 3)
+
+
+class RegistrationLimitTests(SynchronousTestCase):
+    """Registrations are limited per client address (20 an hour by default), before any bcrypt work."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.database, self.pool = make_database(self.mktemp())
+        self.hashes = 0
+
+        def in_thread(function: Any, *args: Any) -> Any:
+            if function.__name__ == "hashpw":
+                self.hashes += 1
+            return run_now(function, *args)
+
+        self.accounts = make_accounts(self.database, self.clock, run_in_thread=in_thread)
+
+    def register(self, name: str, address: str) -> Any:
+        """Register ``name`` from ``address``; the Deferred."""
+        return self.accounts.register(name, f"{name}@example.com", PASSWORD, client_address=address)
+
+    def users(self) -> list[str]:
+        return [name for (name,) in self.pool.connection.execute("SELECT username FROM users ORDER BY 1")]
+
+    def register_many(self, count: int, address: str, prefix: str = "trader") -> list[str]:
+        """Register ``count`` users from ``address`` (each from its own port); their names."""
+        names = [f"{prefix}{index:02d}" for index in range(count)]
+        for index, name in enumerate(names):
+            self.assertEqual(self.successResultOf(self.register(name, address.format(port=40000 + index))), name)
+        return names
+
+    def assertRefused(self, name: str, address: str) -> None:
+        """Registering ``name`` from ``address`` is refused as too many, with no hashing and nothing stored."""
+        before, hashes = self.users(), self.hashes
+        failure = self.failureResultOf(self.register(name, address), RegisterFailed)
+        self.assertEqual(str(failure.value), TOO_MANY_REGISTRATIONS)
+        self.assertEqual((self.users(), self.hashes), (before, hashes))
+
+    def test_21st_registration_within_an_hour_is_refused(self) -> None:
+        """20 registrations from one address (any port) pass; the 21st within the hour is refused,
+        before any hashing and storing nothing."""
+        names = self.register_many(20, "192.168.1.1:{port}")
+        self.clock.advance(3599)
+        self.assertRefused("late", "192.168.1.1:40001")
+        self.assertRefused("late", "[::ffff:192.168.1.1]:40001")
+        self.assertEqual(self.users(), names)
+
+    def test_other_addresses_still_register(self) -> None:
+        """One address at its limit does not hold back another, nor callers that give no address."""
+        self.register_many(20, "192.168.1.1:{port}")
+        self.assertRefused("late", "192.168.1.1:40001")
+        self.successResultOf(self.register("neighbour", "192.168.1.2:40001"))
+        self.successResultOf(self.accounts.register("admin", "admin@example.com", PASSWORD))
+        self.assertIn("neighbour", self.users())
+        self.assertIn("admin", self.users())
+
+    def test_limit_lifts_after_an_hour(self) -> None:
+        """Once an hour has passed since the earlier registrations, the address may register again."""
+        self.register_many(20, "192.168.1.1:{port}")
+        self.clock.advance(3599.9)
+        self.assertRefused("late", "192.168.1.1:40001")
+        self.clock.advance(0.1)
+        self.successResultOf(self.register("late", "192.168.1.1:40001"))
+
+    def test_limit_counts_the_last_hour(self) -> None:
+        """The hour slides: registrations spread over it still count, each until it is an hour old."""
+        self.register_many(10, "192.168.1.1:{port}", prefix="early")
+        self.clock.advance(1800)
+        self.register_many(10, "192.168.1.1:{port}", prefix="later")
+        self.clock.advance(1800)
+        self.successResultOf(self.register("next", "192.168.1.1:40001"))  # the first ten have aged out
+        self.register_many(9, "192.168.1.1:{port}", prefix="more")
+        self.assertRefused("late", "192.168.1.1:40001")
+
+    def test_ipv6_counts_by_its_64(self) -> None:
+        """Addresses of one IPv6 /64 share one allowance; another /64 has its own."""
+        for index in range(20):
+            self.successResultOf(self.register(f"trader{index:02d}", f"[2001:db8:1:2::{index + 1:x}]:40001"))
+        self.assertRefused("late", "[2001:db8:1:2:ffff::1]:40001")
+        self.successResultOf(self.register("elsewhere", "[2001:db8:1:3::1]:40001"))
+
+    def test_registrations_in_flight_count(self) -> None:
+        """Registrations sent all at once cannot slip past the limit while the first are being hashed."""
+        runner = HeldThreads()
+        accounts = make_accounts(self.database, self.clock, run_in_thread=runner)
+        pending = [
+            accounts.register(f"trader{index:02d}", f"trader{index:02d}@example.com", PASSWORD, "10.0.0.1:1")
+            for index in range(25)
+        ]
+        self.assertEqual(len(runner.held), 20)
+        for d in pending[20:]:
+            self.assertEqual(str(self.failureResultOf(d, RegisterFailed).value), TOO_MANY_REGISTRATIONS)
+        runner.release()
+        for d in pending[:20]:
+            self.successResultOf(d)
+        self.assertEqual(len(self.users()), 20)
+
+    def test_invalid_registrations_do_not_count(self) -> None:
+        """A registration refused for its input costs no bcrypt work and uses none of the allowance."""
+        for _ in range(30):
+            self.failureResultOf(self.register("x", "192.168.1.1:40001"), RegisterFailed)
+        self.assertEqual(self.hashes, 0)
+        self.register_many(20, "192.168.1.1:{port}")
+
+    def test_table_is_bounded(self) -> None:
+        """At most ``throttle_entries`` addresses are remembered, and the sweep forgets those an hour quiet."""
+        accounts = make_accounts(self.database, self.clock, throttle_entries=3)
+        for index in range(10):
+            self.successResultOf(
+                accounts.register(f"trader{index:02d}", f"t{index}@example.com", PASSWORD, f"10.0.0.{index}:1")
+            )
+            self.clock.advance(60)
+        self.assertEqual(len(accounts._registrations), 3)
+        self.clock.advance(3600 - 60 * 2)
+        self.successResultOf(accounts.forget_expired())
+        self.assertEqual(len(accounts._registrations), 1)
+        self.clock.advance(60)
+        self.successResultOf(accounts.forget_expired())
+        self.assertEqual(len(accounts._registrations), 0)
 
 
 class IdleSessionTests(SynchronousTestCase):

@@ -1,15 +1,16 @@
-"""Account protection over the wire: throttled logins by account and address, log out everywhere, password change."""
+"""Account protection over the wire: throttled logins by account and address, limited registrations
+per address, log out everywhere, password change."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from papertrader.errors import LoginFailed, PasswordChangeFailed, SessionInvalid
+from papertrader.errors import LoginFailed, PasswordChangeFailed, RegisterFailed, SessionInvalid
 from tests.support import PASSWORD, Deployment
 
 
 class ThrottlingThroughTheWorkerTests(SynchronousTestCase):
-    """The master throttles by the client address the worker stamped on each login."""
+    """The master throttles by the client address the worker stamped on each login and registration."""
 
     def setUp(self) -> None:
         self.deployment = Deployment(self.mktemp())
@@ -38,6 +39,22 @@ class ThrottlingThroughTheWorkerTests(SynchronousTestCase):
         self.assertRaises(LoginFailed, self.login, self.deployment.client("10.0.0.9"), "bob", PASSWORD)
         self.login(self.deployment.client("10.0.0.10"), "bob", PASSWORD)
 
+
+    def test_registrations_limited_per_address(self) -> None:
+        """Past 20 registrations within the hour from one address the master refuses more, storing
+        nothing; another address still registers."""
+        storm = self.deployment.client("10.0.0.11")
+        for n in range(20):
+            self.deployment.result(storm.register(f"storm{n}", f"storm{n}@example.com", PASSWORD))
+        refused = self.assertRaises(
+            RegisterFailed, self.deployment.result, storm.register("storm20", "storm20@example.com", PASSWORD)
+        )
+        self.assertEqual(str(refused), "too many registrations from this address; try again later")
+        stored = self.deployment.pool.connection.execute("SELECT COUNT(*) FROM users WHERE username = 'storm20'")
+        self.assertEqual(stored.fetchall(), [(0,)])
+        other = self.deployment.client("10.0.0.12")
+        self.assertEqual(self.deployment.result(other.register("carol", "carol@example.com", PASSWORD)),
+                         {"username": "carol"})
 
 class RevocationThroughTheWorkerTests(SynchronousTestCase):
     """"Log out everywhere" and a password change end every session of the user."""

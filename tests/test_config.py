@@ -98,6 +98,17 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(self.config.login_delay, 1.0)
         self.assertEqual(self.config.login_max_delay, 900.0)
 
+    def test_registrationLimit(self) -> None:
+        """At most 20 registrations an hour come from one address by default; the limit must be a
+        whole number of at least 1."""
+        self.assertEqual(self.config.registrations_per_address_per_hour, 20)
+        self.assertEqual(load_master_config(None, {}).registrations_per_address_per_hour, 20)
+        for bad, problem in (("0", "must be between 1 and 100000, got 0"), ("many", "not a whole number: 'many'")):
+            self.assertEqual(self.problems(SAMPLE_CONFIG, {"registrations_per_address_per_hour": bad}),
+                             [f"registrations_per_address_per_hour: {problem}"])
+        config = load_master_config(SAMPLE_CONFIG, {"registrations_per_address_per_hour": "5"})
+        self.assertEqual(config.registrations_per_address_per_hour, 5)
+
     def test_connectionTimeouts(self) -> None:
         """The sample's connection timeouts are the documented defaults: 30 s, 300 s, 3600 s, heartbeats every 10 s."""
         self.assertEqual(
@@ -144,6 +155,7 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
             "login_failures_allowed",
             "login_delay",
             "login_max_delay",
+            "registrations_per_address_per_hour",
             "price_seed",
             "data_dir",
         ):

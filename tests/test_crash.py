@@ -35,8 +35,10 @@ class CrashTestsMixin:
     def test_sigkill_during_settlement(self) -> Any:
         """SIGKILL mid-settlement of thousands of orders; after restart cash and shares reconcile to the cent."""
         url = fresh_database_url(self, self.backend)
+        # All USERS register from one address (loopback), more than the default hourly limit.
         deployment = RunningDeployment(
-            self.mktemp(), "--database", url, "--update-interval", "3600", log_to_stdout=True
+            self.mktemp(), "--database", url, "--update-interval", "3600",
+            "--registrations-per-address-per-hour", str(USERS), log_to_stdout=True,
         )
         self.addCleanup(deployment.stop)
         yield deployment.start()

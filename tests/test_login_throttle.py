@@ -1,11 +1,11 @@
-"""`LoginThrottle` and `client_host`: the bookkeeping behind refusing repeated failed logins."""
+"""`LoginThrottle`, `client_host` and `address_key`: the bookkeeping behind refusing repeated failed logins."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from papertrader.master.accounts import LoginThrottle, client_host
+from papertrader.master.accounts import LoginThrottle, address_key, client_host
 
 
 class LoginThrottleTests(SynchronousTestCase):
@@ -111,3 +111,25 @@ class ClientHostTests(SynchronousTestCase):
             "": "",
         }
         self.assertEqual({address: client_host(address) for address in cases}, cases)
+
+
+class AddressKeyTests(SynchronousTestCase):
+    """`address_key` names what a client controls: its host, or for IPv6 its whole /64."""
+
+    def test_forms(self) -> None:
+        """IPv6 addresses give their /64 (however written), IPv4 and IPv4-mapped IPv6 give the
+        IPv4 address, and anything else is used as it is."""
+        cases = {
+            "[2001:db8:1:2::1]:40001": "2001:db8:1:2::/64",
+            "[2001:DB8:1:2:ffff:ffff:ffff:ffff]:1": "2001:db8:1:2::/64",
+            "2001:db8:1:2::9:40001": "2001:db8:1:2::/64",
+            "[2001:db8:1:3::1]:40001": "2001:db8:1:3::/64",
+            "[fe80::1%eth0]:22": "fe80::/64",
+            "[::1]:5000": "::/64",
+            "192.168.1.1:40001": "192.168.1.1",
+            "[::ffff:192.168.1.1]:40001": "192.168.1.1",
+            "Client.Example.org:22": "client.example.org",
+            "[not an address]:1": "not an address",
+            "": "",
+        }
+        self.assertEqual({address: address_key(address) for address in cases}, cases)

@@ -5,11 +5,14 @@ Passwords are hashed with bcrypt off the reactor thread.  Session tokens are
 of the database does not hand out live sessions.
 
 Failed logins are throttled per account and per client address
-(`LoginThrottle`): after a few failures further attempts are refused, without
-any bcrypt work and with the same message as a wrong password, for a delay
-that doubles with each further failure.  A session ends at its absolute expiry
-or after going unused for its idle timeout; use is recorded in memory on every
-check and written to the database at most once a minute per session.
+(`LoginThrottle`; an IPv6 client counts by its /64, see `address_key`): after
+a few failures further attempts are refused, without any bcrypt work and with
+the same message as a wrong password, for a delay that doubles with each
+further failure.  Registrations are limited per client address too
+(`RateLimit`), so one client cannot spend bcrypt time and fill the database
+with a registration storm.  A session ends at its absolute expiry or after
+going unused for its idle timeout; use is recorded in memory on every check
+and written to the database at most once a minute per session.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ MAX_EMAIL = 254
 LOGIN_FAILED = "invalid username or password"
 WRONG_PASSWORD = "the current password is wrong"
 SESSION_EXPIRED = "session has expired; log in again"
+TOO_MANY_REGISTRATIONS = "too many registrations from this address; try again later"
+# The window of `registrations_per_address_per_hour` (seconds).
+REGISTRATION_WINDOW = 3600.0
 # A session's last use is written to the database at most this often (seconds).
 USE_WRITE_INTERVAL = 60.0
 # Default caps of the in-memory tables.
@@ -96,6 +102,19 @@ def client_host(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
+
+
+def address_key(address: str) -> str:
+    """The key under which a client address is throttled: its `client_host`, but for IPv6 its /64.
+
+    An IPv6 client is handed at least a /64 and can pick any address in it, so
+    counting single addresses would let it rotate past every per-address limit.
+    """
+    host = client_host(address)
+    ip = _ip(host)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))  # drops any %zone
+    return host
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -205,6 +224,50 @@ class LoginThrottle:
             self._entries.popitem(last=False)
 
 
+class RateLimit:
+    """Allows at most ``limit`` events per key within any ``window`` seconds.
+
+    Each key keeps the times of its events still within the window (so at most
+    ``limit`` of them).  A key is forgotten once its last event is a window
+    old; at most ``max_entries`` keys are kept, the least recently used
+    evicted first.
+    """
+
+    def __init__(self, clock: IReactorTime, limit: int, window: float, max_entries: int) -> None:
+        self._clock = clock
+        self._limit = limit
+        self._window = window
+        self._max_entries = max_entries
+        self._entries: OrderedDict[str, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def allows(self, key: str) -> bool:
+        """Whether an event under ``key`` may happen now."""
+        return len(self._recent(key)) < self._limit
+
+    def record(self, key: str) -> None:
+        """An event under ``key`` happens now."""
+        times = self._recent(key)
+        times.append(self._clock.seconds())
+        self._entries[key] = times
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def forget_stale(self) -> None:
+        """Drop every key whose last event is a whole window old."""
+        since = self._clock.seconds() - self._window
+        for key in [key for key, times in self._entries.items() if times[-1] <= since]:
+            del self._entries[key]
+
+    def _recent(self, key: str) -> list[float]:
+        """The times of ``key``'s events within the window."""
+        since = self._clock.seconds() - self._window
+        return [t for t in self._entries.get(key, ()) if t > since]
+
+
 @attr.s(auto_attribs=True, slots=True)
 class _Tracked:
     """A session held in memory, with when it was last used and when that was last stored."""
@@ -238,6 +301,7 @@ class Accounts:
         login_address_failures_allowed: int | None = None,
         login_delay: float = 1.0,
         login_max_delay: float = 900.0,
+        registrations_per_address_per_hour: int = 20,
         throttle_entries: int = THROTTLE_ENTRIES,
         session_cache_entries: int = SESSION_CACHE_ENTRIES,
         run_in_thread: RunInThread = threads.deferToThread,
@@ -262,6 +326,9 @@ class Accounts:
             clock, login_failures_allowed, login_delay, login_max_delay, throttle_entries
         )
         self._address_failures = LoginThrottle(clock, by_address, login_delay, login_max_delay, throttle_entries)
+        self._registrations = RateLimit(
+            clock, registrations_per_address_per_hour, REGISTRATION_WINDOW, throttle_entries
+        )
         self._dummy_hash: bytes | None = None
         self._making_dummy: Deferred | None = None
         self._waiting_for_dummy: list[Deferred] = []
@@ -298,8 +365,14 @@ class Accounts:
     # ------------------------------------------------------------ accounts
 
     @inlineCallbacks
-    def register(self, username: str, email: str, password: str) -> Any:
-        """Create an account with the starting cash; fires with the username."""
+    def register(self, username: str, email: str, password: str, client_address: str = "") -> Any:
+        """Create an account with the starting cash; fires with the username.
+
+        Each registration from ``client_address`` (``HOST:PORT``) that gets as
+        far as hashing counts against the address's hourly limit, taken names
+        too (they cost the same bcrypt work); past it registrations are
+        refused before any hashing.
+        """
         problems = []
         if not _USERNAME.match(username):
             problems.append(
@@ -314,6 +387,13 @@ class Accounts:
             problems.append(problem)
         if problems:
             raise RegisterFailed("; ".join(problems))
+        key = address_key(client_address) if client_address else ""
+        if key:
+            if not self._registrations.allows(key):
+                raise RegisterFailed(TOO_MANY_REGISTRATIONS)
+            self._registrations.record(key)
+            if not self._registrations.allows(key):
+                self.log.warn("address {address} reached its limit of registrations per hour", address=key)
         hashed = yield self._in_thread(
             bcrypt.hashpw, password.encode("utf-8"), bcrypt.gensalt(self._cost)
         )
@@ -469,7 +549,7 @@ class Accounts:
 
     def forget_expired(self) -> Deferred:
         """Store when sessions were last used, then drop expired and idle sessions from memory
-        and the database, and stale throttle entries.
+        and the database, and stale throttle and registration entries.
 
         A periodic job: a failure is logged, never raised, so the job goes on.
         """
@@ -483,6 +563,7 @@ class Accounts:
                 uses.append((digest, tracked.last_used))
         self._account_failures.forget_stale()
         self._address_failures.forget_stale()
+        self._registrations.forget_stale()
         d = self._db.record_session_use(uses) if uses else succeed(None)
         d.addCallback(
             lambda _: self._db.delete_expired_sessions(
@@ -541,9 +622,9 @@ class _Attempt:
     def __init__(self, accounts: Accounts, username: str, client_address: str) -> None:
         account = username.lower()
         self._checks = [(accounts._account_failures, account, f"account {account!r}")]
-        host = client_host(client_address) if client_address else ""
-        if host:
-            self._checks.append((accounts._address_failures, host, f"address {host}"))
+        key = address_key(client_address) if client_address else ""
+        if key:
+            self._checks.append((accounts._address_failures, key, f"address {key}"))
         self._log = accounts.log
         self.allowed = all(throttle.allows(key) for throttle, key, _ in self._checks)
         self._open = self.allowed

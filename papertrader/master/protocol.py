@@ -144,7 +144,7 @@ class MasterLocator(AnswersHeartbeats):
     @_guarded
     @inlineCallbacks
     def register(self, username: str, email: str, password: str, received_at: str, client_address: str) -> Any:
-        name = yield self.exchange.accounts.register(username, email, password)
+        name = yield self.exchange.accounts.register(username, email, password, client_address)
         self.log.info(
             "account {username} registered by {address} via worker {worker} at {received_at}",
             username=name,

@@ -116,6 +116,7 @@ class MasterService(service.MultiService):
             login_address_failures_allowed=config.login_address_failures_allowed,
             login_delay=config.login_delay,
             login_max_delay=config.login_max_delay,
+            registrations_per_address_per_hour=config.registrations_per_address_per_hour,
             run_in_thread=self.hashing.run,
         )
         self.exchange = Exchange(
