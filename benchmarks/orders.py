@@ -42,7 +42,22 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import (  # noqa: E402  (benchmarks/common.py, beside this script)
+    CPU,
+    HOST,
+    SYMBOL,
+    BenchmarkError,
+    child_of,
+    connect_retrying,
+    log_in,
+    show_logs,
+    spawn,
+    stop,
+    wait_for_file,
+    write_port,
+)
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, inlineCallbacks  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
@@ -52,93 +67,7 @@ from papertrader import tls  # noqa: E402
 from papertrader.client.library import PaperTraderClient, connect  # noqa: E402
 from papertrader.protocol import PurchaseAsset  # noqa: E402
 
-HOST = "127.0.0.1"
-SYMBOL = "AAPL"
-STARTUP_TIMEOUT = 60.0
-STOP_TIMEOUT = 20.0
-PASSWORD = "benchmark-password"
-
-
-class BenchmarkError(Exception):
-    """The benchmark could not run or an order was not accepted."""
-
-
 # ---------------------------------------------------------------- processes
-
-
-def _child_env() -> dict[str, str]:
-    """This environment with the checkout importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _spawn(args: Sequence[str], log_path: str) -> subprocess.Popen:
-    """Start ``python args...`` in its own session, output to ``log_path``."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, *args],
-            env=_child_env(),
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM ``process`` and wait; kill its process group if it does not stop in time."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    # The process group is the session started for this child (the master's includes its worker).
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
-def _wait_for_file(path: str, process: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> str:
-    """Poll for ``path`` to exist and be non-empty; return its stripped text."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchmarkError(f"{process.args[1:3]} exited with {process.returncode}")
-        try:
-            with open(path, encoding="ascii") as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            text = ""
-        if text:
-            return text
-        time.sleep(0.05)
-    raise BenchmarkError(f"{path} did not appear within {timeout:.0f} s")
-
-
-def _show_logs(workdir: str, lines: int = 15) -> None:
-    """Print the end of every log in ``workdir`` to stderr (before the directory goes)."""
-    for folder, _, files in sorted(os.walk(workdir)):
-        for name in sorted(files):
-            if name.endswith((".log", ".out")):
-                path = os.path.join(folder, name)
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    tail = f.readlines()[-lines:]
-                if tail:
-                    print(f"--- {os.path.relpath(path, workdir)} (last {len(tail)} lines)", file=sys.stderr)
-                    sys.stderr.writelines(tail)
-
-
-def _write_port(path: str, port: int) -> None:
-    """Write ``port`` to ``path`` atomically."""
-    with open(path + ".tmp", "w", encoding="ascii") as f:
-        f.write(f"{port}\n")
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------- the baseline: sink and relay
@@ -196,7 +125,7 @@ def _run_sink(reactor: Any, tls_dir: str, port_file: str) -> Any:
     sink = _Sink()
     endpoint = tls.tls_server_endpoint(reactor, f"tcp:0:interface={HOST}", options)
     port = yield endpoint.listen(Factory.forProtocol(lambda: amp.AMP(locator=sink)))
-    _write_port(port_file, port.getHost().port)
+    write_port(port_file, port.getHost().port)
     yield _until_stopped(reactor)
 
 
@@ -210,7 +139,7 @@ def _run_relay(reactor: Any, tls_dir: str, sink_port: int, port_file: str) -> An
     relay = _Relay(upstream)
     server = tls.tls_server_endpoint(reactor, f"tcp:0:interface={HOST}", tls.server_options(identity))
     port = yield server.listen(Factory.forProtocol(lambda: amp.AMP(locator=relay)))
-    _write_port(port_file, port.getHost().port)
+    write_port(port_file, port.getHost().port)
     yield _until_stopped(reactor)
 
 
@@ -288,92 +217,8 @@ class _Run:
             self.done.callback(elapsed)
 
 
-@inlineCallbacks
-def _connect_retrying(reactor: Any, port: int, ca: str, timeout: float = STARTUP_TIMEOUT) -> Any:
-    """A client connected to ``HOST:port`` whose quotes work (the worker has its master)."""
-    deadline = time.monotonic() + timeout
-    client = None
-    last = "nothing tried"
-    while time.monotonic() < deadline:
-        try:
-            if client is None:
-                client = yield connect(reactor, HOST, port, ca)
-            yield client.quote(SYMBOL)
-            return client
-        except Exception as e:
-            last = f"{type(e).__name__}: {e}"
-            if client is not None:
-                client.close()
-                client = None
-        yield task.deferLater(reactor, 0.2, lambda: None)
-    raise BenchmarkError(f"the worker did not become ready within {timeout:.0f} s (last error: {last})")
-
-
-@inlineCallbacks
-def _log_in(reactor: Any, port: int, ca: str, index: int) -> Any:
-    """A new user, registered and logged in on its own connection."""
-    client = yield connect(reactor, HOST, port, ca)
-    username = f"bench{index}"
-    yield client.register(username, f"{username}@example.com", PASSWORD)
-    yield client.login(username, PASSWORD)
-    return client
-
-
 def _rate(orders: int, seconds: float) -> float:
     return orders / seconds if seconds > 0 else float("inf")
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system, all threads) used so far by process ``pid``; None if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _child_of(parent: int) -> int | None:
-    """The pid of a child process of ``parent`` (the master's local worker), if one is found."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                    if int(f.read().rpartition(")")[2].split()[1]) == parent:
-                        return int(entry)
-            except (OSError, ValueError, IndexError):
-                continue
-    return None
-
-
-class _CPU:
-    """CPU seconds used by a set of named processes between `start` and `stop`."""
-
-    def __init__(self, pids: dict[str, int | None]) -> None:
-        self.pids = {name: pid for name, pid in pids.items() if pid is not None}
-        self._before: dict[str, float | None] = {}
-        self.used: dict[str, float] = {}
-
-    def start(self) -> None:
-        self._before = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
-
-    def stop(self) -> None:
-        self.used = {}
-        for name, pid in self.pids.items():
-            before, after = self._before.get(name), _cpu_seconds(pid)
-            if before is not None and after is not None:
-                self.used[name] = after - before
-
-    def per_order(self, orders: int) -> str:
-        """``total us/order (name us, ...)``, or "" when nothing was measured."""
-        if not self.used:
-            return ""
-        parts = ", ".join(f"{name} {1e6 * seconds / orders:.0f}" for name, seconds in self.used.items())
-        return f"{1e6 * sum(self.used.values()) / orders:.0f} us/order ({parts})"
 
 
 @inlineCallbacks
@@ -381,11 +226,11 @@ def _benchmark(
     reactor: Any, worker_port: int, relay_port: int, ca: str, pids: dict[str, int], options: argparse.Namespace
 ) -> Any:
     """Connect everything, measure both targets alternately, print the results."""
-    probe = yield _connect_retrying(reactor, worker_port, ca)
+    probe = yield connect_retrying(reactor, worker_port, ca)
     probe.close()
     ours = []
     for i in range(options.connections):
-        ours.append((yield _log_in(reactor, worker_port, ca, i + 1)))
+        ours.append((yield log_in(reactor, worker_port, ca, i + 1)))
     theirs = []
     for client in ours:
         relayed = yield connect(reactor, HOST, relay_port, ca)
@@ -394,14 +239,14 @@ def _benchmark(
 
     me = os.getpid()
     targets = {
-        "papertrader": (ours, {"client": me, "worker": _child_of(pids["master"]), "master": pids["master"]}),
+        "papertrader": (ours, {"client": me, "worker": child_of(pids["master"]), "master": pids["master"]}),
         "relay": (theirs, {"client": me, "relay": pids["relay"], "sink": pids["sink"]}),
     }
     best = {name: 0.0 for name in targets}
     cpu_of_best = {name: "" for name in targets}
     for round_number in range(1, options.rounds + 1):
         for name, (clients, processes) in targets.items():
-            cpu = _CPU(processes)
+            cpu = CPU(processes)
             cpu.start()
             elapsed = yield _Run(clients, options.orders, options.window).start()
             cpu.stop()
@@ -455,7 +300,7 @@ def main(argv: Sequence[str]) -> None:
     processes: list[subprocess.Popen] = []
     try:
         master_log = os.path.join(workdir, "master.log")
-        master = _spawn(
+        master = spawn(
             [
                 "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logfile", master_log,
@@ -471,23 +316,23 @@ def main(argv: Sequence[str]) -> None:
             os.path.join(workdir, "master.out"),
         )  # fmt: skip
         processes.append(master)
-        address = _wait_for_file(os.path.join(data, "worker-local-1.address"), master)
+        address = wait_for_file(os.path.join(data, "worker-local-1.address"), master)
         _, worker_port = tls.split_address(address, 0)
 
         sink_file = os.path.join(workdir, "sink.port")
         sink_log = os.path.join(workdir, "sink.log")
-        sink = _spawn([__file__, "_sink", "--tls-dir", tls_dir, "--port-file", sink_file], sink_log)
+        sink = spawn([__file__, "_sink", "--tls-dir", tls_dir, "--port-file", sink_file], sink_log)
         processes.append(sink)
-        sink_port = _wait_for_file(sink_file, sink)
+        sink_port = wait_for_file(sink_file, sink)
 
         relay_file = os.path.join(workdir, "relay.port")
         relay_log = os.path.join(workdir, "relay.log")
-        relay = _spawn(
+        relay = spawn(
             [__file__, "_relay", "--tls-dir", tls_dir, "--sink-port", sink_port, "--port-file", relay_file],
             relay_log,
         )
         processes.append(relay)
-        relay_port = int(_wait_for_file(relay_file, relay))
+        relay_port = int(wait_for_file(relay_file, relay))
 
         try:
             ca = os.path.join(tls_dir, "ca.pem")
@@ -497,11 +342,11 @@ def main(argv: Sequence[str]) -> None:
             if e.code:
                 raise BenchmarkError("the benchmark failed") from None
     except BaseException:
-        _show_logs(workdir)
+        show_logs(workdir)
         raise
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop(process)
         if os.environ.get("PAPERTRADER_BENCH_KEEP"):
             print(f"kept {workdir}", file=sys.stderr)
         else:
