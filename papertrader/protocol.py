@@ -511,6 +511,82 @@ class SubmitOrders(amp.Command):
     errors = dict(_UNAVAILABLE)
 
 
+# ---------------------------------------------------------------- client -> worker: several orders at once
+
+# Orders in one PlaceOrders: with every field at its bound a batch stays near 20 KiB, far under 64 KiB.
+MAX_CLIENT_BATCH = 100
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ClientOrder:
+    """One buy or sell inside a PlaceOrders batch (the fields of PurchaseAsset/SellAsset, and the side)."""
+
+    side: str
+    symbol: str
+    quantity: str
+    client_order_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, row: Any) -> ClientOrder:
+        """Check one received row; BadRequest if it is not an order."""
+        if not isinstance(row, dict):
+            raise BadRequest("each order must be an object")
+        side = _text(row, "side", 8)
+        if side not in ("buy", "sell"):
+            raise BadRequest("order field 'side' must be 'buy' or 'sell'")
+        return cls(
+            side=side,
+            symbol=_text(row, "symbol", MAX_SYMBOL_LENGTH),
+            quantity=_text(row, "quantity", MAX_QUANTITY_LENGTH),
+            client_order_id=_text(row, "client_order_id", MAX_CLIENT_ORDER_ID_LENGTH, optional=True),
+        )
+
+    def to_wire(self) -> dict[str, str]:
+        return attr.asdict(self, filter=lambda _, value: value is not None)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PlacedOrder:
+    """What became of one ClientOrder: queued (``order_id``) or refused (``code``, ``reason``)."""
+
+    order_id: int | None = None
+    code: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def refused(cls, error: PaperTraderError) -> PlacedOrder:
+        return cls(code=error_code(error), reason=str(error)[:MAX_ORDER_REASON])
+
+    @classmethod
+    def from_wire(cls, row: Any) -> PlacedOrder:
+        if not isinstance(row, dict):
+            raise BadRequest("each order result must be an object")
+        if isinstance(row.get("order_id"), int):
+            return cls(order_id=row["order_id"])
+        return cls(code=str(row.get("code")), reason=str(row.get("reason", "")))
+
+    def to_wire(self) -> dict[str, Any]:
+        return attr.asdict(self, filter=lambda _, value: value is not None)
+
+    def error(self) -> PaperTraderError | None:
+        """The error this result stands for (PurchaseFailed, OrderConflict, ...), or None for a queued order."""
+        return None if self.code is None else error_from_code(self.code, self.reason or "")
+
+
+class PlaceOrders(amp.Command):
+    """Several buys and sells in one message: one receive stamp for all, one `PlacedOrder` each, in order.
+
+    Each order is answered on its own (queued with its id, or refused with the
+    error PurchaseAsset/SellAsset would give); the batch fails as a whole only
+    when the session is invalid or the master is unreachable.  The client
+    library sends one when several orders are waiting.
+    """
+
+    arguments = [(b"token", amp.Unicode()), (b"orders", _Rows(ClientOrder, MAX_CLIENT_BATCH))]
+    response = [(b"results", _Rows(PlacedOrder, MAX_CLIENT_BATCH))]
+    errors = declared(SessionInvalid)
+
+
 # ---------------------------------------------------------------- pushes (master -> worker -> client)
 
 

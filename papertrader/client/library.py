@@ -20,9 +20,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from papertrader import tls
-from papertrader.errors import DataFailed
+from papertrader.errors import DataFailed, ServiceUnavailable
 from papertrader.protocol import (
+    MAX_CLIENT_BATCH,
     ChangePassword,
+    ClientOrder,
     GetAssetValue,
     GetUserPortfolio,
     GetUserTransactionHistory,
@@ -33,12 +35,16 @@ from papertrader.protocol import (
     Logout,
     LogoutEverywhere,
     OrderUpdate,
+    PlacedOrder,
+    PlaceOrders,
     PriceTick,
     PurchaseAsset,
     Register,
     SellAsset,
 )
 
+# Order requests one connection keeps in flight; orders placed beyond that wait and go together in a PlaceOrders.
+MAX_ORDER_REQUESTS_IN_FLIGHT = 4
 # How many times `PaperTraderClient.portfolio` starts again when the portfolio changes between its pages.
 PORTFOLIO_ATTEMPTS = 5
 
@@ -72,6 +78,9 @@ class PaperTraderClient:
         self._settled: dict[int, dict[str, Any]] = {}
         self._waiting: dict[int, list[Deferred]] = {}
         self._keep_alive: LoopingCall | None = None
+        self.max_requests_in_flight = MAX_ORDER_REQUESTS_IN_FLIGHT
+        self._in_flight = 0
+        self._queued: list[tuple[ClientOrder, Deferred]] = []
         pushes.on_order_update = self._order_update
         pushes.on_price_tick = self._price_tick
         if isinstance(connection, ClientAMP):
@@ -180,12 +189,62 @@ class PaperTraderClient:
         return self._order(SellAsset, symbol, quantity, client_order_id)
 
     def _order(self, command: type[amp.Command], symbol: str, quantity: int | str, client_order_id: str | None) -> Any:
-        return self.connection.callRemote(
-            command,
-            token=self.token or "",
-            symbol=symbol,
-            quantity=str(quantity),
-            client_order_id=client_order_id or str(uuid.uuid4()),
+        # Sent at once while few requests are in flight; beyond that, orders wait
+        # and go together as one PlaceOrders when an answer comes back.
+        client_order_id = client_order_id or str(uuid.uuid4())
+        if self._in_flight < self.max_requests_in_flight and not self._queued:
+            self._in_flight += 1
+            d = self.connection.callRemote(
+                command, token=self.token or "", symbol=symbol, quantity=str(quantity), client_order_id=client_order_id
+            )
+            return d.addBoth(self._request_done)
+        side = "buy" if command is PurchaseAsset else "sell"
+        waiting: Deferred[dict[str, Any]] = Deferred()
+        self._queued.append((ClientOrder(side, symbol, str(quantity), client_order_id), waiting))
+        return waiting
+
+    def _request_done(self, result: Any) -> Any:
+        self._in_flight -= 1
+        self._send_queued()
+        return result
+
+    def _send_queued(self) -> None:
+        while self._queued and self._in_flight < self.max_requests_in_flight:
+            batch, self._queued = self._queued[:MAX_CLIENT_BATCH], self._queued[MAX_CLIENT_BATCH:]
+            self._in_flight += 1
+            self.connection.callRemote(
+                PlaceOrders, token=self.token or "", orders=[order for order, _ in batch]
+            ).addBoth(self._batch_answered, batch)
+
+    def _batch_answered(self, answer: Any, batch: list[tuple[ClientOrder, Deferred]]) -> None:
+        self._in_flight -= 1
+        if isinstance(answer, Failure):
+            for _, d in batch:
+                d.errback(answer)
+        else:
+            results = answer["results"]
+            for index, (_, d) in enumerate(batch):
+                result = results[index] if index < len(results) else None
+                if result is None:
+                    d.errback(ServiceUnavailable("the worker gave no answer for this order; check it and retry"))
+                elif result.order_id is not None:
+                    d.callback({"order_id": result.order_id})
+                else:
+                    d.errback(result.error())
+        self._send_queued()
+
+    def place_orders(self, orders: list[dict[str, Any]]) -> Deferred[list[PlacedOrder]]:
+        """Send several orders (``side``, ``symbol``, ``quantity``, optional ``client_order_id``) in one message.
+
+        Fires with one `PlacedOrder` per order, in order: ``order_id`` if it was
+        queued, ``error()`` if it was refused.  At most MAX_CLIENT_BATCH orders.
+        """
+        rows = [
+            ClientOrder(o["side"], o["symbol"], str(o["quantity"]), o.get("client_order_id") or str(uuid.uuid4()))
+            for o in orders
+        ]
+        return self.connection.callRemote(PlaceOrders, token=self.token or "", orders=rows).addCallback(
+            lambda answer: answer["results"]
         )
 
     def orders(self, limit: int | None = None) -> Deferred[dict[str, Any]]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
-from papertrader.errors import PurchaseFailed, SellFailed, ServiceUnavailable, SessionInvalid
+from papertrader.errors import PaperTraderError, PurchaseFailed, SellFailed, ServiceUnavailable, SessionInvalid
 from papertrader.protocol import (
     MAX_CLIENT_ORDER_ID_LENGTH,
     MAX_QUANTITY_LENGTH,
@@ -23,6 +23,7 @@ from papertrader.protocol import (
     MAX_TOKEN_LENGTH,
     RELAYED,
     ChangePassword,
+    ClientOrder,
     GetAssetValue,
     Login,
     LoginWithToken,
@@ -33,6 +34,8 @@ from papertrader.protocol import (
     OrderUpdate,
     OrderUpdates,
     Ping,
+    PlacedOrder,
+    PlaceOrders,
     PriceTick,
     PurchaseAsset,
     SellAsset,
@@ -219,9 +222,29 @@ class ClientLocator(AnswersHeartbeats):
         client_order_id: str | None,
     ) -> Deferred:
         # The hottest path of the worker: plain callbacks, no coroutine per order.
-        # Bounded, plain-ASCII fields keep every SubmitOrders batch far below AMP's 64 KiB.
+        self._check_session_token(token)
+        if self.link.connection is None:
+            raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
+        order = self._order_request(side, failed, token, symbol, quantity, client_order_id, self._envelope())
+        return self.batcher.submit(order).addCallback(self._order_result)
+
+    @staticmethod
+    def _check_session_token(token: str) -> None:
         if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
             raise SessionInvalid("session is not valid; log in again")
+
+    @staticmethod
+    def _order_request(
+        side: str,
+        failed: type[Exception],
+        token: str,
+        symbol: str,
+        quantity: str,
+        client_order_id: str | None,
+        envelope: dict[str, str],
+    ) -> OrderRequest:
+        """The order to send on, or ``failed`` if a field cannot be one (bounded, plain-ASCII fields keep
+        every SubmitOrders batch far below AMP's 64 KiB)."""
         if len(symbol) > MAX_SYMBOL_LENGTH or not symbol.isascii():
             raise failed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}")
         if len(quantity) > MAX_QUANTITY_LENGTH or not quantity.isascii():
@@ -230,13 +253,48 @@ class ClientLocator(AnswersHeartbeats):
             len(client_order_id) > MAX_CLIENT_ORDER_ID_LENGTH or not client_order_id.isascii()
         ):
             raise failed(f"client order id must be ASCII of at most {MAX_CLIENT_ORDER_ID_LENGTH} characters")
-        if self.link.connection is None:
-            raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
-        envelope = self._envelope()
-        order = OrderRequest(
+        return OrderRequest(
             side, token, symbol, quantity, envelope["received_at"], envelope["client_address"], client_order_id
         )
-        return self.batcher.submit(order).addCallback(self._order_result)
+
+    @PlaceOrders.responder
+    def place_orders(self, token: str, orders: list[ClientOrder]) -> Deferred:
+        """Send every order of the batch on, stamped once; answer each on its own."""
+        self._check_session_token(token)
+        if self.link.connection is None:
+            raise ServiceUnavailable("the master server is not reachable right now; orders not accepted")
+        envelope = self._envelope()
+        answers = []
+        for order in orders:
+            failed = PurchaseFailed if order.side == "buy" else SellFailed
+            try:
+                request = self._order_request(
+                    order.side, failed, token, order.symbol, order.quantity, order.client_order_id, envelope
+                )
+            except PaperTraderError as e:
+                answers.append(succeed(PlacedOrder.refused(e)))
+                continue
+            answers.append(self.batcher.submit(request).addCallbacks(self._placed, self._not_placed))
+        return gatherResults(answers).addCallback(self._batch_answer)
+
+    def _placed(self, result: OrderResult) -> PlacedOrder:
+        error = result.error()
+        if error is not None:
+            return PlacedOrder.refused(error)
+        self.clients.attach(self.connection, result.username)
+        return PlacedOrder(order_id=result.order_id)
+
+    @staticmethod
+    def _not_placed(failure: Any) -> PlacedOrder:
+        failure.trap(PaperTraderError)
+        return PlacedOrder.refused(failure.value)
+
+    @staticmethod
+    def _batch_answer(results: list[PlacedOrder]) -> dict[str, Any]:
+        # A batch whose orders all found the session invalid is refused as a whole, like a single order.
+        if results and all(r.code == "SESSION_INVALID" for r in results):
+            raise results[0].error()
+        return {"results": results}
 
     def _order_result(self, result: OrderResult) -> dict[str, int]:
         error = result.error()
