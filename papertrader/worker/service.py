@@ -57,7 +57,7 @@ class WorkerService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.cache = QuoteCache()
-        self.clients = ClientRegistry()
+        self.clients = ClientRegistry(reactor)
         self.port: Any = None
         self.startup = StartUp(reactor, "worker")
         self.ready = self.startup.ready
@@ -68,6 +68,7 @@ class WorkerService(service.MultiService):
             self.cache,
             MasterPushes(self.cache, self.clients),
             timeouts=config.timeouts,
+            served_users=lambda: list(self.clients.by_user),
         )
         self.batcher = OrderBatcher(reactor, self.link.call)
 
@@ -111,7 +112,7 @@ class WorkerService(service.MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:
         for connection in list(self.clients.connections):
-            connection.transport.loseConnection()
+            connection.close()
         yield super().stopService()
         if self.config.address_file:
             try:
