@@ -26,6 +26,7 @@ from papertrader.protocol import (
     push_bytes,
 )
 from papertrader.slices import SlicedWork
+from papertrader.stalls import STALL_MONITOR_ENV, StallMonitor, interval_from_environment
 from papertrader.worker import clients as worker_clients
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ALL_PRICES, ClientFactory, ClientLocator, ClientRegistry
@@ -500,3 +501,36 @@ class SubscriptionTests(SynchronousTestCase):
         self.assertEqual(d.registry.serving("alice"), {d.registry.workers["test-worker"]})
         d.tick()
         self.assertEqual([u["status"] for u in updates], ["filled"])
+
+
+class StallMonitorTests(SynchronousTestCase):
+    """The benchmark's stall monitor: the longest delay of a due call between two updates."""
+
+    def test_reports_longest_stall_per_update(self) -> None:
+        """A turn that kept the reactor busy shows as the period's longest stall, reported at the next update."""
+        clock = Clock()
+        monitor = StallMonitor(clock, 0.01, clients=lambda: 3)
+        lines: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(lines.append)
+        self.addCleanup(globalLogPublisher.removeObserver, lines.append)
+        monitor.start()
+        monitor.update_arrived(1)
+        clock.pump([0.01] * 5)
+        clock.advance(0.25)  # one long turn: the due call runs 0.24 s late
+        clock.pump([0.01] * 5)
+        monitor.update_arrived(2)
+        clock.pump([0.01] * 5)
+        monitor.update_arrived(3)
+        monitor.stop()
+        reports = [e for e in lines if e.get("log_format", "").startswith("stall report")]
+        self.assertEqual([(e["tick"], e["clients"]) for e in reports], [(1, 3), (2, 3)])
+        self.assertAlmostEqual(reports[0]["ms"], 240.0, places=3)
+        self.assertAlmostEqual(reports[1]["ms"], 0.0, places=3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_off_unless_asked(self) -> None:
+        """Only a positive number of seconds in the environment turns it on."""
+        self.assertIsNone(interval_from_environment({}))
+        self.assertIsNone(interval_from_environment({STALL_MONITOR_ENV: "yes"}))
+        self.assertIsNone(interval_from_environment({STALL_MONITOR_ENV: "0"}))
+        self.assertEqual(interval_from_environment({STALL_MONITOR_ENV: "0.005"}), 0.005)

@@ -58,7 +58,7 @@ _RELAYED_BY_NAME = {command.commandName: command for command in RELAYED}
 ALL_PRICES = "all"
 Prices = str | frozenset[str]
 # Connections written to (or pushes encoded) in one reactor turn.
-PUSH_SLICE = 200
+PUSH_SLICE = 100
 # Bytes a connection may be sent after its transport said "stop" (its buffer
 # holds 64 KiB it could not send): past this, the client is not reading and is cut off.
 MAX_UNSENT_BYTES = 256 * 1024
