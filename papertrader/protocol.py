@@ -5,15 +5,19 @@ Traffic in each direction:
 - client -> worker: Register, Login, LoginWithToken, Logout, LogoutEverywhere,
   ChangePassword, GetAssetValue,
   PurchaseAsset, SellAsset, ListOrders, GetUserPortfolio,
-  GetUserTransactionHistory.
+  GetUserTransactionHistory; Subscribe, which the worker answers itself
+  (which price ticks the connection wants: none until it asks).
 - worker -> master: WorkerHello first (the handshake), then each client
   command relayed with the envelope the worker stamps on it (the time it was
   received and the client's address) -- ``Relayed*`` below -- except orders,
-  which travel in batches as SubmitOrders; ListAssets fills the worker's cache.
+  which travel in batches as SubmitOrders; ListAssets fills the worker's cache;
+  ServedUsers after the handshake names the users the worker has sessions of.
 - master -> worker: PriceTick after every price update and OrderUpdates when
-  queued orders settle or are rejected; Ping when another connection claims
-  the worker's name.
-- worker -> client: PriceTick and OrderUpdate, pushed.
+  queued orders settle or are rejected (only to the workers that serve the
+  order's user); Ping when another connection claims the worker's name.
+- worker -> client: PriceTick (the subscribed prices) and OrderUpdates (the
+  user's own), pushed.  A push is encoded once and the same bytes written to
+  every connection that gets it (`push_bytes`).
 - both ways on the worker-master link, and client -> worker: Heartbeat, so a
   silent link is noticed and closed (see `papertrader.wire`).
 
@@ -305,6 +309,29 @@ class GetUserTransactionHistory(amp.Command):
     errors = declared(DataFailed, SessionInvalid)
 
 
+# The most symbols one Subscribe may list; past it, subscribe to all prices.
+MAX_SUBSCRIBED_SYMBOLS = 100
+
+
+class Subscribe(amp.Command):
+    """Which price ticks to push to this connection; answered by the worker itself, never relayed.
+
+    Replaces the connection's earlier choice.  ``all_prices`` asks for every
+    price of every tick; otherwise ``prices`` lists the symbols wanted (at most
+    MAX_SUBSCRIBED_SYMBOLS; none, the default of a new connection: no ticks).
+    A logged-in connection gets its user's order updates whatever it chose.
+    An unknown symbol, too many symbols, or both arguments: DataFailed.  The
+    answer says what the connection now gets.
+    """
+
+    arguments = [
+        (b"prices", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"all_prices", amp.Boolean(optional=True)),
+    ]
+    response = [(b"prices", amp.ListOf(amp.Unicode())), (b"all_prices", amp.Boolean())]
+    errors = declared(DataFailed)
+
+
 # ---------------------------------------------------------------- worker -> master
 
 ENVELOPE = [(b"received_at", amp.Unicode()), (b"client_address", amp.Unicode())]
@@ -587,22 +614,78 @@ class PlaceOrders(amp.Command):
     errors = declared(SessionInvalid)
 
 
+# Usernames per ServedUsers box (at most 32 ASCII characters each: far under 64 KiB).
+MAX_SERVED_USERS_BATCH = 500
+MAX_USERNAME_LENGTH = 64
+
+
+class _Usernames(JSON):
+    """A JSON list of at most MAX_SERVED_USERS_BATCH usernames, checked as it is received."""
+
+    def fromString(self, inString: bytes) -> list[str]:
+        names = super().fromString(inString)
+        if (
+            not isinstance(names, list)
+            or len(names) > MAX_SERVED_USERS_BATCH
+            or not all(isinstance(n, str) and 0 < len(n) <= MAX_USERNAME_LENGTH for n in names)
+        ):
+            raise BadRequest(f"expected a list of at most {MAX_SERVED_USERS_BATCH} usernames")
+        return names
+
+
+class ServedUsers(amp.Command):
+    """Worker -> master after the handshake: users this worker holds sessions of, so their order updates reach it.
+
+    The master learns the same from each relayed Login, LoginWithToken and
+    SubmitOrders; this catches it up after the link was down.
+    """
+
+    arguments = [(b"usernames", _Usernames())]
+    response: list = []
+    errors = dict(_UNAVAILABLE)
+
+
 # ---------------------------------------------------------------- pushes (master -> worker -> client)
+
+
+def push_bytes(command: type[amp.Command], **arguments: Any) -> bytes:
+    """The wire bytes of push ``command`` (one that wants no answer), to encode once and write to many peers.
+
+    Writing them to a connection's transport is what ``callRemote`` would do,
+    without encoding the box again for every connection.
+    """
+    assert not command.requiresAnswer
+    box = command.makeArguments(arguments, None)
+    box[amp.COMMAND] = command.commandName
+    return box.serialize()
 
 
 class PriceList(amp.Argument):
     """Prices as one compact JSON object ``{symbol: cents}`` on the wire.
 
-    In Python it is a list of ``{"symbol", "price_cents"}`` rows.  About 34 bytes
-    an asset at worst, so the prices of MAX_ASSETS assets stay far under 64 KiB.
+    In Python it is a list of ``{"symbol", "price_cents"}`` rows, or, to send,
+    the JSON already packed (`pack_prices`).  About 34 bytes an asset at worst,
+    so the prices of MAX_ASSETS assets stay far under 64 KiB.
     """
 
-    def toString(self, inObject: list[dict[str, Any]]) -> bytes:
+    def toString(self, inObject: list[dict[str, Any]] | bytes) -> bytes:
+        if isinstance(inObject, bytes):
+            return inObject
         prices = {row["symbol"]: row["price_cents"] for row in inObject}
         return json.dumps(prices, separators=(",", ":")).encode("ascii")
 
     def fromString(self, inString: bytes) -> list[dict[str, Any]]:
         return [{"symbol": symbol, "price_cents": cents} for symbol, cents in json.loads(inString).items()]
+
+
+def price_fragments(prices: dict[str, int]) -> dict[str, bytes]:
+    """Each price as its ``"SYMBOL":cents`` piece of a packed PriceList, to join for any subset."""
+    return {symbol: json.dumps(symbol).encode("ascii") + b":%d" % cents for symbol, cents in prices.items()}
+
+
+def pack_prices(fragments: list[bytes]) -> bytes:
+    """A PriceList value packed from `price_fragments` pieces."""
+    return b"{" + b",".join(fragments) + b"}"
 
 
 class PriceTick(amp.Command):
@@ -616,32 +699,88 @@ class PriceTick(amp.Command):
     requiresAnswer = False
 
 
-UPDATE_FIELDS = [
-    (b"username", amp.Unicode()),
-    (b"order_id", amp.Integer()),
-    (b"side", amp.Unicode()),
-    (b"symbol", amp.Unicode()),
-    (b"quantity", amp.Integer()),
-    (b"status", amp.Unicode()),
-    (b"reason", amp.Unicode(optional=True)),
-    (b"price_cents", amp.Integer(optional=True)),
-    (b"settled_at", amp.Unicode()),
-]
+# An order update travels as a JSON array of these columns (``settled_at`` is the box's, shared by its rows):
+# username, order_id, side, symbol, quantity, status ("filled" or "rejected"), price_cents or null, reason or null.
+UPDATE_COLUMNS = ("username", "order_id", "side", "symbol", "quantity", "status", "price_cents", "reason")
+# The most updates in one OrderUpdates box, and the bytes a sender packs into one (far under 64 KiB).
+MAX_UPDATES_PER_BOX = 1000
+MAX_UPDATE_BYTES = 32 * 1024
+
+
+def pack_update(
+    username: str,
+    order_id: int,
+    side: str,
+    symbol: str,
+    quantity: int,
+    status: str,
+    price_cents: int | None,
+    reason: str | None,
+) -> bytes:
+    """One order update as a packed row (at most ~1.5 KB: the reason is cut to MAX_ORDER_REASON)."""
+    if reason is not None:
+        reason = reason[:MAX_ORDER_REASON]
+    row = [username, order_id, side, symbol, quantity, status, price_cents, reason]
+    return json.dumps(row, separators=(",", ":")).encode("ascii")
+
+
+def pack_updates(rows: list[bytes]) -> bytes:
+    """An UpdateRows value packed from `pack_update` rows."""
+    return b"[" + b",".join(rows) + b"]"
+
+
+def _column(value: Any, kind: type, limit: int | None = None, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) or (limit is not None and len(value) > limit):
+        raise BadRequest("malformed order update")
+    return value
+
+
+class UpdateRows(amp.Argument):
+    """Order updates as one JSON array of packed rows (`UPDATE_COLUMNS`), checked as it is received.
+
+    In Python a list of dicts with the columns as keys (a null column left out),
+    or, to send, the rows already packed (`pack_updates`).
+    """
+
+    def toString(self, inObject: list[dict[str, Any]] | bytes) -> bytes:
+        if isinstance(inObject, bytes):
+            return inObject
+        return pack_updates([pack_update(*(row.get(column) for column in UPDATE_COLUMNS)) for row in inObject])
+
+    def fromString(self, inString: bytes) -> list[dict[str, Any]]:
+        rows = json.loads(inString)
+        if not isinstance(rows, list) or len(rows) > MAX_UPDATES_PER_BOX:
+            raise BadRequest(f"expected a list of at most {MAX_UPDATES_PER_BOX} order updates")
+        updates = []
+        for row in rows:
+            if not isinstance(row, list) or len(row) != len(UPDATE_COLUMNS):
+                raise BadRequest("malformed order update")
+            username, order_id, side, symbol, quantity, status, price_cents, reason = row
+            update = {
+                "username": _column(username, str, MAX_USERNAME_LENGTH),
+                "order_id": _column(order_id, int),
+                "side": _column(side, str, 8),
+                "symbol": _column(symbol, str, MAX_SYMBOL_LENGTH),
+                "quantity": _column(quantity, int),
+                "status": _column(status, str, 8),
+            }
+            if _column(price_cents, int, optional=True) is not None:
+                update["price_cents"] = price_cents
+            if _column(reason, str, MAX_ORDER_REASON, optional=True) is not None:
+                update["reason"] = reason
+            updates.append(update)
+        return updates
 
 
 class OrderUpdates(amp.Command):
-    """Master -> worker: orders that settled or were rejected in a tick."""
+    """Orders that settled or were rejected at the update of ``settled_at``.
 
-    arguments = [(b"updates", amp.AmpList(UPDATE_FIELDS))]
-    requiresAnswer = False
+    Master -> worker: the updates of the users the worker serves.  Worker ->
+    client: those of the connection's user.  Each box holds at most
+    MAX_UPDATES_PER_BOX updates.
+    """
 
-
-# Updates per OrderUpdates box.
-MAX_UPDATE_BATCH = 150
-
-
-class OrderUpdate(amp.Command):
-    """Worker -> client: one of the client's orders settled or was rejected."""
-
-    arguments = UPDATE_FIELDS
+    arguments = [(b"settled_at", amp.Unicode()), (b"updates", UpdateRows())]
     requiresAnswer = False

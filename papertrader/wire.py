@@ -329,11 +329,11 @@ class GuardedAMP(amp.AMP):
             self.note("warn", "{peer}: {text} (more on this connection are only counted)", text=text)
         if self.bad_requests == self.max_bad_requests:
             self.note("warn", "{peer} sent {count} bad requests; closing the connection", count=self.bad_requests)
-            self.clock.callLater(0, self._close)
+            self.clock.callLater(0, self.close)
         return str(BadRequest(text))
 
-    def _close(self) -> None:
-        """Close after the answers already written (the connection may have ended meanwhile)."""
+    def close(self) -> None:
+        """Close after what was already written (the connection may have ended meanwhile)."""
         if self.transport is not None:
             self.transport.loseConnection()
 

@@ -115,8 +115,15 @@ class Deployment:
         self.tick()
 
         self.cache = QuoteCache()
-        self.clients = ClientRegistry()
-        self.link = MasterLink(self.clock, None, "test-worker", self.cache, MasterPushes(self.cache, self.clients))
+        self.clients = ClientRegistry(self.clock)
+        self.link = MasterLink(
+            self.clock,
+            None,
+            "test-worker",
+            self.cache,
+            MasterPushes(self.cache, self.clients),
+            served_users=lambda: list(self.clients.by_user),
+        )
         self.batcher = OrderBatcher(self.clock, self.link.call)
         self.client_factory = ClientFactory(
             lambda: ClientLocator(self.clock, self.link, self.batcher, self.cache, self.clients), clock=self.clock
@@ -151,9 +158,12 @@ class Deployment:
         return client_from_connection(connection)
 
     def flush(self) -> None:
-        """Move every pending byte and run every due call until nothing moves."""
-        while any([pump.pump() for pump in self.pumps]):
-            pass
+        """Move every pending byte and run every due call until nothing moves (slices of a push included)."""
+        while any([pump.pump() for pump in self.pumps]) or self._due_calls():
+            self.clock.advance(0)
+
+    def _due_calls(self) -> bool:
+        return any(call.getTime() <= self.clock.seconds() for call in self.clock.getDelayedCalls())
 
     def advance(self, seconds: float, step: float = 5.0) -> None:
         """Let ``seconds`` pass in steps, moving bytes after each, as a live network would (heartbeats flow)."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import stat
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from papertrader.client import cli
 from papertrader.client.library import ClientAMP, client_from_connection
 
-COMMANDS = ("register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history")
+COMMANDS = ("register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history", "watch")
 
 
 class ParserTests(SynchronousTestCase):
@@ -200,6 +202,71 @@ class OutputTests(SynchronousTestCase):
             with redirect_stdout(io.StringIO()):
                 self.successResultOf(cli.cmd_orders(client, cli.build_parser().parse_args(argv), {"token": "t"}, None))
         self.assertEqual(client.limits, [None, 300])
+
+class _Watcher:
+    """A client for ``watch``: records what it is asked and hands the CLI the ticks the test pushes."""
+
+    def __init__(self) -> None:
+        self.subscribed: list[Any] = []
+        self.heartbeats: list[float] = []
+        self.closed: Deferred[Any] = Deferred()
+        self.on_tick: Any = None
+
+    def on_price_tick(self, callback: Any) -> None:
+        self.on_tick = callback
+
+    def subscribe(self, prices: Any) -> Any:
+        self.subscribed.append(prices)
+        return succeed({})
+
+    def keep_alive(self, clock: Any, interval: float) -> None:
+        self.heartbeats.append(interval)
+
+    def when_closed(self) -> Deferred[Any]:
+        return self.closed
+
+
+class WatchTests(SynchronousTestCase):
+    """``papertrader watch`` subscribes to prices and prints each update."""
+
+    def watch(self, *argv: str) -> tuple[_Watcher, Deferred[Any], io.StringIO]:
+        client = _Watcher()
+        out = io.StringIO()
+        with redirect_stdout(out):
+            d = cli.cmd_watch(client, cli.build_parser().parse_args(["watch", *argv]), None, None)
+        return client, d, out
+
+    def test_count_then_stops(self) -> None:
+        """``watch AAPL KO --count 2 --json`` asks for those symbols, prints two JSON lines, then ends."""
+        client, d, out = self.watch("AAPL", "KO", "--count", "2", "--json")
+        self.assertEqual(client.subscribed, [["AAPL", "KO"]])
+        self.assertEqual(client.heartbeats, [cli.WATCH_HEARTBEAT])
+        with redirect_stdout(out):
+            for tick in (1, 2):
+                self.assertNoResult(d)
+                client.on_tick({"tick": tick, "as_of": f"t{tick}", "prices": [
+                    {"symbol": "KO", "price_cents": 6000}, {"symbol": "AAPL", "price_cents": 19_050}]})
+        self.successResultOf(d)
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([line["tick"] for line in lines], [1, 2])
+        self.assertEqual([p["symbol"] for p in lines[0]["prices"]], ["AAPL", "KO"])
+
+    def test_text_and_all(self) -> None:
+        """``watch --all`` asks for every price; each update is one line; a closed connection ends it."""
+        client, d, out = self.watch("--all")
+        self.assertEqual(client.subscribed, ["all"])
+        with redirect_stdout(out):
+            client.on_tick({"tick": 3, "as_of": "t3", "prices": [{"symbol": "KO", "price_cents": 6000}]})
+        self.assertEqual(out.getvalue(), "update 3 as of t3: KO 60.00\n")
+        client.closed.callback(None)
+        self.failureResultOf(d, ConnectionClosed)
+
+    def test_symbols_or_all(self) -> None:
+        """Neither symbols nor ``--all``, or both, is a usage error."""
+        for argv in ([], ["AAPL", "--all"]):
+            _, d, _ = self.watch(*argv)
+            self.assertIn("--all", str(self.failureResultOf(d, cli.CommandError).value))
+
 
 class RunFailureTests(SynchronousTestCase):
     """``cli.run`` turns every failure into one ``papertrader: error:`` line and an exit code."""

@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from papertrader import tls
 from papertrader.client.library import ClientAMP, client_from_connection
-from papertrader.protocol import Heartbeat, OrderUpdate, PriceTick
+from papertrader.protocol import Heartbeat, OrderUpdates, PriceTick
 from papertrader.wire import MAX_BAD_REQUESTS
 from tests.processes import RunningDeployment
 
@@ -59,8 +59,8 @@ class ListeningPeer(amp.AMP):
     def price_tick(self, **_: Any) -> dict:
         return {}
 
-    @OrderUpdate.responder
-    def order_update(self, **_: Any) -> dict:
+    @OrderUpdates.responder
+    def order_updates(self, **_: Any) -> dict:
         return {}
 
     @Heartbeat.responder

@@ -433,6 +433,7 @@ class AssetCapTests(SynchronousTestCase):
 
         ticks: list[dict[str, Any]] = []
         client.on_price_tick(ticks.append)
+        deployment.result(client.subscribe("all"))
         deployment.source.prices = {symbol: 2**63 - 1 for symbol in assets}
         deployment.tick()
         [tick] = ticks

@@ -108,6 +108,7 @@ class TradingTests(SynchronousTestCase):
         """A client that missed the order's push still learns of the fill after the next price tick."""
         order_id = self.deployment.result(self.client.buy("AAPL", 1))["order_id"]
         waiting = self.client.wait_for_settlement(order_id)
+        self.deployment.flush()  # the client asks for the order's ticks while it waits
         for connection in list(self.deployment.clients.by_user["alice"]):
             self.deployment.clients.detach(connection)
         self.deployment.tick()

@@ -189,6 +189,7 @@ class RunningMasterUnderLoadTests(TestCase):
             return d
 
         client.on_price_tick(ticked)
+        yield client.subscribe("all")
         acknowledged: list[int] = []
         refused: list[str] = []
 

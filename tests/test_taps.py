@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -165,6 +166,8 @@ class WorkerOptionsTests(SynchronousTestCase):
         directory = os.path.abspath(self.mktemp())
         self.identity = tls.ensure_identity(directory, "worker", "papertrader-worker", ["localhost"])
         self.tlsArgs = ["--ca", self.identity.ca, "--cert", self.identity.certificate, "--key", self.identity.key]
+        # makeService tunes this process's garbage collector; the test process keeps its own.
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
 
     def parse(self, *argv: str) -> worker_tap.Options:
         options = worker_tap.Options()
@@ -267,9 +270,12 @@ class WorkerOptionsTests(SynchronousTestCase):
         self.assertIn("--max-connections: expected a whole number", message)
 
     def test_makeService(self) -> None:
-        """C{makeService} builds a L{WorkerService} from the options without starting it."""
+        """C{makeService} builds a L{WorkerService} from the options without starting it, and
+        raises the young-generation threshold of the garbage collector (see GC_YOUNG_THRESHOLD)."""
         options = self.parse("--name", "w1", *self.tlsArgs)
+        gc.set_threshold(700, 10, 10)
         service = worker_tap.makeService(options)
+        self.assertEqual(gc.get_threshold(), (worker_tap.GC_YOUNG_THRESHOLD, 10, 10))
         self.assertIsInstance(service, WorkerService)
         self.assertTrue(IService.providedBy(service))
         self.assertIs(service.config, options.config)

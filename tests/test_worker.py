@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import DataFailed, ServiceUnavailable
-from papertrader.protocol import MAX_ORDER_BATCH, OrderUpdate, SubmitOrders
+from papertrader.protocol import MAX_ORDER_BATCH, OrderUpdates, PriceTick, SubmitOrders
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientRegistry
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 from tests.support import Deployment
 
+UPDATE = {"username": "alice", "side": "buy", "symbol": "KO", "quantity": 1, "status": "filled", "price_cents": 6000}
 ASSETS = [
     {"symbol": "AAPL", "name": "Apple", "exchange": "NASDAQ", "sector": "", "industry": "", "price_cents": 100},
     {"symbol": "KO", "name": "Coca-Cola", "exchange": "NYSE", "sector": "", "industry": ""},
@@ -47,13 +50,15 @@ class QuoteCacheTests(SynchronousTestCase):
 
 
 class FakeConnection:
-    """Records what is pushed to it."""
+    """Records the pushes written to it, as the commands and arguments they carry."""
 
     def __init__(self) -> None:
         self.pushed: list[tuple[Any, dict]] = []
 
-    def callRemote(self, command: Any, **kw: Any) -> None:
-        self.pushed.append((command, kw))
+    def send_push(self, data: bytes, droppable: bool) -> None:
+        [box] = amp.parse(io.BytesIO(data))
+        command = {c.commandName: c for c in (OrderUpdates, PriceTick)}[box.pop(amp.COMMAND)]
+        self.pushed.append((command, command.parseArguments(box, None)))
 
 
 class ClientRegistryTests(SynchronousTestCase):
@@ -61,20 +66,25 @@ class ClientRegistryTests(SynchronousTestCase):
 
     def test_updates_reach_the_users_connections_only(self) -> None:
         """An order update goes to every connection of its user and to nobody else."""
-        registry = ClientRegistry()
+        clock = Clock()
+        registry = ClientRegistry(clock)
         a1, a2, b = FakeConnection(), FakeConnection(), FakeConnection()
         for connection in (a1, a2, b):
             registry.connected(connection)
         registry.attach(a1, "alice")
         registry.attach(a2, "alice")
         registry.attach(b, "bob")
-        registry.push_updates([{"username": "alice", "order_id": 1}])
+        registry.push_updates("t1", [UPDATE | {"order_id": 1}, UPDATE | {"order_id": 2}])
+        clock.advance(0)
         self.assertEqual([len(c.pushed) for c in (a1, a2, b)], [1, 1, 0])
-        self.assertIs(a1.pushed[0][0], OrderUpdate)
+        command, arguments = a1.pushed[0]
+        self.assertIs(command, OrderUpdates)
+        self.assertEqual(arguments["settled_at"], "t1")
+        self.assertEqual([u["order_id"] for u in arguments["updates"]], [1, 2])
 
     def test_disconnect_and_relogin(self) -> None:
         """A closed connection leaves the registry; logging in as someone else moves it."""
-        registry = ClientRegistry()
+        registry = ClientRegistry(Clock())
         c = FakeConnection()
         registry.connected(c)
         registry.attach(c, "alice")

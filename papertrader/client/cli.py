@@ -20,7 +20,7 @@ from typing import Any
 from OpenSSL.crypto import Error as CertificateError
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet import task
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.protocols import amp
 
@@ -35,7 +35,9 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 # Arguments sent to the server as they are typed; none may exceed one AMP value.
-_SENT_ARGUMENTS = ("username", "email", "symbol", "quantity")
+_SENT_ARGUMENTS = ("username", "email", "symbol", "quantity", "symbols")
+# Seconds between the heartbeats of a connection that only listens (``watch``), so the worker keeps it.
+WATCH_HEARTBEAT = 60.0
 
 
 class CommandError(Exception):
@@ -115,7 +117,9 @@ def check_argument_sizes(args: argparse.Namespace) -> None:
     """Refuse, before connecting, any argument too long to send to the server."""
     for name in _SENT_ARGUMENTS:
         value = getattr(args, name, None)
-        if isinstance(value, str):
+        if isinstance(value, list):  # sent as one value: each item with a 2-byte length
+            _check_sendable(name.upper(), "".join(value) + "  " * len(value))
+        elif isinstance(value, str):
             _check_sendable(name.upper(), value)
 
 
@@ -315,6 +319,35 @@ def cmd_history(client: PaperTraderClient, args: argparse.Namespace, session: An
     _print(args, answer["transactions"], "\n".join(lines))
 
 
+@inlineCallbacks
+def cmd_watch(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    if bool(args.symbols) == bool(args.all):
+        raise CommandError("name the symbols to watch, or --all (not both)")
+    from twisted.internet import reactor
+
+    done: Deferred[None] = Deferred()
+    shown = 0
+
+    def show(tick: dict[str, Any]) -> None:
+        nonlocal shown
+        prices = sorted(tick["prices"], key=lambda p: p["symbol"])
+        if args.json:
+            print(json.dumps({**tick, "prices": prices}, sort_keys=True), flush=True)
+        else:
+            quoted = "  ".join(f"{p['symbol']} {format_cents(p['price_cents'])}" for p in prices)
+            print(f"update {tick['tick']} as of {tick['as_of']}: {quoted}", flush=True)
+        shown += 1
+        if args.count is not None and shown >= args.count and not done.called:
+            done.callback(None)
+
+    client.on_price_tick(show)
+    yield client.subscribe("all" if args.all else args.symbols)
+    client.keep_alive(reactor, WATCH_HEARTBEAT)
+    _, which = yield DeferredList([done, client.when_closed()], fireOnOneCallback=True, consumeErrors=True)
+    if which == 1:
+        raise ConnectionClosed("the server closed the connection")
+
+
 # ------------------------------------------------------------------ parsing and running
 
 
@@ -383,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("portfolio", cmd_portfolio, "show your cash and positions")
     p = add("history", cmd_history, "list your settled trades with the time each went through")
     _add_limit(p, 50, "trades")
+    p = add("watch", cmd_watch, "print the prices of every update as it comes (--json: one JSON object a line)")
+    p.add_argument("symbols", nargs="*", metavar="SYMBOL", help="the symbols to watch")
+    p.add_argument("--all", action="store_true", help="watch every symbol")
+    p.add_argument("--count", type=_positive, metavar="N", help="stop after N updates (default: until interrupted)")
     return parser
 
 

@@ -1,12 +1,14 @@
 """The Twisted client library: a connection to a worker with one method per command.
 
 Pushed price ticks and order updates are handed to callbacks the caller sets.
+A connection gets its user's order updates once logged in; price ticks only
+after `PaperTraderClient.subscribe` asked for them.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import threads
@@ -34,13 +36,14 @@ from papertrader.protocol import (
     LoginWithToken,
     Logout,
     LogoutEverywhere,
-    OrderUpdate,
+    OrderUpdates,
     PlacedOrder,
     PlaceOrders,
     PriceTick,
     PurchaseAsset,
     Register,
     SellAsset,
+    Subscribe,
 )
 
 # Order requests one connection keeps in flight; orders placed beyond that wait and go together in a PlaceOrders.
@@ -54,10 +57,11 @@ class _Pushes(amp.CommandLocator):
         self.on_order_update: Callable[[dict[str, Any]], None] | None = None
         self.on_price_tick: Callable[[dict[str, Any]], None] | None = None
 
-    @OrderUpdate.responder
-    def order_update(self, **update: Any) -> dict:
+    @OrderUpdates.responder
+    def order_updates(self, settled_at: str, updates: list[dict[str, Any]]) -> dict:
         if self.on_order_update is not None:
-            self.on_order_update(update)
+            for update in updates:
+                self.on_order_update({**update, "settled_at": settled_at})
         return {}
 
     @PriceTick.responder
@@ -81,6 +85,12 @@ class PaperTraderClient:
         self.max_requests_in_flight = MAX_ORDER_REQUESTS_IN_FLIGHT
         self._in_flight = 0
         self._queued: list[tuple[ClientOrder, Deferred]] = []
+        # The price ticks the caller asked for ("all" or symbols), and the ones
+        # asked for only while orders wait for settlement (see wait_for_settlement).
+        self._wanted: str | tuple[str, ...] = ()
+        self._watching: str | tuple[str, ...] = ()
+        self._order_symbols: dict[int, str] = {}
+        self._closed: list[Deferred[Failure]] = []
         pushes.on_order_update = self._order_update
         pushes.on_price_tick = self._price_tick
         if isinstance(connection, ClientAMP):
@@ -91,8 +101,32 @@ class PaperTraderClient:
         self._on_order_update = callback
 
     def on_price_tick(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
-        """Call ``callback(tick)`` on every price update."""
+        """Call ``callback(tick)`` on every price update pushed (see `subscribe`)."""
         self._on_price_tick = callback
+
+    def subscribe(self, prices: str | Iterable[str] | None) -> Deferred[dict[str, Any]]:
+        """Choose the price ticks pushed to this connection: ``"all"``, a list of symbols, or None for none.
+
+        A new connection gets none; each call replaces the last choice.  Fires
+        with the worker's answer (``prices``, ``all_prices``); an unknown symbol
+        or more than MAX_SUBSCRIBED_SYMBOLS fail with DataFailed.
+        """
+        if prices == "all":
+            wanted: str | tuple[str, ...] = "all"
+        elif prices is None:
+            wanted = ()
+        elif isinstance(prices, str):
+            raise ValueError(f'prices must be "all", a list of symbols or None, got {prices!r}')
+        else:
+            wanted = tuple(prices)
+        self._wanted = wanted
+        return self._send_subscription()
+
+    def _send_subscription(self) -> Deferred[dict[str, Any]]:
+        prices = self._wanted or self._watching
+        if prices == "all":
+            return self.connection.callRemote(Subscribe, all_prices=True)
+        return self.connection.callRemote(Subscribe, prices=list(prices))
 
     def wait_for_settlement(self, order_id: int) -> Deferred[dict[str, Any]]:
         """Fires with the order's update once it has settled or been rejected.
@@ -105,19 +139,37 @@ class PaperTraderClient:
             return succeed(self._settled[order_id])
         d: Deferred[dict[str, Any]] = Deferred()
         self._waiting.setdefault(order_id, []).append(d)
+        self._watch_ticks(order_id)
         return d
+
+    def _watch_ticks(self, order_id: int) -> None:
+        """Make sure price ticks come while orders wait: the look-up after a missed push needs them.
+
+        One symbol's ticks are enough (the order's own, when this connection
+        placed it); the caller's `on_price_tick` is not told of them.
+        """
+        if self._wanted or self._watching:
+            return
+        symbol = self._order_symbols.get(order_id)
+        self._watching = (symbol,) if symbol is not None else "all"
+        self._send_subscription().addErrback(lambda _: None)
 
     def _order_update(self, update: dict[str, Any]) -> None:
         self._settled[update["order_id"]] = update
+        self._order_symbols.pop(update["order_id"], None)
         for d in self._waiting.pop(update["order_id"], []):
             d.callback(update)
+        if self._watching and not self._waiting:
+            self._watching = ()
+            if self.connection.transport is not None:
+                self._send_subscription().addErrback(lambda _: None)
         if self._on_order_update is not None:
             self._on_order_update(update)
 
     def _price_tick(self, tick: dict[str, Any]) -> None:
         if self._waiting and self.token:
             self.orders_page().addCallbacks(self._look_up_waiting, lambda _: None)
-        if self._on_price_tick is not None:
+        if self._wanted and self._on_price_tick is not None:
             self._on_price_tick(tick)
 
     def _look_up_waiting(self, answer: dict[str, Any]) -> None:
@@ -125,7 +177,19 @@ class PaperTraderClient:
             if order["order_id"] in self._waiting and order["status"] != "queued":
                 self._order_update({**order, "price_cents": order.get("price_cents")})
 
+    def when_closed(self) -> Deferred[Failure]:
+        """Fires with the reason once the connection has closed."""
+        d: Deferred[Failure] = Deferred()
+        if self.connection.transport is None:
+            d.callback(Failure(ConnectionClosed("the connection is closed")))
+        else:
+            self._closed.append(d)
+        return d
+
     def _lost(self, reason: Failure) -> None:
+        closed, self._closed = self._closed, []
+        for d in closed:
+            d.callback(reason)
         if self._keep_alive is not None and self._keep_alive.running:
             self._keep_alive.stop()
         waiting, self._waiting = self._waiting, {}
@@ -197,11 +261,17 @@ class PaperTraderClient:
             d = self.connection.callRemote(
                 command, token=self.token or "", symbol=symbol, quantity=str(quantity), client_order_id=client_order_id
             )
-            return d.addBoth(self._request_done)
-        side = "buy" if command is PurchaseAsset else "sell"
-        waiting: Deferred[dict[str, Any]] = Deferred()
-        self._queued.append((ClientOrder(side, symbol, str(quantity), client_order_id), waiting))
-        return waiting
+            d.addBoth(self._request_done)
+        else:
+            side = "buy" if command is PurchaseAsset else "sell"
+            d = Deferred()
+            self._queued.append((ClientOrder(side, symbol, str(quantity), client_order_id), d))
+        return d.addCallback(self._placed, symbol.strip().upper())
+
+    def _placed(self, answer: dict[str, Any], symbol: str) -> dict[str, Any]:
+        if answer["order_id"] not in self._settled:
+            self._order_symbols[answer["order_id"]] = symbol
+        return answer
 
     def _request_done(self, result: Any) -> Any:
         self._in_flight -= 1

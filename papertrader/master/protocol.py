@@ -43,6 +43,7 @@ from papertrader.protocol import (
     RelayedLogout,
     RelayedLogoutEverywhere,
     RelayedRegister,
+    ServedUsers,
     SubmitOrders,
     WorkerHello,
 )
@@ -171,6 +172,7 @@ class MasterLocator(AnswersHeartbeats):
                 worker=self.worker,
             )
             raise
+        self.registry.serves(self.connection, session.username)
         returnValue(
             {"token": session.token, "username": session.username, "expires_at": iso(session.expires_at)}
         )
@@ -202,6 +204,7 @@ class MasterLocator(AnswersHeartbeats):
     @inlineCallbacks
     def login_with_token(self, token: str, received_at: str, client_address: str) -> Any:
         session = yield self.exchange.accounts.authenticate(token)
+        self.registry.serves(self.connection, session.username)
         returnValue({"username": session.username, "expires_at": iso(session.expires_at)})
 
     @RelayedLogout.responder
@@ -249,9 +252,20 @@ class MasterLocator(AnswersHeartbeats):
     @_guarded
     def submit_orders(self, orders: list[OrderRequest]) -> Any:
         worker = self._worker_name()
-        return self.exchange.submit_orders(orders, worker).addCallback(
-            lambda results: {"results": [_result(result) for result in results]}
-        )
+        return self.exchange.submit_orders(orders, worker).addCallback(self._order_results)
+
+    def _order_results(self, results: list[Any]) -> dict[str, Any]:
+        rows = [_result(result) for result in results]
+        for username in {row.username for row in rows if row.username is not None}:
+            self.registry.serves(self.connection, username)
+        return {"results": rows}
+
+    @ServedUsers.responder
+    @_guarded
+    def served_users(self, usernames: list[str]) -> dict[str, Any]:
+        for username in usernames:
+            self.registry.serves(self.connection, username)
+        return {}
 
     @RelayedListOrders.responder
     @_guarded

@@ -2,6 +2,8 @@
 
 The registry keys connections by worker name; a second connection under a
 name that is already connected is refused while the old one answers a ping.
+It also knows which users each connection serves, so that an order update
+goes only to the workers that can have a client waiting for it.
 `LocalWorkers` runs ``twistd papertrader-worker`` child processes so that one
 command starts a whole single-machine deployment.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from twisted.application import service
@@ -23,8 +25,20 @@ from twisted.protocols import amp
 from papertrader.errors import WorkerRefused
 from papertrader.eventlog import EventLogger
 from papertrader.master.trading import Settlement
-from papertrader.protocol import MAX_UPDATE_BATCH, OrderUpdates, Ping, PriceTick
+from papertrader.protocol import (
+    MAX_UPDATE_BYTES,
+    MAX_UPDATES_PER_BOX,
+    OrderUpdates,
+    Ping,
+    PriceTick,
+    pack_update,
+    pack_updates,
+    push_bytes,
+)
+from papertrader.slices import SlicedWork
 
+# Settled orders routed (and their updates packed) in one reactor turn.
+ROUTE_SLICE = 2000
 
 class WorkerRegistry:
     """Connected workers by name, and what the master pushes to them.
@@ -36,12 +50,16 @@ class WorkerRegistry:
 
     log = EventLogger()
 
-    def __init__(self, clock: IReactorTime | None = None) -> None:
+    def __init__(self, clock: IReactorTime | None = None, slice_size: int = ROUTE_SLICE) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
         self.workers: dict[str, amp.AMP] = {}
         self._claiming: set[str] = set()
+        # Which connections serve which users (learned from logins, orders and ServedUsers), both ways.
+        self._serving: dict[str, set[amp.AMP]] = {}
+        self._users_of: dict[amp.AMP, set[str]] = {}
+        self.work = SlicedWork(clock, slice_size)
 
     @inlineCallbacks
     def claim(self, name: str, connection: amp.AMP, ping_timeout: float) -> Any:
@@ -78,42 +96,105 @@ class WorkerRegistry:
         return d.addCallbacks(lambda _: True, lambda _: False)
 
     def remove(self, name: str, connection: amp.AMP) -> None:
+        """Forget ``connection`` (it ended): its name, if it still holds it, and the users it served."""
+        for username in self._users_of.pop(connection, ()):
+            connections = self._serving.get(username)
+            if connections is not None:
+                connections.discard(connection)
+                if not connections:
+                    del self._serving[username]
         if self.workers.get(name) is connection:
             del self.workers[name]
             self.log.info("worker {name} disconnected", name=name)
 
+    def serves(self, connection: amp.AMP, username: str) -> None:
+        """Note that ``connection`` (a worker) has a client acting for ``username``.
+
+        Kept until the connection ends: a user who logged out there costs a wasted push, no more.
+        """
+        if connection.transport is None:
+            return  # it ended already: nothing would forget it
+        users = self._users_of.setdefault(connection, set())
+        if username not in users:
+            users.add(username)
+            self._serving.setdefault(username, set()).add(connection)
+
+    def serving(self, username: str) -> set[amp.AMP]:
+        """The worker connections that serve ``username``."""
+        return set(self._serving.get(username, ()))
+
     def broadcast_tick(
         self, tick: int, as_of: str, prices: dict[str, int], settlements: list[Settlement]
     ) -> None:
-        """Push the new prices and every order outcome to every worker."""
-        updates = [_update(s, as_of) for s in settlements]
+        """Push the new prices to every worker, then each order outcome to the workers serving its user.
+
+        The price tick is encoded once for all workers; the outcomes are packed
+        into compact boxes a slice of orders per reactor turn, each packed once.
+        """
+        self.work.add(self._tick_writes(tick, as_of, prices))
+        if settlements:
+            self.work.add(self._update_writes(as_of, settlements))
+
+    def _tick_writes(self, tick: int, as_of: str, prices: dict[str, int]) -> Iterator[None]:
+        rows = [{"symbol": symbol, "price_cents": cents} for symbol, cents in prices.items()]
+        data = push_bytes(PriceTick, tick=tick, as_of=as_of, prices=rows)
         for connection in list(self.workers.values()):
-            connection.callRemote(
-                PriceTick,
-                tick=tick,
-                as_of=as_of,
-                prices=[{"symbol": s, "price_cents": c} for s, c in prices.items()],
-            )
-            for start in range(0, len(updates), MAX_UPDATE_BATCH):
-                connection.callRemote(OrderUpdates, updates=updates[start : start + MAX_UPDATE_BATCH])
+            if connection.transport is not None:
+                connection.transport.write(data)
+            yield None
+
+    def _update_writes(self, settled_at: str, settlements: list[Settlement]) -> Iterator[None]:
+        boxes: dict[amp.AMP, _UpdateBox] = {}
+        for settlement in settlements:
+            connections = self._serving.get(settlement.order.username)
+            if connections:
+                row = _packed(settlement)
+                for connection in connections:
+                    box = boxes.get(connection)
+                    if box is None:
+                        box = boxes[connection] = _UpdateBox()
+                    elif not box.fits(row):
+                        box.send(connection, settled_at)
+                    box.add(row)
+            yield None
+        for connection, box in boxes.items():
+            box.send(connection, settled_at)
+            yield None
 
 
-def _update(settlement: Settlement, as_of: str) -> dict[str, Any]:
+class _UpdateBox:
+    """The packed order updates gathering for one worker, sent when the next would not fit."""
+
+    def __init__(self) -> None:
+        self.rows: list[bytes] = []
+        self.size = 0
+
+    def fits(self, row: bytes) -> bool:
+        return len(self.rows) < MAX_UPDATES_PER_BOX and self.size + len(row) + 1 <= MAX_UPDATE_BYTES
+
+    def add(self, row: bytes) -> None:
+        self.rows.append(row)
+        self.size += len(row) + 1
+
+    def send(self, connection: amp.AMP, settled_at: str) -> None:
+        if self.rows and connection.transport is not None:
+            connection.transport.write(push_bytes(OrderUpdates, settled_at=settled_at, updates=pack_updates(self.rows)))
+        self.rows = []
+        self.size = 0
+
+
+def _packed(settlement: Settlement) -> bytes:
     order = settlement.order
-    update: dict[str, Any] = {
-        "username": order.username,
-        "order_id": order.order_id,
-        "side": order.side,
-        "symbol": order.symbol,
-        "quantity": order.quantity,
-        "status": settlement.status,
-        "settled_at": as_of,
-    }
-    if settlement.price_cents is not None:
-        update["price_cents"] = settlement.price_cents
-    if settlement.reason is not None:
-        update["reason"] = settlement.reason
-    return update
+    return pack_update(
+        order.username,
+        order.order_id,
+        order.side,
+        order.symbol,
+        order.quantity,
+        settlement.status,
+        settlement.price_cents,
+        settlement.reason,
+    )
 
 
 class _ChildProtocol(protocol.ProcessProtocol):

@@ -27,13 +27,14 @@ class QuoteCache:
         self.as_of = as_of
         self.prices = {a["symbol"]: a["price_cents"] for a in assets if a.get("price_cents") is not None}
 
-    def update(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> None:
-        """Take the prices of a newer update (older ones are ignored)."""
+    def update(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> bool:
+        """Take the prices of a newer update; whether it was taken (older ones are ignored)."""
         if tick < self.tick:
-            return
+            return False
         self.tick = tick
         self.as_of = as_of
         self.prices = {p["symbol"]: p["price_cents"] for p in prices}
+        return True
 
     def quote(self, symbol: str) -> dict[str, Any] | None:
         """The cached quote for ``symbol``; None when the cache cannot answer.

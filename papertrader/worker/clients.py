@@ -3,22 +3,35 @@
 Each client connection gets a `ClientLocator`: it stamps every command with
 the time it was received and the client's address, relays it to the master,
 and remembers which user the connection belongs to so the worker can push
-that user's order updates.  `MasterPushes` receives the master's pushes.
+that user's order updates.  `MasterPushes` receives the master's pushes and
+`ClientRegistry` passes them on: each push encoded once, written to the
+connections that want it a slice at a time, and never piled up for a client
+that does not read (`ClientAMP`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, returnValue, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.protocols import amp
+from zope.interface import implementer
 
-from papertrader.errors import PaperTraderError, PurchaseFailed, SellFailed, ServiceUnavailable, SessionInvalid
+from papertrader.errors import (
+    DataFailed,
+    PaperTraderError,
+    PurchaseFailed,
+    SellFailed,
+    ServiceUnavailable,
+    SessionInvalid,
+)
 from papertrader.protocol import (
     MAX_CLIENT_ORDER_ID_LENGTH,
     MAX_QUANTITY_LENGTH,
+    MAX_SUBSCRIBED_SYMBOLS,
     MAX_SYMBOL_LENGTH,
     MAX_TOKEN_LENGTH,
     RELAYED,
@@ -31,7 +44,6 @@ from papertrader.protocol import (
     LogoutEverywhere,
     OrderRequest,
     OrderResult,
-    OrderUpdate,
     OrderUpdates,
     Ping,
     PlacedOrder,
@@ -39,7 +51,12 @@ from papertrader.protocol import (
     PriceTick,
     PurchaseAsset,
     SellAsset,
+    Subscribe,
+    pack_prices,
+    price_fragments,
+    push_bytes,
 )
+from papertrader.slices import SlicedWork
 from papertrader.timestamps import iso
 from papertrader.wire import AnswersHeartbeats, GuardedAMP, GuardedFactory
 from papertrader.worker.cache import QuoteCache
@@ -47,20 +64,39 @@ from papertrader.worker.upstream import MasterLink, OrderBatcher
 
 _RELAYED_BY_NAME = {command.commandName: command for command in RELAYED}
 
+# A connection's price subscription: every price, or a set of symbols.
+ALL_PRICES = "all"
+Prices = str | frozenset[str]
+# Connections written to (or pushes encoded) in one reactor turn.
+PUSH_SLICE = 100
+# Bytes a connection may be sent after its transport said "stop" (its buffer
+# holds 64 KiB it could not send): past this, the client is not reading and is cut off.
+MAX_UNSENT_BYTES = 256 * 1024
+
 
 class ClientRegistry:
-    """Connected clients, and which user each is logged in as."""
+    """Connected clients: which user each is logged in as and which prices it wants, and the pushes to them.
 
-    def __init__(self) -> None:
+    Each push is encoded once (per distinct price subscription) and the same
+    bytes written to every connection that gets it, at most ``slice_size``
+    connections a reactor turn.
+    """
+
+    def __init__(self, clock: IReactorTime | None = None, slice_size: int = PUSH_SLICE) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.connections: set[amp.AMP] = set()
         self.by_user: dict[str, set[amp.AMP]] = {}
         self._user_of: dict[amp.AMP, str] = {}
+        self._prices: dict[amp.AMP, Prices] = {}
+        self.work = SlicedWork(clock, slice_size)
 
     def connected(self, connection: amp.AMP) -> None:
         self.connections.add(connection)
 
     def disconnected(self, connection: amp.AMP) -> None:
         self.connections.discard(connection)
+        self._prices.pop(connection, None)
         self.detach(connection)
 
     def attach(self, connection: amp.AMP, username: str) -> None:
@@ -85,14 +121,61 @@ class ClientRegistry:
                 self.by_user.pop(username, None)
             _refresh_timeout(connection)
 
-    def push_tick(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> None:
-        for connection in list(self.connections):
-            connection.callRemote(PriceTick, tick=tick, as_of=as_of, prices=prices)
+    def subscribe(self, connection: amp.AMP, prices: Prices) -> None:
+        """Push ``connection`` the price ticks of ``prices`` (ALL_PRICES, or symbols: none for no ticks)."""
+        if connection not in self.connections:
+            return
+        if prices:
+            self._prices[connection] = prices
+        else:
+            self._prices.pop(connection, None)
 
-    def push_updates(self, updates: list[dict[str, Any]]) -> None:
+    def subscription(self, connection: amp.AMP) -> Prices:
+        """What ``connection`` is subscribed to (an empty set: nothing)."""
+        return self._prices.get(connection, frozenset())
+
+    def push_tick(self, tick: int, as_of: str, prices: dict[str, int]) -> None:
+        """Push the tick to every subscribed connection; an unfinished push of the previous tick is dropped."""
+        self.work.add(self._tick_writes(tick, as_of, prices), supersedes=PriceTick)
+
+    def _tick_writes(self, tick: int, as_of: str, prices: dict[str, int]) -> Iterator[None]:
+        fragments = price_fragments(prices)
+        encoded: dict[Prices, bytes | None] = {}
+        for connection in list(self._prices):
+            wanted = self._prices.get(connection)
+            if wanted is None:
+                continue  # gone, or unsubscribed, since the push began
+            if wanted not in encoded:
+                if wanted == ALL_PRICES:
+                    pieces = list(fragments.values())
+                else:
+                    pieces = [fragments[symbol] for symbol in sorted(wanted) if symbol in fragments]
+                encoded[wanted] = (
+                    push_bytes(PriceTick, tick=tick, as_of=as_of, prices=pack_prices(pieces)) if pieces else None
+                )
+            data = encoded[wanted]
+            if data is not None:
+                connection.send_push(data, droppable=True)
+            yield None
+
+    def push_updates(self, settled_at: str, updates: list[dict[str, Any]]) -> None:
+        """Push each user's updates, in one box per user, to every connection of that user."""
+        by_user: dict[str, list[dict[str, Any]]] = {}
         for update in updates:
-            for connection in list(self.by_user.get(update["username"], ())):
-                connection.callRemote(OrderUpdate, **update)
+            if update["username"] in self.by_user:
+                by_user.setdefault(update["username"], []).append(update)
+        if by_user:
+            self.work.add(self._update_writes(settled_at, by_user))
+
+    def _update_writes(self, settled_at: str, by_user: dict[str, list[dict[str, Any]]]) -> Iterator[None]:
+        for username, rows in by_user.items():
+            connections = list(self.by_user.get(username, ()))
+            if not connections:
+                continue
+            data = push_bytes(OrderUpdates, settled_at=settled_at, updates=rows)
+            for connection in connections:
+                connection.send_push(data, droppable=False)
+                yield None
 
 
 def _refresh_timeout(connection: amp.AMP) -> None:
@@ -102,21 +185,29 @@ def _refresh_timeout(connection: amp.AMP) -> None:
 
 
 class MasterPushes(AnswersHeartbeats):
-    """What the master pushes to this worker: prices and order outcomes."""
+    """What the master pushes to this worker: prices and order outcomes.
 
-    def __init__(self, cache: QuoteCache, clients: ClientRegistry) -> None:
+    ``on_tick(tick)``, if given, is called after each new tick is passed on.
+    """
+
+    def __init__(
+        self, cache: QuoteCache, clients: ClientRegistry, on_tick: Callable[[int], None] | None = None
+    ) -> None:
         self.cache = cache
         self.clients = clients
+        self.on_tick = on_tick
 
     @PriceTick.responder
     def price_tick(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> dict:
-        self.cache.update(tick, as_of, prices)
-        self.clients.push_tick(tick, as_of, prices)
+        if self.cache.update(tick, as_of, prices):
+            self.clients.push_tick(tick, as_of, self.cache.prices)
+            if self.on_tick is not None:
+                self.on_tick(tick)
         return {}
 
     @OrderUpdates.responder
-    def order_updates(self, updates: list[dict[str, Any]]) -> dict:
-        self.clients.push_updates(updates)
+    def order_updates(self, settled_at: str, updates: list[dict[str, Any]]) -> dict:
+        self.clients.push_updates(settled_at, updates)
         return {}
 
     @Ping.responder
@@ -203,6 +294,28 @@ class ClientLocator(AnswersHeartbeats):
         if cached is not None:
             return succeed(cached)
         return self.relay(GetAssetValue, symbol=symbol)
+
+    @Subscribe.responder
+    def subscribe(self, prices: list[str] | None = None, all_prices: bool | None = None) -> dict[str, Any]:
+        if all_prices and prices:
+            raise DataFailed("ask for all prices or list symbols, not both")
+        if all_prices:
+            self.clients.subscribe(self.connection, ALL_PRICES)
+            return {"prices": [], "all_prices": True}
+        if prices and len(prices) > MAX_SUBSCRIBED_SYMBOLS:
+            raise DataFailed(
+                f"at most {MAX_SUBSCRIBED_SYMBOLS} symbols may be listed, got {len(prices)}; "
+                "subscribe to all prices instead"
+            )
+        symbols = sorted({symbol.strip().upper() for symbol in prices or ()})
+        if symbols and not self.cache.assets:
+            raise ServiceUnavailable("the worker has not loaded the asset list yet; try again shortly")
+        unknown = [symbol for symbol in symbols if symbol not in self.cache.assets]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise DataFailed(f"unknown symbol {unknown[0][:MAX_SYMBOL_LENGTH]!r}{more}")
+        self.clients.subscribe(self.connection, frozenset(symbols))
+        return {"prices": symbols, "all_prices": False}
 
     @PurchaseAsset.responder
     def purchase(self, token: str, symbol: str, quantity: str, client_order_id: str | None = None) -> Any:
@@ -304,13 +417,24 @@ class ClientLocator(AnswersHeartbeats):
         return {"order_id": result.order_id}
 
 
+@implementer(IPushProducer)
 class ClientAMP(GuardedAMP):
     """One client's connection: guarded (see `papertrader.wire`), registered while it lasts.
 
-    A connection with a session may stay quiet longer than one without.
+    A connection with a session may stay quiet longer than one without.  It is
+    its transport's producer: while the transport says its buffer is full
+    (``pauseProducing``) price ticks are not written -- the latest one is sent
+    once it drains -- and a client that still does not read after
+    ``max_unsent_bytes`` more is cut off.
     """
 
     locator: ClientLocator
+    max_unsent_bytes = MAX_UNSENT_BYTES
+    paused = False
+    _unsent = 0
+    _held_tick: bytes | None = None
+    _producing = False
+    _cut_off_slow = False
 
     def idle_timeout(self) -> float | None:
         if self.locator.clients.user_of(self) is not None:
@@ -319,12 +443,75 @@ class ClientAMP(GuardedAMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self.locator.address = self.peer
         self.locator.clients.connected(self)
 
     def connectionLost(self, reason: Any) -> None:
+        self._producing = False
+        self._held_tick = None
         self.locator.clients.disconnected(self)
         super().connectionLost(reason)
+
+    def close(self) -> None:
+        # A TLS transport does not close while a producer is registered.
+        if self._producing and self.transport is not None:
+            self._producing = False
+            self.transport.unregisterProducer()
+        super().close()
+
+    # ------------------------------------------------------------ IPushProducer: the transport's "stop" and "go"
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._unsent = 0
+        tick, self._held_tick = self._held_tick, None
+        if tick is not None:
+            self.send_push(tick, droppable=True)
+
+    def stopProducing(self) -> None:
+        self._held_tick = None
+
+    # ------------------------------------------------------------ writing
+
+    def send_push(self, data: bytes, droppable: bool) -> None:
+        """Write a push's bytes (encoded once for many connections); a ``droppable`` one waits while paused.
+
+        Only the latest droppable push waits: it supersedes the ones before it.
+        """
+        if self.transport is None:
+            return
+        if droppable and self.paused:
+            self._held_tick = data
+            return
+        self._write(data)
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
+            super().sendBox(box)
+            return
+        self._write(box.serialize())
+
+    def _write(self, data: bytes) -> None:
+        if self._cut_off_slow:
+            return
+        self.transport.write(data)
+        if not self.paused:
+            return
+        self._unsent += len(data)
+        if self._unsent > self.max_unsent_bytes:
+            self._cut_off_slow = True
+            self.note(
+                "warn",
+                "{peer} does not read what it is sent ({size} bytes waiting past its full buffer); "
+                "closing the connection",
+                size=self._unsent,
+            )
+            self.transport.abortConnection()
 
 
 class ClientFactory(GuardedFactory):

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from papertrader import tls
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
+from papertrader.stalls import StallMonitor, interval_from_environment
 from papertrader.wire import Timeouts
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientLocator, ClientRegistry, MasterPushes
@@ -57,7 +58,12 @@ class WorkerService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.cache = QuoteCache()
-        self.clients = ClientRegistry()
+        self.clients = ClientRegistry(reactor)
+        interval = interval_from_environment()
+        # Off unless a benchmark asks for it (see papertrader.stalls).
+        self.stalls: StallMonitor | None = None
+        if interval is not None:
+            self.stalls = StallMonitor(reactor, interval, lambda: len(self.clients.connections))
         self.port: Any = None
         self.startup = StartUp(reactor, "worker")
         self.ready = self.startup.ready
@@ -66,13 +72,16 @@ class WorkerService(service.MultiService):
             _WhenReady(self, self._connect_to_master),
             config.name,
             self.cache,
-            MasterPushes(self.cache, self.clients),
+            MasterPushes(self.cache, self.clients, on_tick=None if self.stalls is None else self.stalls.update_arrived),
             timeouts=config.timeouts,
+            served_users=lambda: list(self.clients.by_user),
         )
         self.batcher = OrderBatcher(reactor, self.link.call)
 
     def startService(self) -> None:
         super().startService()
+        if self.stalls is not None:
+            self.stalls.start()
         if self.config.exit_with_stdin:
             stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
         config = self.config
@@ -110,8 +119,10 @@ class WorkerService(service.MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
+        if self.stalls is not None:
+            self.stalls.stop()
         for connection in list(self.clients.connections):
-            connection.transport.loseConnection()
+            connection.close()
         yield super().stopService()
         if self.config.address_file:
             try:

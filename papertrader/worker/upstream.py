@@ -8,7 +8,7 @@ turn into SubmitOrders batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from OpenSSL.SSL import Error as TLSError
@@ -22,13 +22,15 @@ from twisted.python.failure import Failure
 
 from papertrader import __version__
 from papertrader.assets import MAX_ASSETS
-from papertrader.errors import ServiceUnavailable, WorkerRefused, expected_or_unavailable
+from papertrader.errors import PaperTraderError, ServiceUnavailable, WorkerRefused, expected_or_unavailable
 from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
     MAX_ORDER_BATCH,
+    MAX_SERVED_USERS_BATCH,
     ListAssets,
     OrderRequest,
     OrderResult,
+    ServedUsers,
     SubmitOrders,
     WorkerHello,
 )
@@ -82,8 +84,10 @@ class MasterLink:
         cache: QuoteCache,
         pushes: amp.CommandLocator,
         timeouts: Timeouts | None = None,
+        served_users: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._clock = clock
+        self._served_users = served_users
         self._timeouts = timeouts
         self.name = name
         self.cache = cache
@@ -131,6 +135,7 @@ class MasterLink:
         # Pages of different updates (every attempt raced one): the oldest tick, so the next update replaces all.
         tick, as_of = min(ticks, key=lambda t: t[0])
         self.cache.load(assets, tick, as_of)
+        yield self._tell_served_users(connection)
         self.connection = connection
         self._refusals = self._failed_handshakes = 0
         self.log.info("connected to the master as {name}", name=self.name)
@@ -161,6 +166,18 @@ class MasterLink:
             self._failed_handshakes += 1
             self.log.warn("the handshake with the master failed: {reason}", reason=failure.getErrorMessage())
         return None
+    @inlineCallbacks
+    def _tell_served_users(self, connection: _MasterAMP) -> Any:
+        """Tell the master whose sessions this worker holds, so their order updates reach it after a reconnect."""
+        users = sorted(self._served_users())
+        for start in range(0, len(users), MAX_SERVED_USERS_BATCH):
+            try:
+                yield connection.callRemote(ServedUsers, usernames=users[start : start + MAX_SERVED_USERS_BATCH])
+            except PaperTraderError as e:
+                # Not fatal: a user's next login or order teaches the master again.
+                self.log.warn("could not tell the master which users this worker serves: {reason}", reason=e)
+                return
+
     @inlineCallbacks
     def _read_asset_list(self, connection: _MasterAMP) -> Any:
         """Every page of ListAssets: the assets, and the (tick, as_of) of the prices the pages carry."""
