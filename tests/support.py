@@ -18,7 +18,7 @@ from twisted.test import iosim
 from papertrader.assets import Asset
 from papertrader.client.library import ClientAMP, PaperTraderClient, client_from_connection
 from papertrader.master.accounts import Accounts
-from papertrader.master.database import Database
+from papertrader.master.database import CHUNK_ORDERS, Database
 from papertrader.master.exchange import Exchange
 from papertrader.master.market import PriceBoard
 from papertrader.master.protocol import MasterFactory, MasterLocator
@@ -90,7 +90,12 @@ class Deployment:
     """A master and a worker connected through iosim, with clients attached on demand."""
 
     def __init__(
-        self, path: str, max_order_quantity: int = 1000, assets: dict[str, Asset] | None = None, **accounts: Any
+        self,
+        path: str,
+        max_order_quantity: int = 1000,
+        assets: dict[str, Asset] | None = None,
+        chunk_orders: int = CHUNK_ORDERS,
+        **accounts: Any,
     ) -> None:
         assets = ASSETS if assets is None else assets
         self.clock = Clock()
@@ -100,7 +105,7 @@ class Deployment:
         self.board = PriceBoard(assets)
         self.source = FixedPrices({s: a.reference_cents for s, a in assets.items()})
         self.exchange = Exchange(
-            self.database, self.accounts, self.board, self.source, self.clock, max_order_quantity
+            self.database, self.accounts, self.board, self.source, self.clock, max_order_quantity, chunk_orders
         )
         self.registry = WorkerRegistry(self.clock)
         self.exchange.on_tick(self.registry.broadcast_tick)

@@ -212,7 +212,8 @@ class BackendTestsMixin(BackendFixture):
 
     @inlineCallbacks
     def test_failed_settlement_rolls_back(self) -> Any:
-        """A settlement that fails part-way leaves no trace: no tick, no fill, no cash change."""
+        """A settlement chunk that fails part-way leaves no trace of itself: no fill, no cash change; its
+        tick stays recorded as not settled, to be finished at its own prices."""
         exchange = self.exchange()
         session = yield self.logged_in(exchange)
         yield exchange.submit_order("buy", session.token, "AAPL", "1", "t", "127.0.0.1:1", "w")
@@ -221,10 +222,11 @@ class BackendTestsMixin(BackendFixture):
             settle_orders(*args)
             raise RuntimeError("crash in the middle")
 
-        yield self.assertFailure(self.database.settle_tick({"AAPL": 100}, "t", half_then_fail), RuntimeError)
-        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM ticks"), [(0,)])
+        yield self.assertFailure(self.database.settle_tick({"AAPL": 100}, "u", half_then_fail), RuntimeError)
+        self.assertEqual(query(self.url, "SELECT retrieved_at, settled FROM ticks"), [("u", 0)])
         self.assertEqual(query(self.url, "SELECT status FROM orders"), [("queued",)])
         self.assertEqual(query(self.url, "SELECT cash_cents FROM users"), [(100_000,)])
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM transactions"), [(0,)])
 
 
 class SQLiteTests(BackendTestsMixin, TestCase):

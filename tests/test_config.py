@@ -127,6 +127,28 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(self.problems(SAMPLE_CONFIG, {"max_connections": "0"}),
                          ["max_connections: must be between 1 and 1000000, got 0"])
 
+    def test_settlementAndStorage(self) -> None:
+        """Settlement chunks of 5,000 orders, a 256 MiB SQLite cache and checkpoints every 4,000 pages by
+        default, the same as the database module's; each must be a whole number in range."""
+        from papertrader.master import database
+
+        self.assertEqual(
+            (self.config.settlement_chunk_orders, self.config.sqlite_cache_mib, self.config.sqlite_wal_autocheckpoint),
+            (database.CHUNK_ORDERS, database.SQLITE_CACHE_MIB, database.SQLITE_WAL_AUTOCHECKPOINT),
+        )
+        self.assertEqual((database.CHUNK_ORDERS, database.SQLITE_CACHE_MIB), (5000, 256))
+        self.assertEqual(
+            self.problems(
+                SAMPLE_CONFIG,
+                {"settlement_chunk_orders": "0", "sqlite_cache_mib": "lots", "sqlite_wal_autocheckpoint": "10"},
+            ),
+            [
+                "settlement_chunk_orders: must be between 1 and 1000000, got 0",
+                "sqlite_cache_mib: not a whole number: 'lots'",
+                "sqlite_wal_autocheckpoint: must be between 100 and 10000000, got 10",
+            ],
+        )
+
     def test_emptyPriceSeed(self) -> None:
         """The sample's empty C{price_seed} means no fixed seed."""
         self.assertIsNone(self.config.price_seed)
@@ -158,6 +180,9 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
             "registrations_per_address_per_hour",
             "price_seed",
             "data_dir",
+            "settlement_chunk_orders",
+            "sqlite_cache_mib",
+            "sqlite_wal_autocheckpoint",
         ):
             self.assertEqual(getattr(bare, attribute), getattr(self.config, attribute), attribute)
         self.assertGreaterEqual(len(bare.assets), 20)

@@ -89,6 +89,42 @@ class SchemaTests(TestCase):
             self.assertRaises(sqlite3.IntegrityError, connection.execute, trade)
 
 
+class SQLitePragmaTests(TestCase):
+    """The SQLite connection is set up for the workload: WAL, a page cache and a checkpoint size."""
+
+    @inlineCallbacks
+    def test_pragmas(self) -> Any:
+        """The configured cache (in MiB) and checkpoint size (in pages) are what the connection uses."""
+        data = os.path.abspath(self.mktemp())
+        database = Database.open("sqlite:///pt.sqlite", data, sqlite_cache_mib=64, sqlite_wal_autocheckpoint=2000)
+        self.addCleanup(database.close)
+
+        def pragmas(txn: Any) -> list:
+            found = []
+            for name in ("journal_mode", "synchronous", "cache_size", "wal_autocheckpoint", "journal_size_limit"):
+                txn.execute(f"PRAGMA {name}")
+                found.append(txn.fetchone()[0])
+            return found
+
+        found = yield database._run(pragmas)
+        self.assertEqual(found, ["wal", 2, -64 * 1024, 2000, 2000 * 4096])
+
+    @inlineCallbacks
+    def test_defaults(self) -> Any:
+        """By default the cache is 256 MiB and the log is checkpointed every 4,000 pages."""
+        database = Database.sqlite(os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite"))
+        self.addCleanup(database.close)
+
+        def pragmas(txn: Any) -> list:
+            txn.execute("PRAGMA cache_size")
+            cache = txn.fetchone()[0]
+            txn.execute("PRAGMA wal_autocheckpoint")
+            return [cache, txn.fetchone()[0]]
+
+        found = yield database._run(pragmas)
+        self.assertEqual(found, [-256 * 1024, 4000])
+
+
 class _Conflict(Exception):
     """Stands for a serialization failure."""
 

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from papertrader.master.database import TickUnsettled
 from papertrader.master.trading import (
     AccountState,
     NewOrder,
@@ -159,8 +160,54 @@ class OrderDeskTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(survivor), 9)
 
 
+class ChunkedSettlementTests(SynchronousTestCase):
+    """A tick settles its queue in chunks; orders keep being acknowledged between them."""
+
+    def test_order_acknowledged_while_a_chunk_is_held(self) -> None:
+        """With a settlement chunk held open, a client's order is acknowledged and stored; the tick settles
+        and pushes only the orders queued before it; the new order settles at the next tick."""
+        deployment = Deployment(self.mktemp(), chunk_orders=2)
+        client = deployment.logged_in("alice")
+        updates: list[dict] = []
+        client.on_order_update(updates.append)
+        before = [deployment.result(client.buy("KO", n))["order_id"] for n in (1, 2, 3)]
+        real = deployment.database.settle_chunk
+        held: list[Deferred] = []
+
+        def hold(*args: Any) -> Deferred:
+            gate: Deferred = Deferred()
+            held.append(gate)
+            return gate.addCallback(lambda _: real(*args))
+
+        self.patch(deployment.database, "settle_chunk", hold)
+        deployment.exchange.tick()
+        self.assertEqual(len(held), 1)
+        held.pop().callback(None)  # the first chunk (two orders) commits; the second is held
+        self.assertEqual(len(held), 1)
+        connection = deployment.pool.connection
+        self.assertEqual(connection.execute("SELECT COUNT(*) FROM orders WHERE status = 'queued'").fetchone(), (1,))
+
+        def status(order_id: int) -> tuple:
+            return connection.execute("SELECT status, tick_id FROM orders WHERE id = ?", (order_id,)).fetchone()
+
+        meanwhile = deployment.result(client.buy("KO", 4))["order_id"]
+        self.assertEqual(status(meanwhile), ("queued", None))
+        self.assertEqual(updates, [])
+
+        held.pop().callback(None)
+        deployment.flush()
+        self.assertEqual(sorted(u["order_id"] for u in updates), before)
+        [(tick,)] = connection.execute("SELECT DISTINCT tick_id FROM orders WHERE id <> ?", (meanwhile,)).fetchall()
+        self.assertEqual(status(meanwhile), ("queued", None))
+
+        self.patch(deployment.database, "settle_chunk", real)
+        deployment.tick()
+        self.assertEqual([u["order_id"] for u in updates[3:]], [meanwhile])
+        self.assertEqual(status(meanwhile), ("filled", tick + 1))
+
+
 class SettlementTransactionTests(SynchronousTestCase):
-    """Settling a tick is one transaction over the real schema."""
+    """Settling a tick: chunks of orders, each one transaction over the real schema."""
 
     def setUp(self) -> None:
         self.deployment = Deployment(self.mktemp())
@@ -171,17 +218,30 @@ class SettlementTransactionTests(SynchronousTestCase):
     def table(self, sql: str) -> list[tuple]:
         return self.deployment.pool.connection.execute(sql).fetchall()
 
-    def test_failure_midway_changes_nothing(self) -> None:
-        """If settlement fails part-way, no price, fill, cash or position from that tick is kept."""
-        before = [self.table(f"SELECT * FROM {t}") for t in ("ticks", "prices", "orders", "users", "positions")]
+    def test_failed_chunk_changes_nothing_and_the_tick_is_finished_later(self) -> None:
+        """A chunk that fails keeps no fill, cash or position; the tick stays recorded, unsettled, and the
+        next update first finishes it at its own prices, then records its own."""
+        before = [self.table(f"SELECT * FROM {t}") for t in ("orders", "users", "positions", "transactions")]
 
         def explode(queued: list, cash: dict, holdings: dict, prices: Any) -> list:
             raise RuntimeError("power cut")
 
-        failure = self.failureResultOf(self.deployment.database.settle_tick({"AAPL": 1}, "t", explode))
+        database = self.deployment.database
+        failure = self.failureResultOf(database.settle_tick({"AAPL": 1, "KO": 2}, "t", explode))
         failure.trap(RuntimeError)
-        after = [self.table(f"SELECT * FROM {t}") for t in ("ticks", "prices", "orders", "users", "positions")]
+        after = [self.table(f"SELECT * FROM {t}") for t in ("orders", "users", "positions", "transactions")]
         self.assertEqual(after, before)
+        [(tick, settled)] = self.table("SELECT id, settled FROM ticks WHERE retrieved_at = 't'")
+        self.assertEqual(settled, 0)
+        self.failureResultOf(database.begin_tick({"AAPL": 3, "KO": 4}, "u"), TickUnsettled)
+
+        self.deployment.tick()
+        self.assertEqual(
+            self.table("SELECT symbol, tick_id, price_cents, settled_at FROM orders ORDER BY id"),
+            [("AAPL", tick, 1, "t"), ("KO", tick, 2, "t")],
+        )
+        self.assertEqual(self.table("SELECT COUNT(*) FROM ticks WHERE settled = 0"), [(0,)])
+        self.assertEqual(self.table("SELECT MAX(id) FROM ticks"), [(tick + 1,)])
 
     def test_tick_errors_do_not_stop_the_market(self) -> None:
         """A failing update is logged and the queue settles at the next one."""
@@ -234,15 +294,15 @@ class AccountStateCacheTests(SynchronousTestCase):
 
         self.patch(database, "queue_orders", queue_orders)
         self.settlements: list[Deferred] = []
-        real_settle_tick = database.settle_tick
+        real_settle_chunk = database.settle_chunk
 
-        def held_settle_tick(*args: Any) -> Deferred:
+        def held_settle_chunk(*args: Any) -> Deferred:
             held: Deferred = Deferred()
-            held.addCallback(lambda _: real_settle_tick(*args))
+            held.addCallback(lambda _: real_settle_chunk(*args))
             self.settlements.append(held)
             return held
 
-        self.held_settle_tick = held_settle_tick
+        self.held_settle_chunk = held_settle_chunk
 
     def test_cache_between_ticks_only(self) -> None:
         """Cached between updates; not used or filled while settling; forgotten after."""
@@ -251,7 +311,7 @@ class AccountStateCacheTests(SynchronousTestCase):
         self.assertEqual([list(k) for k in self.known], [[], [1]])  # the second commit used the cache
         self.assertEqual(self.known[1][1].queued_buy_cents, 6_000)
 
-        self.patch(self.deployment.database, "settle_tick", self.held_settle_tick)
+        self.patch(self.deployment.database, "settle_chunk", self.held_settle_chunk)
         self.deployment.exchange.tick()
         self.deployment.result(self.client.buy("KO", 1))
         self.deployment.result(self.client.buy("KO", 1))

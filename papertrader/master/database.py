@@ -1,11 +1,28 @@
 """Database management (spec 3.1.2): the schema and every SQL statement, in one place.
 
 All work runs through ``twisted.enterprise.adbapi`` so it happens in the
-pool's threads, never on the reactor.  Each public method is one transaction.
+pool's threads, never on the reactor.  Each public method is one transaction,
+except `settle_queue` (and `settle_tick`), which settles a tick's queue in
+chunks: one transaction per chunk of at most ``chunk_orders`` orders.
+
+Settling in chunks (DESIGN): a tick is first recorded with its prices and the
+highest id of the orders it settles -- those queued and created no later than
+the tick, at that moment -- in one transaction (`begin_tick`).  Each chunk
+then settles the next orders among those, at the tick's prices, and commits
+their statuses, the trades, cash and positions together (`settle_chunk`); the
+last one marks the tick settled.  Between chunks, order inserts run: the
+orders they store have higher ids (order writers run one at a time), so they
+belong to the next tick, and acknowledging them never waits for a whole
+settlement.  A tick left unsettled -- the master was killed mid-way, or a chunk
+failed -- is finished at its own prices and time before another tick may be
+recorded (`unsettled_ticks`, and `begin_tick` refuses with `TickUnsettled`).
+Every order is settled exactly once: a chunk only takes orders still queued,
+and its writes commit or vanish together.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import os
 import re
@@ -15,7 +32,7 @@ from typing import Any
 
 import attr
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
 from papertrader.errors import DataFailed, RegisterFailed
@@ -33,6 +50,16 @@ from papertrader.paging import Page, encode_cursor, page_count
 _SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Retries of a transaction that lost a serialization conflict (PostgreSQL).
 MAX_RETRIES = 10
+# Orders settled per transaction: order inserts wait at most about one chunk.
+CHUNK_ORDERS = 5000
+# SQLite's page cache per connection (the default, 2 MiB, makes settling a
+# queue of 100,000 orders or more grow faster than linearly).
+SQLITE_CACHE_MIB = 256
+# SQLite checkpoints its write-ahead log into the database after a commit that
+# leaves this many pages (4 KiB) in it; the commit waits for the checkpoint.
+SQLITE_WAL_AUTOCHECKPOINT = 4000
+# Rows per multi-row statement on SQLite (it binds at most 32,766 values).
+_SQLITE_ROWS_PER_STATEMENT = 500
 
 
 class SchemaTooNew(Exception):
@@ -41,6 +68,10 @@ class SchemaTooNew(Exception):
 
 class DatabaseURLError(ValueError):
     """A ``database`` setting that names no supported database."""
+
+
+class TickUnsettled(Exception):
+    """A new tick was to be recorded while an earlier one is not settled yet: finish that one first."""
 
 
 def schema_files() -> list[tuple[int, str]]:
@@ -62,6 +93,9 @@ class Dialect:
     ``{identity}`` for generated keys and ``{real}`` for floating columns.
     ``order_writers_lock`` are the statements that open a transaction writing
     orders (queueing, settlement) so that such transactions run one at a time.
+    With ``arrays``, bulk statements pass each column as one array parameter
+    (``unnest``) and new ids come from the table's sequence; without, they are
+    multi-row statements (or ``executemany``) and new ids follow the highest.
     """
 
     name: str
@@ -71,6 +105,7 @@ class Dialect:
     integrity_errors: tuple[type[Exception], ...]
     retry_errors: tuple[type[Exception], ...] = ()
     order_writers_lock: tuple[str, ...] = ()
+    arrays: bool = False
 
     def sql(self, statement: str) -> str:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
@@ -109,6 +144,7 @@ def _postgresql_dialect() -> Dialect:
         # snapshot, so the transaction's snapshot is taken once the lock is held
         # and sees everything the previous holder committed.
         order_writers_lock=("LOCK TABLE orders IN SHARE ROW EXCLUSIVE MODE",),
+        arrays=True,
     )
 
 
@@ -138,6 +174,180 @@ class Cursor:
     def fetchall(self) -> list[Any]:
         return self._transaction.fetchall()
 
+    @property
+    def rowcount(self) -> int:
+        return self._transaction.rowcount
+
+    def new_ids(self, table: str, count: int) -> list[int]:
+        """``count`` unused ids for rows of ``table``, increasing; the caller holds the order-writers lock."""
+        if count == 0:
+            return []
+        if self.dialect.arrays:
+            self.execute(
+                f"SELECT nextval(pg_get_serial_sequence('{table}', 'id')) FROM generate_series(1, ?)", (count,)
+            )
+            return sorted(row[0] for row in self.fetchall())
+        self.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}")
+        top = self.fetchone()[0]
+        return list(range(top + 1, top + 1 + count))
+
+    def insert_rows(self, table: str, columns: Columns, rows: Sequence[Sequence[Any]], suffix: str = "") -> int:
+        """Insert ``rows`` with a few multi-row statements (one on PostgreSQL); the number inserted.
+
+        ``columns`` are (name, SQL type) pairs; ``suffix`` follows the rows (an ON CONFLICT clause).
+        """
+        if not rows:
+            return 0
+        names = ", ".join(name for name, _ in columns)
+        if self.dialect.arrays:
+            self.execute(
+                f"INSERT INTO {table} ({names}) SELECT * FROM {_unnest(columns)} {suffix}", _column_arrays(rows)
+            )
+            return self.rowcount
+        mark = "(" + ", ".join("?" * len(columns)) + ")"
+        inserted = 0
+        for part in _chunks(rows, _SQLITE_ROWS_PER_STATEMENT):
+            self.execute(
+                f"INSERT INTO {table} ({names}) VALUES {', '.join([mark] * len(part))} {suffix}",
+                [value for row in part for value in row],
+            )
+            inserted += self.rowcount
+        return inserted
+
+    def update_rows(self, table: str, key: Columns, columns: Columns, rows: Sequence[Sequence[Any]],
+                    where: str = "") -> int:
+        """Set ``columns`` of the rows of ``table`` found by ``key``; each row is column values then key
+        values.  ``where`` is a further condition (qualify columns with the table's name).  The number updated."""
+        if not rows:
+            return 0
+        extra = f" AND {where}" if where else ""
+        if self.dialect.arrays:
+            values = ", ".join(f"{name} = k.{name}" for name, _ in columns)
+            match = " AND ".join(f"{table}.{name} = k.{name}" for name, _ in key)
+            self.execute(
+                f"UPDATE {table} SET {values} FROM {_unnest((*columns, *key))} WHERE {match}{extra}",
+                _column_arrays(rows),
+            )
+            return self.rowcount
+        values = ", ".join(f"{name} = ?" for name, _ in columns)
+        match = " AND ".join(f"{name} = ?" for name, _ in key)
+        self.executemany(f"UPDATE {table} SET {values} WHERE {match}{extra}", rows)
+        return self.rowcount
+
+    def delete_rows(self, table: str, key: Columns, rows: Sequence[Sequence[Any]]) -> None:
+        """Delete the rows of ``table`` whose ``key`` columns equal one of ``rows``."""
+        if not rows:
+            return
+        if self.dialect.arrays:
+            match = " AND ".join(f"{table}.{name} = k.{name}" for name, _ in key)
+            self.execute(f"DELETE FROM {table} USING {_unnest(key)} WHERE {match}", _column_arrays(rows))
+            return
+        self.executemany(f"DELETE FROM {table} WHERE {' AND '.join(f'{name} = ?' for name, _ in key)}", rows)
+
+    def select_joined(self, statement: str, key: Columns, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run ``statement``, whose ``{keys}`` is a table ``k`` of ``rows`` with the ``key`` columns, and
+        return every row it selects (in several statements on SQLite)."""
+        if not rows:
+            return []
+        if self.dialect.arrays:
+            self.execute(statement.format(keys=_unnest(key)), _column_arrays(rows))
+            return self.fetchall()
+        names = ", ".join(f"column{n + 1} AS {name}" for n, (name, _) in enumerate(key))
+        mark = "(" + ", ".join("?" * len(key)) + ")"
+        found = []
+        for part in _chunks(rows, _SQLITE_ROWS_PER_STATEMENT):
+            source = f"(SELECT {names} FROM (VALUES {', '.join([mark] * len(part))})) AS k"
+            self.execute(statement.format(keys=source), [value for row in part for value in row])
+            found.extend(self.fetchall())
+        return found
+
+
+# (column name, PostgreSQL type) pairs, for the bulk statements of `Cursor`.
+Columns = Sequence[tuple[str, str]]
+
+_ID: Columns = (("id", "bigint"),)
+_ORDER_COLUMNS: Columns = (
+    ("id", "bigint"),
+    ("user_id", "bigint"),
+    ("side", "text"),
+    ("symbol", "text"),
+    ("quantity", "bigint"),
+    ("status", "text"),
+    ("created_at", "text"),
+    ("received_at", "text"),
+    ("client_address", "text"),
+    ("worker", "text"),
+    ("client_order_id", "text"),
+)
+_ORDER_NAME_CONFLICT = "ON CONFLICT (user_id, client_order_id) WHERE client_order_id IS NOT NULL DO NOTHING"
+_SETTLED_ORDER: Columns = (
+    ("status", "text"),
+    ("reason", "text"),
+    ("tick_id", "bigint"),
+    ("price_cents", "bigint"),
+    ("settled_at", "text"),
+)
+_OUTCOME: Columns = (
+    ("id", "bigint"),
+    ("status", "text"),
+    ("reason", "text"),
+    ("price_cents", "bigint"),
+    ("total_cents", "bigint"),
+    ("cash_after_cents", "bigint"),
+)
+_POSITION_KEY: Columns = (("user_id", "bigint"), ("symbol", "text"))
+_POSITION: Columns = (*_POSITION_KEY, ("quantity", "bigint"))
+_TRADE: Columns = (
+    ("user_id", "bigint"),
+    ("order_id", "bigint"),
+    ("side", "text"),
+    ("symbol", "text"),
+    ("quantity", "bigint"),
+    ("price_cents", "bigint"),
+    ("total_cents", "bigint"),
+    ("cash_after_cents", "bigint"),
+    ("settled_at", "text"),
+)
+
+
+def _unnest(columns: Columns) -> str:
+    """A PostgreSQL table ``k`` of the ``columns``, each passed as one array parameter.
+
+    The arrays travel in binary (``%b``): dumping a long array as text costs
+    psycopg two to three times as much.
+    """
+    arrays = ", ".join(f"%b::{kind}[]" for _, kind in columns)
+    return f"unnest({arrays}) AS k({', '.join(name for name, _ in columns)})"
+
+
+def _column_arrays(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows)]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OpenTick:
+    """A recorded tick whose queue is being settled: its prices, its time, and which orders it settles.
+
+    It settles the orders with ids up to ``through_order_id`` (None: none)
+    that were created no later than ``as_of``; ``orders`` is how many were
+    still queued when this was read.
+    """
+
+    tick_id: int
+    as_of: str
+    prices: dict[str, int]
+    through_order_id: int | None
+    orders: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SettledChunk:
+    """One committed chunk of a tick's settlement."""
+
+    settlements: list[Settlement]
+    last_order_id: int
+    done: bool
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class UserRecord:
@@ -163,11 +373,20 @@ class SessionRecord:
     remember: bool | None = None
 
 
-def _sqlite_connected(connection: sqlite3.Connection) -> None:
+def _sqlite_connected(
+    connection: sqlite3.Connection,
+    cache_mib: int = SQLITE_CACHE_MIB,
+    wal_autocheckpoint: int = SQLITE_WAL_AUTOCHECKPOINT,
+) -> None:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA foreign_keys=ON")
     connection.execute("PRAGMA busy_timeout=5000")
+    # A negative cache_size is in KiB; the cache grows only as pages are used.
+    connection.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
+    connection.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
+    # Keep at most this much of a write-ahead log file once a checkpoint has reset it.
+    connection.execute(f"PRAGMA journal_size_limit={max(int(wal_autocheckpoint), 1024) * 4096}")
 
 
 def _postgresql_connected(connection: Any) -> None:
@@ -189,24 +408,33 @@ class Database:
         self.dialect = dialect
 
     @classmethod
-    def open(cls, url: str, data_dir: str) -> Database:
+    def open(
+        cls,
+        url: str,
+        data_dir: str,
+        sqlite_cache_mib: int = SQLITE_CACHE_MIB,
+        sqlite_wal_autocheckpoint: int = SQLITE_WAL_AUTOCHECKPOINT,
+    ) -> Database:
         """The database named by ``url``: empty for SQLite in ``data_dir``, ``sqlite:///NAME`` (in
         ``data_dir``), ``sqlite:////ABSOLUTE/PATH`` or ``postgresql://...``."""
-        if not url:
-            return cls.sqlite(os.path.join(data_dir, "papertrader.sqlite"))
-        if url.startswith("sqlite:"):
-            # sqlite:///NAME is relative to the data directory, sqlite:////PATH absolute.
-            path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else url[len("sqlite:") :]
-            if not path:
-                raise DatabaseURLError("sqlite: URL without a file path")
-            return cls.sqlite(os.path.join(data_dir, path))
+        if not url or url.startswith("sqlite:"):
+            path = "papertrader.sqlite"
+            if url:
+                # sqlite:///NAME is relative to the data directory, sqlite:////PATH absolute.
+                path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else url[len("sqlite:") :]
+                if not path:
+                    raise DatabaseURLError("sqlite: URL without a file path")
+            return cls.sqlite(os.path.join(data_dir, path), sqlite_cache_mib, sqlite_wal_autocheckpoint)
         if url.startswith(("postgresql://", "postgres://")):
             return cls.postgresql(url)
         raise DatabaseURLError(f"unsupported database {describe(url)!r}: use sqlite:///PATH or postgresql://...")
 
     @classmethod
-    def sqlite(cls, path: str) -> Database:
-        """An SQLite database in the file ``path`` (created if missing)."""
+    def sqlite(
+        cls, path: str, cache_mib: int = SQLITE_CACHE_MIB, wal_autocheckpoint: int = SQLITE_WAL_AUTOCHECKPOINT
+    ) -> Database:
+        """An SQLite database in the file ``path`` (created if missing), with a page cache of
+        ``cache_mib`` MiB and a checkpoint once the write-ahead log holds ``wal_autocheckpoint`` pages."""
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         pool = adbapi.ConnectionPool(
@@ -215,7 +443,9 @@ class Database:
             check_same_thread=False,
             cp_min=1,
             cp_max=1,
-            cp_openfun=_sqlite_connected,
+            cp_openfun=functools.partial(
+                _sqlite_connected, cache_mib=cache_mib, wal_autocheckpoint=wal_autocheckpoint
+            ),
         )
         return cls(pool, SQLITE)
 
@@ -464,6 +694,10 @@ class Database:
         earlier or earlier in this batch) is not stored again: for the same
         side, symbol and quantity its outcome is the original order's id, with
         nothing reserved again; otherwise it is a `ClientOrderIdReused`.
+
+        The accepted orders are inserted together, with multi-row statements
+        and ids chosen beforehand (order writers run one at a time, so the ids
+        also follow the order in which batches are stored).
         """
         return self._run_writing_orders(
             self._queue_orders, orders, prices, refuse_reason, now, dict(known or {})
@@ -476,12 +710,43 @@ class Database:
         prices: Mapping[str, int],
         refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
         now: str,
-        accounts: dict[int, AccountState],
+        known: dict[int, AccountState],
     ) -> tuple[list[QueueOutcome], dict[int, AccountState]]:
-        # Work on copies: a retried attempt must not see what a rolled-back one reserved.
-        accounts = {user_id: state.copy() for user_id, state in accounts.items()}
+        # States before this batch; every attempt below reserves on copies (and so
+        # does a retried transaction: it must not see what a rolled-back one reserved).
+        before = {user_id: state.copy() for user_id, state in known.items()}
         named = Database._orders_named(txn, [o for o in orders if o.client_order_id is not None])
+        for _attempt in range(2):
+            results, accounts, rows = Database._plan_orders(txn, orders, prices, refuse_reason, now, before, named)
+            if txn.insert_rows("orders", _ORDER_COLUMNS, rows, _ORDER_NAME_CONFLICT) == len(rows):
+                for user_id, state in before.items():
+                    accounts.setdefault(user_id, state)
+                return results, accounts
+            # A client order id was taken between the look-up and the insert: take
+            # back what this attempt stored and plan again knowing every name.
+            txn.delete_rows("orders", (("id", "bigint"),), [(row[0],) for row in rows])
+            named = Database._orders_named(txn, [o for o in orders if o.client_order_id is not None])
+        raise RuntimeError("client order ids of this batch keep being taken while it is stored")
+
+    @staticmethod
+    def _plan_orders(
+        txn: Cursor,
+        orders: list[NewOrder],
+        prices: Mapping[str, int],
+        refuse_reason: Callable[[AccountState, NewOrder, int], str | None],
+        now: str,
+        before: dict[int, AccountState],
+        named: Mapping[tuple[int, str], tuple[int, str, str, int]],
+    ) -> tuple[list[QueueOutcome], dict[int, AccountState], list[tuple]]:
+        """Each order's outcome in batch order, the account states after them, and the rows to insert.
+
+        ``before`` gets the state of every account read from the database.
+        """
+        ids = iter(txn.new_ids("orders", len(orders)))
+        named = dict(named)
+        accounts: dict[int, AccountState] = {}
         results: list[QueueOutcome] = []
+        rows: list[tuple] = []
         for order in orders:
             name = (order.user_id, order.client_order_id)
             if order.client_order_id is not None and name in named:
@@ -489,46 +754,33 @@ class Database:
                 continue
             account = accounts.get(order.user_id)
             if account is None:
-                account = accounts[order.user_id] = Database._account_state(
-                    txn, order.user_id, prices
-                )
-            if order.client_order_id is not None:
-                # Reserve on a copy: kept only if the order is stored under its name.
-                account = account.copy()
+                if order.user_id not in before:
+                    before[order.user_id] = Database._account_state(txn, order.user_id, prices)
+                account = accounts[order.user_id] = before[order.user_id].copy()
             reason = refuse_reason(account, order, prices[order.symbol])
             if reason is not None:
                 results.append(reason)
                 continue
-            row = txn.execute(
-                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
-                "client_address, worker, client_order_id) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?) "
-                "ON CONFLICT (user_id, client_order_id) WHERE client_order_id IS NOT NULL DO NOTHING "
-                "RETURNING id",
+            order_id = next(ids)
+            rows.append(
                 (
+                    order_id,
                     order.user_id,
                     order.side,
                     order.symbol,
                     order.quantity,
+                    "queued",
                     now,
                     order.received_at,
                     order.client_address,
                     order.worker,
                     order.client_order_id,
-                ),
-            ).fetchone()
-            if row is None:
-                # The name was taken after it was looked up: answer with the order stored under it.
-                stored = Database._orders_named(txn, [order]).get(name)
-                if stored is None:
-                    raise RuntimeError(f"client order id {order.client_order_id!r} is taken by no visible order")
-                named[name] = stored
-                results.append(_repeated(order, stored))
-                continue
-            accounts[order.user_id] = account
+                )
+            )
             if order.client_order_id is not None:
-                named[name] = (row[0], order.side, order.symbol, order.quantity)
-            results.append(row[0])
-        return results, accounts
+                named[name] = (order_id, order.side, order.symbol, order.quantity)
+            results.append(order_id)
+        return results, accounts, rows
 
     @staticmethod
     def _orders_named(txn: Cursor, orders: list[NewOrder]) -> dict[tuple[int, str], tuple[int, str, str, int]]:
@@ -566,90 +818,224 @@ class Database:
 
     # ------------------------------------------------------------ ticks and settlement
 
+    def begin_tick(self, prices: Mapping[str, int], now: str) -> Deferred[OpenTick]:
+        """Record a price update and which queued orders it settles, in one transaction.
+
+        It settles the orders queued now whose creation time is not later than
+        ``now`` (instants are sortable text): one placed later, or stored after
+        this, waits for the next update, so no order ever settles before it was
+        placed or at an update that began before it was stored.  Fails with
+        `TickUnsettled` while an earlier tick is not settled.
+        """
+        return self._run_writing_orders(self._begin_tick, dict(prices), now)
+
+    @staticmethod
+    def _begin_tick(txn: Cursor, prices: dict[str, int], now: str) -> OpenTick:
+        txn.execute("SELECT id FROM ticks WHERE settled = 0 ORDER BY id LIMIT 1")
+        row = txn.fetchone()
+        if row is not None:
+            raise TickUnsettled(f"tick {row[0]} is not settled yet")
+        txn.execute("SELECT MAX(id), COUNT(*) FROM orders WHERE status = 'queued' AND created_at <= ?", (now,))
+        through, count = txn.fetchone()
+        tick_id = txn.insert(
+            "INSERT INTO ticks (retrieved_at, through_order_id, settled) VALUES (?, ?, ?)",
+            (now, through, 0 if through is not None else 1),
+        )
+        txn.executemany(
+            "INSERT INTO prices (tick_id, symbol, price_cents) VALUES (?, ?, ?)",
+            [(tick_id, symbol, cents) for symbol, cents in prices.items()],
+        )
+        return OpenTick(tick_id, now, prices, through, int(count))
+
+    def unsettled_ticks(self) -> Deferred[list[OpenTick]]:
+        """Every recorded tick whose queue is not settled yet (oldest first), with its own prices.
+
+        ``orders`` counts the orders it still has to settle.
+        """
+        return self._run(self._unsettled_ticks)
+
+    @staticmethod
+    def _unsettled_ticks(txn: Cursor) -> list[OpenTick]:
+        txn.execute("SELECT id, retrieved_at, through_order_id FROM ticks WHERE settled = 0 ORDER BY id")
+        ticks = []
+        for tick_id, as_of, through in txn.fetchall():
+            txn.execute("SELECT symbol, price_cents FROM prices WHERE tick_id = ?", (tick_id,))
+            prices = dict(txn.fetchall())
+            txn.execute(
+                "SELECT COUNT(*) FROM orders WHERE status = 'queued' AND id <= ? AND created_at <= ?",
+                (through, as_of),
+            )
+            ticks.append(OpenTick(tick_id, as_of, prices, through, int(txn.fetchone()[0])))
+        return ticks
+
+    def settle_chunk(
+        self, tick: OpenTick, after: int, limit: int, settle: Callable[..., list[Settlement]]
+    ) -> Deferred[SettledChunk]:
+        """Settle, in one transaction, at most ``limit`` of ``tick``'s orders still queued with ids
+        above ``after``, in id order; the chunk that leaves none marks the tick settled."""
+        return self._run_writing_orders(self._settle_chunk, tick, after, limit, settle)
+
+    @staticmethod
+    def _settle_chunk(
+        txn: Cursor, tick: OpenTick, after: int, limit: int, settle: Callable[..., list[Settlement]]
+    ) -> SettledChunk:
+        queued: list[QueuedOrder] = []
+        if tick.through_order_id is not None:
+            txn.execute(
+                "SELECT o.id, o.user_id, u.username, o.side, o.symbol, o.quantity FROM orders o "
+                "JOIN users u ON u.id = o.user_id WHERE o.status = 'queued' AND o.id > ? AND o.id <= ? "
+                "AND o.created_at <= ? ORDER BY o.id LIMIT ?",
+                (after, tick.through_order_id, tick.as_of, limit),
+            )
+            queued = [QueuedOrder(*row) for row in txn.fetchall()]
+        done = len(queued) < limit or queued[-1].order_id == tick.through_order_id
+        settlements: list[Settlement] = []
+        if queued:
+            settlements = Database._settle_orders(txn, tick, queued, settle)
+        if done:
+            txn.execute("UPDATE ticks SET settled = 1 WHERE id = ?", (tick.tick_id,))
+        return SettledChunk(settlements, queued[-1].order_id if queued else after, done)
+
+    @staticmethod
+    def _settle_orders(
+        txn: Cursor, tick: OpenTick, queued: list[QueuedOrder], settle: Callable[..., list[Settlement]]
+    ) -> list[Settlement]:
+        """Settle ``queued`` at the tick's prices and write every outcome, trade, cash and position."""
+        users = sorted({(o.user_id,) for o in queued})
+        cash: dict[int, int] = dict(
+            txn.select_joined("SELECT u.id, u.cash_cents FROM {keys} JOIN users u ON u.id = k.id", _ID, users)
+        )
+        pairs = sorted({(o.user_id, o.symbol) for o in queued})
+        holdings: dict[tuple[int, str], int] = {
+            (user_id, symbol): quantity
+            for user_id, symbol, quantity in txn.select_joined(
+                "SELECT p.user_id, p.symbol, p.quantity FROM {keys} "
+                "JOIN positions p ON p.user_id = k.user_id AND p.symbol = k.symbol",
+                _POSITION_KEY,
+                pairs,
+            )
+        }
+        cash_before = dict(cash)
+        holdings_before = dict(holdings)
+        settlements = settle(queued, cash, holdings, tick.prices)
+
+        Database._write_outcomes(txn, tick, queued, settlements)
+        txn.update_rows(
+            "users",
+            _ID,
+            (("cash_cents", "bigint"),),
+            [(c, u) for u, c in cash.items() if cash_before[u] != c],
+        )
+        changed = [(key, q) for key, q in holdings.items() if holdings_before.get(key) != q]
+        txn.update_rows(
+            "positions",
+            _POSITION_KEY,
+            (("quantity", "bigint"),),
+            [(q, *key) for key, q in changed if q > 0 and key in holdings_before],
+        )
+        txn.insert_rows(
+            "positions", _POSITION, [(*key, q) for key, q in changed if q > 0 and key not in holdings_before]
+        )
+        txn.delete_rows("positions", _POSITION_KEY, [key for key, q in changed if q == 0 and key in holdings_before])
+        return settlements
+
+    @staticmethod
+    def _write_outcomes(txn: Cursor, tick: OpenTick, queued: list[QueuedOrder], settlements: list[Settlement]) -> None:
+        """Store each order's outcome and a trade for each fill; every one of the orders must still be queued."""
+        now = tick.as_of
+        # The id range lets PostgreSQL read just these orders' part of the table.
+        first, last = int(queued[0].order_id), int(queued[-1].order_id)
+        if txn.dialect.arrays:
+            # One statement: the trades are made from the orders it settles, so
+            # only the outcomes travel (psycopg dumps long arrays slowly).
+            txn.execute(
+                f"WITH k AS (SELECT * FROM {_unnest(_OUTCOME)}), "
+                "settled AS (UPDATE orders SET status = k.status, reason = k.reason, tick_id = ?, "
+                "price_cents = k.price_cents, settled_at = ? FROM k WHERE orders.id = k.id "
+                f"AND orders.status = 'queued' AND orders.id BETWEEN {first} AND {last} "
+                "RETURNING orders.id, orders.user_id, orders.side, orders.symbol, orders.quantity, k.status, "
+                "k.price_cents, k.total_cents, k.cash_after_cents), "
+                "trades AS (INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, "
+                "total_cents, cash_after_cents, settled_at) SELECT user_id, id, side, symbol, quantity, price_cents, "
+                "total_cents, cash_after_cents, ? FROM settled WHERE status = 'filled' ORDER BY id RETURNING 1) "
+                "SELECT (SELECT COUNT(*) FROM settled), (SELECT COUNT(*) FROM trades)",
+                (
+                    *_column_arrays(
+                        [
+                            (s.order.order_id, s.status, s.reason, s.price_cents, s.total_cents, s.cash_after_cents)
+                            for s in settlements
+                        ]
+                    ),
+                    tick.tick_id,
+                    now,
+                    now,
+                ),
+            )
+            updated, traded = txn.fetchone()
+        else:
+            updated = txn.update_rows(
+                "orders",
+                _ID,
+                _SETTLED_ORDER,
+                [(s.status, s.reason, tick.tick_id, s.price_cents, now, s.order.order_id) for s in settlements],
+                where=f"orders.status = 'queued' AND orders.id BETWEEN {first} AND {last}",
+            )
+            traded = txn.insert_rows(
+                "transactions",
+                _TRADE,
+                [
+                    (
+                        s.order.user_id,
+                        s.order.order_id,
+                        s.order.side,
+                        s.order.symbol,
+                        s.order.quantity,
+                        s.price_cents,
+                        s.total_cents,
+                        s.cash_after_cents,
+                        now,
+                    )
+                    for s in settlements
+                    if s.filled
+                ],
+            )
+        if updated != len(settlements) or traded != sum(1 for s in settlements if s.filled):
+            raise RuntimeError(f"{len(settlements) - updated} orders of tick {tick.tick_id} were settled meanwhile")
+
+    @inlineCallbacks
+    def settle_queue(
+        self,
+        tick: OpenTick,
+        settle: Callable[..., list[Settlement]],
+        chunk_orders: int = CHUNK_ORDERS,
+        on_chunk: Callable[[SettledChunk], None] | None = None,
+    ) -> Any:
+        """Settle the rest of ``tick``'s queue, a chunk (one transaction) at a time; fires with
+        every settlement.  ``on_chunk`` is told of each chunk once it is committed."""
+        settlements: list[Settlement] = []
+        after = 0
+        while True:
+            chunk = yield self.settle_chunk(tick, after, chunk_orders, settle)
+            settlements.extend(chunk.settlements)
+            after = chunk.last_order_id
+            if on_chunk is not None:
+                on_chunk(chunk)
+            if chunk.done:
+                return settlements
+
+    @inlineCallbacks
     def settle_tick(
         self,
         prices: Mapping[str, int],
         now: str,
         settle: Callable[..., list[Settlement]],
-    ) -> Deferred[tuple[int, list[Settlement]]]:
-        """Record a price update and settle the queue at it, in one transaction.
-
-        Only orders created at or before ``now`` are settled (instants are
-        sortable text): one placed later waits for the next update, so no order
-        ever settles before it was placed.
-        """
-        return self._run_writing_orders(self._settle_tick, prices, now, settle)
-
-    @staticmethod
-    def _settle_tick(
-        txn: Cursor, prices: Mapping[str, int], now: str, settle: Callable[..., list[Settlement]]
-    ) -> tuple[int, list[Settlement]]:
-        tick_id = txn.insert("INSERT INTO ticks (retrieved_at) VALUES (?)", (now,))
-        txn.executemany(
-            "INSERT INTO prices (tick_id, symbol, price_cents) VALUES (?, ?, ?)",
-            [(tick_id, symbol, cents) for symbol, cents in prices.items()],
-        )
-        txn.execute(
-            "SELECT o.id, o.user_id, u.username, o.side, o.symbol, o.quantity FROM orders o "
-            "JOIN users u ON u.id = o.user_id WHERE o.status = 'queued' AND o.created_at <= ? ORDER BY o.id",
-            (now,),
-        )
-        queued = [QueuedOrder(*row) for row in txn.fetchall()]
-        if not queued:
-            return tick_id, []
-        user_ids = sorted({o.user_id for o in queued})
-        cash: dict[int, int] = {}
-        holdings: dict[tuple[int, str], int] = {}
-        for chunk in _chunks(user_ids, 500):
-            marks = ",".join("?" * len(chunk))
-            txn.execute(f"SELECT id, cash_cents FROM users WHERE id IN ({marks})", chunk)
-            cash.update(txn.fetchall())
-            txn.execute(
-                f"SELECT user_id, symbol, quantity FROM positions WHERE user_id IN ({marks})", chunk
-            )
-            holdings.update(((u, s), q) for u, s, q in txn.fetchall())
-        before = dict(holdings)
-        settlements = settle(queued, cash, holdings, prices)
-
-        txn.executemany("UPDATE users SET cash_cents = ? WHERE id = ?", [(c, u) for u, c in cash.items()])
-        changed = [(u, s, q) for (u, s), q in holdings.items() if before.get((u, s)) != q]
-        txn.executemany(
-            "INSERT INTO positions (user_id, symbol, quantity) VALUES (?, ?, ?) "
-            "ON CONFLICT (user_id, symbol) DO UPDATE SET quantity = excluded.quantity",
-            [c for c in changed if c[2] > 0],
-        )
-        txn.executemany(
-            "DELETE FROM positions WHERE user_id = ? AND symbol = ?",
-            [(u, s) for u, s, q in changed if q == 0],
-        )
-        txn.executemany(
-            "UPDATE orders SET status = ?, reason = ?, tick_id = ?, price_cents = ?, settled_at = ? "
-            "WHERE id = ? AND status = 'queued'",
-            [
-                (s.status, s.reason, tick_id, s.price_cents, now, s.order.order_id)
-                for s in settlements
-            ],
-        )
-        txn.executemany(
-            "INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, "
-            "total_cents, cash_after_cents, settled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    s.order.user_id,
-                    s.order.order_id,
-                    s.order.side,
-                    s.order.symbol,
-                    s.order.quantity,
-                    s.price_cents,
-                    s.total_cents,
-                    s.cash_after_cents,
-                    now,
-                )
-                for s in settlements
-                if s.filled
-            ],
-        )
-        return tick_id, settlements
+        chunk_orders: int = CHUNK_ORDERS,
+    ) -> Any:
+        """Record a price update and settle its queue (`begin_tick`, then `settle_queue`);
+        fires with the tick's id and every settlement."""
+        tick = yield self.begin_tick(prices, now)
+        settlements = yield self.settle_queue(tick, settle, chunk_orders)
+        return tick.tick_id, settlements
 
     # ------------------------------------------------------------ reading an account
 

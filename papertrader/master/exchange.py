@@ -25,7 +25,7 @@ from papertrader.errors import (
 )
 from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
-from papertrader.master.database import Database
+from papertrader.master.database import CHUNK_ORDERS, Database, OpenTick, SettledChunk
 from papertrader.master.market import PriceBoard, PriceSource
 from papertrader.master.trading import (
     BUY,
@@ -61,6 +61,7 @@ class Exchange:
         source: PriceSource,
         clock: IReactorTime,
         max_order_quantity: int,
+        chunk_orders: int = CHUNK_ORDERS,
     ) -> None:
         self._db = database
         self.accounts = accounts
@@ -68,15 +69,21 @@ class Exchange:
         self._source = source
         self._clock = clock
         self._max_quantity = max_order_quantity
+        self._chunk_orders = chunk_orders
         self._desk = OrderDesk(clock, self._commit_orders)
         # Funds checks between updates: account states by user id, valid for one generation.
         self._accounts: dict[int, AccountState] = {}
         self._generation = 0
         self._settling = False
+        self._ticking = False
         self._tick_listeners: list[TickListener] = []
 
     def on_tick(self, listener: TickListener) -> None:
-        """Call ``listener(tick, as_of, prices, settlements)`` after every settled update."""
+        """Call ``listener(tick, as_of, prices, settlements)`` after every settled update.
+
+        ``settlements`` are the tick's `Settlement` objects, built in the
+        database's threads chunk by chunk: the reactor only joins the lists.
+        """
         self._tick_listeners.append(listener)
 
     # ------------------------------------------------------------ orders
@@ -307,31 +314,73 @@ class Exchange:
     def tick(self) -> Any:
         """Retrieve prices, settle the whole queue at them, then tell the listeners.
 
+        A tick left unsettled earlier (the master was killed mid-way, or a
+        chunk failed) is finished first, at its own prices and time, and its
+        listeners told; only then are new prices recorded.  The queue settles
+        in chunks (`Database.settle_queue`), so orders keep being stored and
+        acknowledged meanwhile; they belong to the next tick.
+
         Errors are logged, never raised: the loop that calls this must keep going,
         and an unsettled queue is simply settled at the next update.
         """
+        if self._ticking:
+            self.log.warn("the previous price update is still settling; skipping this one")
+            return
+        self._ticking = True
+        # Cached account states are wrong once settlement starts: forget them
+        # now, and take no new ones until it has finished.
+        self._settling = True
+        self._forget_account_states()
         try:
+            unsettled = yield self._db.unsettled_ticks()
+            for tick in unsettled:
+                self.log.info(
+                    "finishing update {tick} of {as_of}, left unsettled: {count} orders at its own prices",
+                    tick=tick.tick_id,
+                    as_of=tick.as_of,
+                    count=tick.orders,
+                )
+                yield self._settle(tick)
             prices = yield self._source.fetch()
             now = iso(self._clock.seconds())
             self.log.info("new prices as of {now}; settling the order queue", now=now)
-            # Cached account states are wrong once settlement starts: forget them
-            # now, and take no new ones until it has finished.
-            self._settling = True
-            self._forget_account_states()
-            tick, settlements = yield self._db.settle_tick(prices, now, settle_orders)
+            tick = yield self._db.begin_tick(prices, now)
+            yield self._settle(tick)
         except Exception:
             self.log.failure("price update failed; the queue stays for the next one")
-            return
         finally:
             self._settling = False
             self._forget_account_states()
-        self.board.update(tick, now, prices)
+            self._ticking = False
+
+    @inlineCallbacks
+    def _settle(self, tick: OpenTick) -> Any:
+        """Settle ``tick``'s queue chunk by chunk, publish its prices and tell the listeners."""
+        started = self._clock.seconds()
+        progress = [0]
+
+        def committed(chunk: SettledChunk) -> None:
+            progress[0] += len(chunk.settlements)
+            if not chunk.done:
+                self.log.info(
+                    "update {tick}: {settled} of {count} orders settled so far",
+                    tick=tick.tick_id,
+                    settled=progress[0],
+                    count=tick.orders,
+                )
+
+        settlements = yield self._db.settle_queue(tick, settle_orders, self._chunk_orders, committed)
+        if tick.tick_id >= self.board.tick:
+            self.board.update(tick.tick_id, tick.as_of, tick.prices)
         self.log.info(
-            "update {tick}: {count} orders settled", tick=tick, count=len(settlements)
+            "update {tick}: {count} orders settled in {seconds:.3f} s",
+            tick=tick.tick_id,
+            count=len(settlements),
+            seconds=self._clock.seconds() - started,
         )
         for listener in self._tick_listeners:
             try:
-                listener(tick, now, prices, settlements)
+                listener(tick.tick_id, tick.as_of, tick.prices, settlements)
             except Exception:
                 self.log.failure("tick listener failed")
 

@@ -101,7 +101,9 @@ class MasterService(service.MultiService):
     def _open(self) -> None:
         """Build the domain objects (no I/O here: the pool connects in its own threads)."""
         config = self.config
-        self.database = Database.open(config.database, config.data_dir)
+        self.database = Database.open(
+            config.database, config.data_dir, config.sqlite_cache_mib, config.sqlite_wal_autocheckpoint
+        )
         self.hashing = HashingPool(self.reactor, config.hashing_processes or None, config.hashing_queue)
         self.accounts = Accounts(
             self.database,
@@ -126,6 +128,7 @@ class MasterService(service.MultiService):
             SimulatedPriceSource(config.assets, config.price_seed),
             self.reactor,
             config.max_order_quantity,
+            config.settlement_chunk_orders,
         )
         self.exchange.on_tick(self.registry.broadcast_tick)
 

@@ -1,0 +1,276 @@
+"""Settlement in chunks and multi-row order inserts, through real pools on SQLite and PostgreSQL.
+
+A tick settles its queue in transactions of a bounded number of orders; orders
+stored between them belong to the next tick; a tick interrupted part-way is
+finished at its own prices; a batch of orders is inserted with multi-row
+statements and keeps client order ids idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from papertrader.master.database import TickUnsettled
+from papertrader.master.trading import ClientOrderIdReused, NewOrder, Settlement, refuse_reason, settle_orders
+from papertrader.timestamps import iso
+from tests.databases import query
+from tests.test_backends import BackendFixture
+
+PRICES = {"AAPL": 19_000, "KO": 6_000}
+START = 1_900_000_000.0
+CASH = 1_000_000_000
+
+
+def at(seconds: float) -> str:
+    return iso(START + seconds)
+
+
+class ChunkedSettlementMixin(BackendFixture):
+    """Tests every backend must pass; subclasses name the backend."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        self.users = []
+        for name in ("alice", "bob"):
+            user_id = yield self.database.create_user(name, f"{name}@example.com", "h", CASH, at(0))
+            self.users.append((user_id, name))
+
+    def orders(self, count: int, symbol: str = "KO") -> list[NewOrder]:
+        """``count`` buys of one share each, alternating between the two users."""
+        return [
+            NewOrder(*self.users[n % 2], "buy", symbol, 1, at(1), "127.0.0.1:1", "w")
+            for n in range(count)
+        ]
+
+    @inlineCallbacks
+    def queue(self, orders: list[NewOrder], seconds: float) -> Any:
+        """Store ``orders`` created at ``seconds``; fires with their ids (every one must be accepted)."""
+        results, _ = yield self.database.queue_orders(orders, PRICES, refuse_reason, at(seconds))
+        self.assertTrue(all(isinstance(r, int) for r in results), results)
+        return results
+
+    def statuses(self) -> dict[int, tuple[str, int | None]]:
+        return {i: (status, tick) for i, status, tick in query(self.url, "SELECT id, status, tick_id FROM orders")}
+
+    def reconcile(self) -> None:
+        """Each filled order has one trade; cash and positions follow from the trades exactly."""
+        self.assertEqual(
+            query(
+                self.url,
+                "SELECT COUNT(*) FROM orders o LEFT JOIN transactions t ON t.order_id = o.id "
+                "WHERE (o.status = 'filled') <> (t.id IS NOT NULL)",
+            ),
+            [(0,)],
+        )
+        for user_id, _ in self.users:
+            [(spent,)] = query(
+                self.url, "SELECT COALESCE(SUM(total_cents), 0) FROM transactions WHERE user_id = ?", user_id
+            )
+            self.assertEqual(query(self.url, "SELECT cash_cents FROM users WHERE id = ?", user_id), [(CASH - spent,)])
+            [(bought,)] = query(
+                self.url, "SELECT COALESCE(SUM(quantity), 0) FROM transactions WHERE user_id = ?", user_id
+            )
+            held = query(self.url, "SELECT COALESCE(SUM(quantity), 0) FROM positions WHERE user_id = ?", user_id)
+            self.assertEqual([(int(q),) for (q,) in held], [(int(bought),)])
+
+    @inlineCallbacks
+    def test_orders_stored_between_chunks_wait_for_the_next_tick(self) -> Any:
+        """Orders stored after a tick began settle at the next tick, even if their creation time is earlier."""
+        first = yield self.queue(self.orders(5), 1)
+        tick = yield self.database.begin_tick(PRICES, at(3))
+        self.assertEqual((tick.through_order_id, tick.orders), (max(first), 5))
+        chunk = yield self.database.settle_chunk(tick, 0, 2, settle_orders)
+        self.assertEqual([s.order.order_id for s in chunk.settlements], first[:2])
+        self.assertFalse(chunk.done)
+
+        # Stored between chunks; created "at 2", before the tick's time, yet after it began.
+        between = yield self.queue(self.orders(2), 2)
+        self.assertGreater(min(between), tick.through_order_id)
+        rest = yield self.database.settle_queue(tick, settle_orders, 2)
+        self.assertEqual([s.order.order_id for s in rest], first[2:])
+        statuses = self.statuses()
+        self.assertEqual({statuses[i] for i in first}, {("filled", tick.tick_id)})
+        self.assertEqual({statuses[i] for i in between}, {("queued", None)})
+        self.assertEqual(query(self.url, "SELECT settled FROM ticks WHERE id = ?", tick.tick_id), [(1,)])
+
+        next_tick, settlements = yield self.database.settle_tick(PRICES, at(4), settle_orders, 2)
+        self.assertEqual([s.order.order_id for s in settlements], between)
+        self.assertEqual({self.statuses()[i] for i in between}, {("filled", next_tick)})
+        self.reconcile()
+
+    @inlineCallbacks
+    def test_interrupted_tick_finishes_at_its_own_prices(self) -> Any:
+        """A chunk that fails keeps what earlier chunks committed and nothing of its own; no new tick may be
+        recorded until the old one is finished, at its own prices and time; every order settles once."""
+        ids = yield self.queue(self.orders(6), 1)
+        own = {"AAPL": 18_000, "KO": 5_000}
+        tick = yield self.database.begin_tick(own, at(2))
+        calls: list[int] = []
+
+        def fail_second(*args: Any) -> list[Settlement]:
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("killed mid-way")
+            return settle_orders(*args)
+
+        yield self.assertFailure(self.database.settle_queue(tick, fail_second, 2), RuntimeError)
+        statuses = self.statuses()
+        self.assertEqual([statuses[i][0] for i in ids], ["filled"] * 2 + ["queued"] * 4)
+        self.reconcile()
+        yield self.assertFailure(self.database.begin_tick(PRICES, at(3)), TickUnsettled)
+
+        [unsettled] = yield self.database.unsettled_ticks()
+        self.assertEqual(
+            (unsettled.tick_id, unsettled.as_of, unsettled.prices, unsettled.orders), (tick.tick_id, at(2), own, 4)
+        )
+        rest = yield self.database.settle_queue(unsettled, settle_orders, 2)
+        self.assertEqual([s.order.order_id for s in rest], ids[2:])
+        self.assertEqual(
+            query(self.url, "SELECT DISTINCT tick_id, price_cents, settled_at FROM orders"),
+            [(tick.tick_id, 5_000, at(2))],
+        )
+        self.assertEqual(query(self.url, "SELECT COUNT(*), COUNT(DISTINCT order_id) FROM transactions"), [(6, 6)])
+        self.reconcile()
+        unsettled = yield self.database.unsettled_ticks()
+        self.assertEqual(unsettled, [])
+
+    @inlineCallbacks
+    def test_a_chunk_run_twice_settles_once(self) -> Any:
+        """The same chunk run twice at once (as a retried one would be) settles each order once."""
+        ids = yield self.queue(self.orders(4), 1)
+        tick = yield self.database.begin_tick(PRICES, at(2))
+        chunks = yield gatherResults([self.database.settle_chunk(tick, 0, 10, settle_orders) for _ in range(2)])
+        self.assertEqual(sorted(s.order.order_id for c in chunks for s in c.settlements), ids)
+        self.assertEqual(query(self.url, "SELECT COUNT(*), COUNT(DISTINCT order_id) FROM transactions"), [(4, 4)])
+        self.reconcile()
+
+    @inlineCallbacks
+    def test_empty_tick_is_settled_at_once(self) -> Any:
+        """A tick with nothing queued is recorded settled, so the next one may follow."""
+        tick = yield self.database.begin_tick(PRICES, at(1))
+        self.assertEqual((tick.through_order_id, tick.orders), (None, 0))
+        self.assertEqual(query(self.url, "SELECT settled FROM ticks"), [(1,)])
+        settlements = yield self.database.settle_queue(tick, settle_orders)
+        self.assertEqual(settlements, [])
+
+    @inlineCallbacks
+    def test_order_acknowledged_while_a_chunk_is_held(self) -> Any:
+        """While a chunk of the settlement is held, an order is acknowledged and stored; it settles at the
+        next tick, not this one."""
+        exchange = self.exchange()
+        exchange._chunk_orders = 1
+        session = yield self.logged_in(exchange, "carol")
+        first, _ = yield exchange.submit_order("buy", session.token, "KO", "1", "t", "127.0.0.1:1", "w")
+        second, _ = yield exchange.submit_order("buy", session.token, "KO", "2", "t", "127.0.0.1:1", "w")
+        pushed: list[tuple[int, list[int]]] = []
+        exchange.on_tick(lambda tick, as_of, prices, settlements: pushed.append(
+            (tick, [s.order.order_id for s in settlements])
+        ))
+        real = self.database.settle_chunk
+        held: list[Deferred] = []
+
+        def hold(*args: Any) -> Deferred:
+            gate: Deferred = Deferred()
+            held.append(gate)
+            return gate.addCallback(lambda _: real(*args))
+
+        self.patch(self.database, "settle_chunk", hold)
+        ticking = exchange.tick()
+        while not held:  # the tick is recorded (a real pool: in a thread), then its first chunk waits
+            yield _turn()
+        meanwhile, _ = yield exchange.submit_order("buy", session.token, "KO", "3", "t", "127.0.0.1:1", "w")
+        self.assertEqual(query(self.url, "SELECT status FROM orders WHERE id = ?", meanwhile), [("queued",)])
+        self.assertFalse(ticking.called)
+
+        while not ticking.called:
+            if held:
+                held.pop(0).callback(None)
+            yield _turn()
+        [(tick, settled)] = pushed
+        self.assertEqual(settled, [first, second])
+        self.assertEqual(self.statuses()[meanwhile], ("queued", None))
+
+        self.patch(self.database, "settle_chunk", real)
+        yield exchange.tick()
+        self.assertEqual(pushed[1][1], [meanwhile])
+        self.assertEqual(self.statuses()[meanwhile], ("filled", tick + 1))
+
+    @inlineCallbacks
+    def test_multi_row_insert_keeps_client_order_ids_idempotent(self) -> Any:
+        """A batch larger than one multi-row statement, repeating names within itself and then as a whole:
+        every order is stored once under the right id, repeats get the original's id, a different order
+        under a used name is a conflict."""
+        alice, bob = self.users
+
+        def named(n: int) -> NewOrder:
+            user = (alice, bob)[n % 2]
+            # Orders 700-1199 repeat the names (and orders) of 0-499, across statement boundaries.
+            key = n % 700
+            return NewOrder(*user, "buy", ("KO", "AAPL")[key % 3 == 0], 1 + key % 5, at(1), "a", "w", f"c{key}")
+
+        batch = [named(n) for n in range(1200)]
+        results, _ = yield self.database.queue_orders(batch, PRICES, refuse_reason, at(1))
+        self.assertTrue(all(isinstance(r, int) for r in results), [r for r in results if not isinstance(r, int)])
+        self.assertEqual(results[700:], results[:500])
+        self.assertEqual(len(set(results)), 700)
+        stored = {
+            i: (u, side, symbol, int(q), name)
+            for i, u, side, symbol, q, name in query(
+                self.url, "SELECT id, user_id, side, symbol, quantity, client_order_id FROM orders"
+            )
+        }
+        self.assertEqual(len(stored), 700)
+        for order, order_id in zip(batch, results):
+            self.assertEqual(
+                stored[order_id],
+                (order.user_id, order.side, order.symbol, order.quantity, order.client_order_id),
+            )
+
+        conflicting = NewOrder(*alice, "sell", "KO", 1, at(2), "a", "w", "c0")
+        again, _ = yield self.database.queue_orders([*batch, conflicting], PRICES, refuse_reason, at(2))
+        self.assertEqual(again[:-1], results)
+        self.assertIsInstance(again[-1], ClientOrderIdReused)
+        self.assertEqual(again[-1].order_id, results[0])
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM orders"), [(700,)])
+
+    @inlineCallbacks
+    def test_batch_ids_follow_the_batch(self) -> Any:
+        """Accepted orders get increasing ids in batch order (the queue's order); refused ones take none."""
+        poor = yield self.database.create_user("poor", "poor@example.com", "h", 10_000, at(0))
+        batch = [
+            NewOrder(*self.users[0], "buy", "KO", 1, at(1), "a", "w"),
+            NewOrder(poor, "poor", "buy", "AAPL", 1, at(1), "a", "w"),
+            NewOrder(*self.users[1], "buy", "KO", 2, at(1), "a", "w"),
+        ]
+        results, _ = yield self.database.queue_orders(batch, PRICES, refuse_reason, at(1))
+        self.assertIsInstance(results[1], str)
+        self.assertLess(results[0], results[2])
+        self.assertEqual(
+            query(self.url, "SELECT id, user_id, quantity FROM orders ORDER BY id"),
+            [(results[0], self.users[0][0], 1), (results[2], self.users[1][0], 2)],
+        )
+
+
+def _turn() -> Deferred:
+    """Let the reactor run once (the real pool answers from its threads)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, 0.001, lambda: None)
+
+
+class SQLiteChunkedSettlementTests(ChunkedSettlementMixin, TestCase):
+    """Chunked settlement and multi-row inserts on SQLite."""
+
+    backend = "sqlite"
+
+
+class PostgreSQLChunkedSettlementTests(ChunkedSettlementMixin, TestCase):
+    """Chunked settlement and multi-row inserts on PostgreSQL."""
+
+    backend = "postgresql"
+
