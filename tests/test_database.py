@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from papertrader.master import database as database_module
 from papertrader.master.database import MAX_RETRIES, SQLITE, Database, SchemaTooNew, schema_files
 from papertrader.master.trading import AccountState, NewOrder, refuse_reason
-from tests.support import SynchronousPool
+from tests.support import SynchronousPool, make_database
 
 
 class SchemaTests(TestCase):
@@ -123,6 +123,43 @@ class SQLitePragmaTests(TestCase):
 
         found = yield database._run(pragmas)
         self.assertEqual(found, [-256 * 1024, 4000])
+
+
+class OrderInsertCostTests(TestCase):
+    """The work of storing a batch of named orders grows with the batch, not with users times names."""
+
+    def test_named_orders_looked_up_by_pair(self) -> None:
+        """A batch of 1,000 named orders from 1,000 users, over 1,000 stored ones: SQLite runs a bounded
+        number of instructions (counted, not timed); looking names up per user times name ran millions."""
+        path = os.path.join(os.path.abspath(self.mktemp()) + ".sqlite")
+        database, pool = make_database(path)
+        connection = pool.connection
+        users = [
+            connection.execute(
+                "INSERT INTO users (username, email, password_hash, cash_cents, created_at) VALUES (?, ?, 'h', ?, 't') "
+                "RETURNING id",
+                (f"u{n}", f"u{n}@example.com", 10**9),
+            ).fetchone()[0]
+            for n in range(1000)
+        ]
+        connection.commit()
+        prices = {"KO": 6_000}
+
+        def batch(tag: str) -> list[NewOrder]:
+            return [NewOrder(u, f"u{n}", "buy", "KO", 1, "t", "a", "w", f"{tag}{n}") for n, u in enumerate(users)]
+
+        self.successResultOf(database.queue_orders(batch("a"), prices, refuse_reason, "t"))
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        connection.set_progress_handler(count, 1000)
+        results, _ = self.successResultOf(database.queue_orders(batch("b"), prices, refuse_reason, "t"))
+        connection.set_progress_handler(None, 0)
+        self.assertEqual(len([r for r in results if isinstance(r, int)]), 1000)
+        self.assertLess(steps[0] * 1000, 1_000_000, f"{steps[0] * 1000} SQLite instructions for 1,000 orders")
 
 
 class _Conflict(Exception):

@@ -279,6 +279,7 @@ _ORDER_COLUMNS: Columns = (
     ("worker", "text"),
     ("client_order_id", "text"),
 )
+_ORDER_NAME: Columns = (("user_id", "bigint"), ("client_order_id", "text"))
 _ORDER_NAME_CONFLICT = "ON CONFLICT (user_id, client_order_id) WHERE client_order_id IS NOT NULL DO NOTHING"
 _SETTLED_ORDER: Columns = (
     ("status", "text"),
@@ -784,20 +785,21 @@ class Database:
 
     @staticmethod
     def _orders_named(txn: Cursor, orders: list[NewOrder]) -> dict[tuple[int, str], tuple[int, str, str, int]]:
-        """The stored orders under the client order ids of ``orders``: (id, side, symbol, quantity) by name."""
-        found: dict[tuple[int, str], tuple[int, str, str, int]] = {}
-        for chunk in _chunks(orders, 500):
-            users = sorted({o.user_id for o in chunk})
-            names = sorted({o.client_order_id for o in chunk})
-            txn.execute(
-                "SELECT user_id, client_order_id, id, side, symbol, quantity FROM orders "
-                f"WHERE user_id IN ({','.join('?' * len(users))}) "
-                f"AND client_order_id IN ({','.join('?' * len(names))})",
-                users + names,
+        """The stored orders under the client order ids of ``orders``: (id, side, symbol, quantity) by name.
+
+        Looked up by exact (user, name) pairs: ``user_id IN (...) AND client_order_id IN (...)``
+        had SQLite probe every user with every name of a batch.
+        """
+        pairs = sorted({(o.user_id, o.client_order_id) for o in orders})
+        return {
+            (user_id, name): (order_id, side, symbol, int(quantity))
+            for user_id, name, order_id, side, symbol, quantity in txn.select_joined(
+                "SELECT o.user_id, o.client_order_id, o.id, o.side, o.symbol, o.quantity FROM {keys} "
+                "JOIN orders o ON o.user_id = k.user_id AND o.client_order_id = k.client_order_id",
+                _ORDER_NAME,
+                pairs,
             )
-            for user_id, name, order_id, side, symbol, quantity in txn.fetchall():
-                found[(user_id, name)] = (order_id, side, symbol, int(quantity))
-        return found
+        }
 
     @staticmethod
     def _account_state(txn: Cursor, user_id: int, prices: Mapping[str, int]) -> AccountState:
