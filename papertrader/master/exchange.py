@@ -340,12 +340,13 @@ class Exchange:
                     as_of=tick.as_of,
                     count=tick.orders,
                 )
-                yield self._settle(tick)
+                yield self._settle(tick, self._clock.seconds())
             prices = yield self._source.fetch()
-            now = iso(self._clock.seconds())
+            started = self._clock.seconds()
+            now = iso(started)
             self.log.info("new prices as of {now}; settling the order queue", now=now)
             tick = yield self._db.begin_tick(prices, now)
-            yield self._settle(tick)
+            yield self._settle(tick, started)
         except Exception:
             self.log.failure("price update failed; the queue stays for the next one")
         finally:
@@ -354,9 +355,11 @@ class Exchange:
             self._ticking = False
 
     @inlineCallbacks
-    def _settle(self, tick: OpenTick) -> Any:
-        """Settle ``tick``'s queue chunk by chunk, publish its prices and tell the listeners."""
-        started = self._clock.seconds()
+    def _settle(self, tick: OpenTick, started: float) -> Any:
+        """Settle ``tick``'s queue chunk by chunk, publish its prices and tell the listeners.
+
+        The time logged is the database's part, from ``started`` (before the tick was recorded).
+        """
         progress = [0]
 
         def committed(chunk: SettledChunk) -> None:
