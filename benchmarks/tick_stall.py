@@ -30,8 +30,8 @@ Run it from a source checkout::
         [--period S] [--update-interval I] [--profile]
 
 With ``--profile``, py-spy records the master and the worker during each
-round (raw stacks in the kept work directory; py-spy must be on PATH or in the
-venv).  PostgreSQL is found as in ``benchmarks/settlement.py``.
+round (``--profile-clients``: the client processes too; raw stacks in the kept
+work directory; py-spy must be on PATH or in the venv).  PostgreSQL is found as in ``benchmarks/settlement.py``.
 """
 
 from __future__ import annotations
@@ -428,7 +428,7 @@ def benchmark(options: argparse.Namespace, port: int, ca: str, database: str, se
             f"({time.time() - started:.1f} s)",
             flush=True,
         )
-        if options.profile:
+        if options.profile_clients:
             pids.update({f"clients{i}": p.pid for i, p in enumerate(processes)})
         ids = user_ids(database, [f"stall{n}" for n in range(options.clients)])
         if len(ids) != options.clients:
@@ -554,7 +554,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--postgresql-admin", metavar="URL", help="a PostgreSQL URL allowed to CREATE DATABASE")
     parser.add_argument("--chunk-orders", type=int, help="the master's settlement_chunk_orders (default: its own)")
-    parser.add_argument("--profile", action="store_true", help="py-spy every process (keeps the work dir)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the master and worker (keeps the work dir)")
+    parser.add_argument("--profile-clients", action="store_true", help="with --profile: the client processes too")
     options = parser.parse_args(argv)
     if min(options.clients, options.client_processes, options.orders, options.rounds) < 1 or options.period <= 0:
         parser.error("--clients, --client-processes, --orders, --rounds and --period must be positive")
