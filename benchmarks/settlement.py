@@ -11,7 +11,7 @@ orders of 1,000 users, and 100,000 orders of 10,000 users):
   (with the master's SQLite pragmas).  The queue mixes buys and sells of every
   symbol in ``etc/assets.csv``, quantities 1-10; most users have plenty of cash
   and shares, a few have little cash or no shares so that some orders are
-  rejected.
+  rejected.  The garbage collector is tuned as the master's (``GC_YOUNG_THRESHOLD``).
 * **baseline** -- in the same database and through the same pool, the fastest
   plain way to store the same N rows into ``bench_orders``, a scratch table
   created from the ``orders`` table's own CREATE TABLE statement (same
@@ -39,6 +39,7 @@ per round and dropped afterwards.  If none answers the backend is skipped.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import secrets
@@ -68,6 +69,7 @@ from papertrader.master.database import (  # noqa: E402
     Database,
     schema_files,
 )
+from papertrader.master.tap import GC_YOUNG_THRESHOLD  # noqa: E402
 from papertrader.master.trading import BUY, SELL, settle_orders  # noqa: E402
 
 ASSETS_FILE = os.path.join(ROOT, "etc", "assets.csv")
@@ -395,6 +397,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 async def main(reactor: Any, *argv: str) -> None:
     """Run the rounds on each chosen backend and workload, and print the figures."""
     args = parse_args(argv)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])  # as the master does
     prices = load_prices()
     workloads = WORKLOADS if args.orders is None else ((args.orders, args.users),)
     backends: list[Backend] = []

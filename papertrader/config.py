@@ -71,9 +71,9 @@ class MasterConfig:
     hashing_processes: int = 0
     hashing_queue: int = 32
     # Same defaults as CHUNK_ORDERS, SQLITE_CACHE_MIB and SQLITE_WAL_AUTOCHECKPOINT in papertrader.master.database.
-    settlement_chunk_orders: int = 5000
+    settlement_chunk_orders: int = 10_000
     sqlite_cache_mib: int = 256
-    sqlite_wal_autocheckpoint: int = 4000
+    sqlite_wal_autocheckpoint: int = 16_000
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:

@@ -128,7 +128,7 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
                          ["max_connections: must be between 1 and 1000000, got 0"])
 
     def test_settlementAndStorage(self) -> None:
-        """Settlement chunks of 5,000 orders, a 256 MiB SQLite cache and checkpoints every 4,000 pages by
+        """Settlement chunks of 10,000 orders, a 256 MiB SQLite cache and checkpoints every 16,000 pages by
         default, the same as the database module's; each must be a whole number in range."""
         from papertrader.master import database
 
@@ -136,7 +136,7 @@ class SampleConfigTests(ConfigTestMixin, SynchronousTestCase):
             (self.config.settlement_chunk_orders, self.config.sqlite_cache_mib, self.config.sqlite_wal_autocheckpoint),
             (database.CHUNK_ORDERS, database.SQLITE_CACHE_MIB, database.SQLITE_WAL_AUTOCHECKPOINT),
         )
-        self.assertEqual((database.CHUNK_ORDERS, database.SQLITE_CACHE_MIB), (5000, 256))
+        self.assertEqual((database.CHUNK_ORDERS, database.SQLITE_CACHE_MIB), (10_000, 256))
         self.assertEqual(
             self.problems(
                 SAMPLE_CONFIG,

@@ -111,7 +111,7 @@ class SQLitePragmaTests(TestCase):
 
     @inlineCallbacks
     def test_defaults(self) -> Any:
-        """By default the cache is 256 MiB and the log is checkpointed every 4,000 pages."""
+        """By default the cache is 256 MiB and the log is checkpointed every 16,000 pages."""
         database = Database.sqlite(os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite"))
         self.addCleanup(database.close)
 
@@ -122,7 +122,7 @@ class SQLitePragmaTests(TestCase):
             return [cache, txn.fetchone()[0]]
 
         found = yield database._run(pragmas)
-        self.assertEqual(found, [-256 * 1024, 4000])
+        self.assertEqual(found, [-256 * 1024, 16_000])
 
 
 class OrderInsertCostTests(TestCase):

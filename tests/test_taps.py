@@ -57,6 +57,10 @@ class MasterOptionsTests(SynchronousTestCase):
     C{twistd papertrader-master} reads a configuration file and lets options override it.
     """
 
+    def setUp(self) -> None:
+        # makeService tunes this process's garbage collector; the test process keeps its own.
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+
     def parse(self, *argv: str) -> master_tap.Options:
         options = master_tap.Options()
         options.parseOptions(list(argv))
@@ -139,9 +143,12 @@ class MasterOptionsTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, self.parse, "--colour", "blue")
 
     def test_makeService(self) -> None:
-        """C{makeService} builds a L{MasterService} from the options without starting it."""
+        """C{makeService} builds a L{MasterService} from the options without starting it, and
+        raises the young-generation threshold of the garbage collector (see GC_YOUNG_THRESHOLD)."""
         options = self.parse("--config", SAMPLE_CONFIG, "--update-interval", "5")
+        gc.set_threshold(700, 10, 10)
         service = master_tap.makeService(options)
+        self.assertEqual(gc.get_threshold(), (master_tap.GC_YOUNG_THRESHOLD, 10, 10))
         self.assertIsInstance(service, MasterService)
         self.assertTrue(IService.providedBy(service))
         self.assertIs(service.config, options.config)

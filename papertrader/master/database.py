@@ -51,13 +51,15 @@ _SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Retries of a transaction that lost a serialization conflict (PostgreSQL).
 MAX_RETRIES = 10
 # Orders settled per transaction: order inserts wait at most about one chunk.
-CHUNK_ORDERS = 5000
+CHUNK_ORDERS = 10_000
 # SQLite's page cache per connection (the default, 2 MiB, makes settling a
 # queue of 100,000 orders or more grow faster than linearly).
 SQLITE_CACHE_MIB = 256
 # SQLite checkpoints its write-ahead log into the database after a commit that
-# leaves this many pages (4 KiB) in it; the commit waits for the checkpoint.
-SQLITE_WAL_AUTOCHECKPOINT = 4000
+# leaves this many pages (4 KiB) in it; the commit waits for the checkpoint.  A
+# chunk of a large settlement dirties thousands of pages: with SQLite's default
+# (1,000) nearly every chunk waited for one; with this, one every few chunks.
+SQLITE_WAL_AUTOCHECKPOINT = 16_000
 # Rows per multi-row statement on SQLite (it binds at most 32,766 values).
 _SQLITE_ROWS_PER_STATEMENT = 500
 
@@ -93,6 +95,7 @@ class Dialect:
     ``{identity}`` for generated keys and ``{real}`` for floating columns.
     ``order_writers_lock`` are the statements that open a transaction writing
     orders (queueing, settlement) so that such transactions run one at a time.
+    ``settlement_settings`` open each settlement chunk's transaction.
     With ``arrays``, bulk statements pass each column as one array parameter
     (``unnest``) and new ids come from the table's sequence; without, they are
     multi-row statements (or ``executemany``) and new ids follow the highest.
@@ -106,6 +109,7 @@ class Dialect:
     retry_errors: tuple[type[Exception], ...] = ()
     order_writers_lock: tuple[str, ...] = ()
     arrays: bool = False
+    settlement_settings: tuple[str, ...] = ()
 
     def sql(self, statement: str) -> str:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
@@ -145,6 +149,11 @@ def _postgresql_dialect() -> Dialect:
         # and sees everything the previous holder committed.
         order_writers_lock=("LOCK TABLE orders IN SHARE ROW EXCLUSIVE MODE",),
         arrays=True,
+        # A chunk joins a few thousand of its rows with whole tables (positions: one row per user
+        # and symbol held).  PostgreSQL's default costs choose to hash the whole table, scanning all
+        # of it for every chunk (10,000 users: 205,704 positions, 40 ms a chunk for 5,000 orders);
+        # looking each row up in the index is what makes a chunk's cost follow its size.
+        settlement_settings=("SET LOCAL enable_hashjoin = off", "SET LOCAL enable_mergejoin = off"),
     )
 
 
@@ -717,8 +726,11 @@ class Database:
         # does a retried transaction: it must not see what a rolled-back one reserved).
         before = {user_id: state.copy() for user_id, state in known.items()}
         named = Database._orders_named(txn, [o for o in orders if o.client_order_id is not None])
+        oldest_queued = Database._oldest_queued(txn)
         for _attempt in range(2):
-            results, accounts, rows = Database._plan_orders(txn, orders, prices, refuse_reason, now, before, named)
+            results, accounts, rows = Database._plan_orders(
+                txn, orders, prices, refuse_reason, now, before, named, oldest_queued
+            )
             if txn.insert_rows("orders", _ORDER_COLUMNS, rows, _ORDER_NAME_CONFLICT) == len(rows):
                 for user_id, state in before.items():
                     accounts.setdefault(user_id, state)
@@ -738,6 +750,7 @@ class Database:
         now: str,
         before: dict[int, AccountState],
         named: Mapping[tuple[int, str], tuple[int, str, str, int]],
+        oldest_queued: int | None,
     ) -> tuple[list[QueueOutcome], dict[int, AccountState], list[tuple]]:
         """Each order's outcome in batch order, the account states after them, and the rows to insert.
 
@@ -756,7 +769,7 @@ class Database:
             account = accounts.get(order.user_id)
             if account is None:
                 if order.user_id not in before:
-                    before[order.user_id] = Database._account_state(txn, order.user_id, prices)
+                    before[order.user_id] = Database._account_state(txn, order.user_id, prices, oldest_queued)
                 account = accounts[order.user_id] = before[order.user_id].copy()
             reason = refuse_reason(account, order, prices[order.symbol])
             if reason is not None:
@@ -802,13 +815,26 @@ class Database:
         }
 
     @staticmethod
-    def _account_state(txn: Cursor, user_id: int, prices: Mapping[str, int]) -> AccountState:
+    def _oldest_queued(txn: Cursor) -> int | None:
+        """The lowest id of a queued order (None: none is queued)."""
+        txn.execute("SELECT MIN(id) FROM orders WHERE status = 'queued'")
+        return txn.fetchone()[0]
+
+    @staticmethod
+    def _account_state(
+        txn: Cursor, user_id: int, prices: Mapping[str, int], oldest_queued: int | None
+    ) -> AccountState:
+        """The user's cash and shares, less what their queued orders claim (``oldest_queued``: see
+        `_oldest_queued`; the queue settles in id order, so a user's queued orders are among their
+        newest, found through their orders by id without an index of queued orders to keep up)."""
         cash, holdings = Database._portfolio(txn, user_id)
         state = AccountState(cash_cents=cash, holdings=holdings)
+        if oldest_queued is None:
+            return state
         txn.execute(
-            "SELECT side, symbol, SUM(quantity) FROM orders WHERE user_id = ? AND status = 'queued' "
+            "SELECT side, symbol, SUM(quantity) FROM orders WHERE user_id = ? AND id >= ? AND status = 'queued' "
             "GROUP BY side, symbol",
-            (user_id,),
+            (user_id, oldest_queued),
         )
         for side, symbol, total in txn.fetchall():
             quantity = int(total)  # PostgreSQL sums BIGINT as NUMERIC
@@ -881,42 +907,42 @@ class Database:
     def _settle_chunk(
         txn: Cursor, tick: OpenTick, after: int, limit: int, settle: Callable[..., list[Settlement]]
     ) -> SettledChunk:
-        queued: list[QueuedOrder] = []
+        for statement in txn.dialect.settlement_settings:
+            txn.execute(statement)
+        rows: list[Any] = []
         if tick.through_order_id is not None:
+            # Each order with its user's cash and what the user holds of its symbol: read together,
+            # in the same transaction as the writes.
             txn.execute(
-                "SELECT o.id, o.user_id, u.username, o.side, o.symbol, o.quantity FROM orders o "
-                "JOIN users u ON u.id = o.user_id WHERE o.status = 'queued' AND o.id > ? AND o.id <= ? "
-                "AND o.created_at <= ? ORDER BY o.id LIMIT ?",
+                "SELECT o.id, o.user_id, u.username, o.side, o.symbol, o.quantity, u.cash_cents, p.quantity "
+                "FROM orders o JOIN users u ON u.id = o.user_id "
+                "LEFT JOIN positions p ON p.user_id = o.user_id AND p.symbol = o.symbol "
+                "WHERE o.status = 'queued' AND o.id > ? AND o.id <= ? AND o.created_at <= ? ORDER BY o.id LIMIT ?",
                 (after, tick.through_order_id, tick.as_of, limit),
             )
-            queued = [QueuedOrder(*row) for row in txn.fetchall()]
-        done = len(queued) < limit or queued[-1].order_id == tick.through_order_id
+            rows = txn.fetchall()
+        done = len(rows) < limit or rows[-1][0] == tick.through_order_id
         settlements: list[Settlement] = []
-        if queued:
-            settlements = Database._settle_orders(txn, tick, queued, settle)
+        if rows:
+            settlements = Database._settle_orders(txn, tick, rows, settle)
         if done:
             txn.execute("UPDATE ticks SET settled = 1 WHERE id = ?", (tick.tick_id,))
-        return SettledChunk(settlements, queued[-1].order_id if queued else after, done)
+        return SettledChunk(settlements, rows[-1][0] if rows else after, done)
 
     @staticmethod
     def _settle_orders(
-        txn: Cursor, tick: OpenTick, queued: list[QueuedOrder], settle: Callable[..., list[Settlement]]
+        txn: Cursor, tick: OpenTick, rows: list[Any], settle: Callable[..., list[Settlement]]
     ) -> list[Settlement]:
-        """Settle ``queued`` at the tick's prices and write every outcome, trade, cash and position."""
-        users = sorted({(o.user_id,) for o in queued})
-        cash: dict[int, int] = dict(
-            txn.select_joined("SELECT u.id, u.cash_cents FROM {keys} JOIN users u ON u.id = k.id", _ID, users)
-        )
-        pairs = sorted({(o.user_id, o.symbol) for o in queued})
-        holdings: dict[tuple[int, str], int] = {
-            (user_id, symbol): quantity
-            for user_id, symbol, quantity in txn.select_joined(
-                "SELECT p.user_id, p.symbol, p.quantity FROM {keys} "
-                "JOIN positions p ON p.user_id = k.user_id AND p.symbol = k.symbol",
-                _POSITION_KEY,
-                pairs,
-            )
-        }
+        """Settle the orders of ``rows`` (see `_settle_chunk`) at the tick's prices and write every
+        outcome, trade, cash and position."""
+        queued: list[QueuedOrder] = []
+        cash: dict[int, int] = {}
+        holdings: dict[tuple[int, str], int] = {}
+        for order_id, user_id, username, side, symbol, quantity, cash_cents, held in rows:
+            queued.append(QueuedOrder(order_id, user_id, username, side, symbol, quantity))
+            cash[user_id] = cash_cents
+            if held is not None:
+                holdings[(user_id, symbol)] = held
         cash_before = dict(cash)
         holdings_before = dict(holdings)
         settlements = settle(queued, cash, holdings, tick.prices)

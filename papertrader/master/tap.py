@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -14,6 +15,12 @@ from papertrader.eventlog import BufferedFileLogObserver, EventLogService
 from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import SESSION_SWEEP_INTERVAL, MasterService, timeouts
 from papertrader.master.workers import LocalWorkers
+
+# Net new tracked objects between young garbage collections (Python's default: 700).  Settling a
+# tick keeps two objects per order alive until the tick is pushed (100,000 orders: 200,000), and
+# with the default the collector passes over them again and again as they pile up: building them
+# took twice as long.  With this, short-lived objects are freed by reference counting first.
+GC_YOUNG_THRESHOLD = 50_000
 
 
 class Options(usage.Options):
@@ -39,6 +46,7 @@ def makeService(options: Options) -> IService:
     """Wire the master: event log first (it starts first and stops last), then listener, local workers, loops."""
     from twisted.internet import reactor
 
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     config = options.config
     master = MasterService(config, reactor)
     events = BufferedFileLogObserver(

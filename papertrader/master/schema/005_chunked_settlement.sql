@@ -18,3 +18,10 @@ CREATE INDEX ticks_unsettled ON ticks (id) WHERE settled = 0;
 -- small as the queue and each settled order one index write cheaper.
 DROP INDEX orders_queued;
 CREATE INDEX orders_queued ON orders (id) WHERE status = 'queued';
+
+-- The queue settles in id order, so a user's queued orders are among their
+-- newest: the funds check finds them through orders_user (user_id, id) from
+-- the oldest queued order on.  The index of each user's queued orders goes:
+-- settling a chunk of orders removed entries from all over it, so every chunk
+-- rewrote most of its pages.
+DROP INDEX orders_user_queued;
