@@ -8,15 +8,24 @@ statements and keeps client order ids idempotent.
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import time
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
+from papertrader.client.library import connect
 from papertrader.master.database import TickUnsettled
 from papertrader.master.trading import ClientOrderIdReused, NewOrder, Settlement, refuse_reason, settle_orders
 from papertrader.timestamps import iso
-from tests.databases import query
+from tests.databases import fresh_database_url, query
+from tests.processes import RunningDeployment
+from tests.support import PASSWORD
 from tests.test_backends import BackendFixture
 
 PRICES = {"AAPL": 19_000, "KO": 6_000}
@@ -257,9 +266,6 @@ class ChunkedSettlementMixin(BackendFixture):
 
 def _turn() -> Deferred:
     """Let the reactor run once (the real pool answers from its threads)."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
     return deferLater(reactor, 0.001, lambda: None)
 
 
@@ -274,3 +280,104 @@ class PostgreSQLChunkedSettlementTests(ChunkedSettlementMixin, TestCase):
 
     backend = "postgresql"
 
+
+
+SEEDED = 40_000
+E2E_CHUNK = 10
+
+
+class RunningChunkedSettlementMixin:
+    """A real master (twistd, local worker, TLS) settling a large queue in many small chunks."""
+
+    backend: str
+    timeout = 300
+    log = Logger()
+
+    @inlineCallbacks
+    def test_order_acknowledged_during_a_long_settlement(self) -> Any:
+        """A client's order placed while the master settles a large queue is acknowledged before the
+        settlement ends, stored, and settled at the next update, not that one."""
+        url = fresh_database_url(self, self.backend)
+        deployment = RunningDeployment(
+            self.mktemp(),
+            "--database", url,
+            "--update-interval", "3600",
+            "--settlement-chunk-orders", str(E2E_CHUNK),
+            "--starting-cash", "100000000.00",
+            log_to_stdout=True,
+        )
+        self.addCleanup(deployment.stop)
+        yield deployment.start()
+        host, port = deployment.worker_address()
+        ca = os.path.join(deployment.data, "tls", "ca.pem")
+        client = yield connect(reactor, host, port, ca)
+        yield client.register("alice", "alice@example.com", PASSWORD)
+        yield client.login("alice", PASSWORD)
+        token = client.token
+        client.close()
+        yield deployment.stop()
+
+        # Queue many orders while the master is down: its first update after starting settles them.
+        [(user_id,)] = query(url, "SELECT id FROM users WHERE username = 'alice'")
+        _seed(url, user_id, SEEDED, iso(time.time() - 60))
+        settling = deployment.spawn().wait_for(b"orders settled so far")
+        yield settling
+        yield deployment.wait_until_serving()
+        host, port = deployment.worker_address()
+        client = yield connect(reactor, host, port, ca)
+        self.addCleanup(client.close)
+        yield client.login_with_token(token)
+        answer = yield client.buy("KO", 1)
+        [(still_queued,)] = query(url, "SELECT COUNT(*) FROM orders WHERE worker = 'seed' AND status = 'queued'")
+        self.log.info("when the order was acknowledged {queued} seeded orders were queued", queued=still_queued)
+        self.assertGreater(still_queued, 0, "the order was acknowledged while the queue was settling")
+        order_id = answer["order_id"]
+        self.assertEqual(query(url, "SELECT status FROM orders WHERE id = ?", order_id), [("queued",)])
+
+        for _ in range(6000):
+            if query(url, "SELECT COUNT(*) FROM orders WHERE worker = 'seed' AND status = 'queued'") == [(0,)]:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        [(tick,)] = query(url, "SELECT DISTINCT tick_id FROM orders WHERE worker = 'seed'")
+        self.assertEqual(query(url, "SELECT status, tick_id FROM orders WHERE id = ?", order_id), [("queued", None)])
+
+        # The next update (the first after a restart) settles it.
+        yield deployment.stop()
+        deployment.spawn()
+        for _ in range(600):
+            if query(url, "SELECT status FROM orders WHERE id = ?", order_id) != [("queued",)]:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(
+            query(url, "SELECT status, tick_id FROM orders WHERE id = ?", order_id), [("filled", tick + 1)]
+        )
+
+
+def _seed(url: str, user_id: int, count: int, created_at: str) -> None:
+    """Store ``count`` queued buys of one KO share for ``user_id`` straight into the database."""
+    rows = [(user_id, "buy", "KO", 1, "queued", created_at, created_at, "127.0.0.1:1", "seed")] * count
+    insert = (
+        "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, client_address, "
+        "worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    if url.startswith("sqlite:"):
+        with sqlite3.connect(url[len("sqlite:///") :]) as connection:
+            connection.executemany(insert, rows)
+        connection.close()
+        return
+    import psycopg
+
+    with psycopg.connect(url) as connection:
+        connection.cursor().executemany(insert.replace("?", "%s"), rows)
+
+
+class SQLiteRunningChunkedSettlementTests(RunningChunkedSettlementMixin, TestCase):
+    """A real deployment on SQLite."""
+
+    backend = "sqlite"
+
+
+class PostgreSQLRunningChunkedSettlementTests(RunningChunkedSettlementMixin, TestCase):
+    """A real deployment on PostgreSQL."""
+
+    backend = "postgresql"
