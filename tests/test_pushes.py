@@ -27,6 +27,7 @@ from papertrader.protocol import (
 )
 from papertrader.slices import SlicedWork
 from papertrader.stalls import STALL_MONITOR_ENV, StallMonitor, interval_from_environment
+from papertrader.wire import PEER_LOG
 from papertrader.worker import clients as worker_clients
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ALL_PRICES, ClientFactory, ClientLocator, ClientRegistry
@@ -224,6 +225,7 @@ class SlowClientTests(SynchronousTestCase):
     """A client that does not read costs the worker a bounded amount of memory."""
 
     def setUp(self) -> None:
+        PEER_LOG.__init__()  # a fresh log budget: lines other tests caused must not hide this one's
         self.clock = Clock()
         cache = QuoteCache()
         self.clients = ClientRegistry(self.clock)
