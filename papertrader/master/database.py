@@ -95,7 +95,9 @@ class Dialect:
     ``{identity}`` for generated keys and ``{real}`` for floating columns.
     ``order_writers_lock`` are the statements that open a transaction writing
     orders (queueing, settlement) so that such transactions run one at a time.
-    ``settlement_settings`` open each settlement chunk's transaction.
+    ``settlement_settings`` open each settlement chunk's transaction;
+    ``outcome_settings`` precede the statement that stores a chunk's outcomes,
+    the chunk's last.
     With ``arrays``, bulk statements pass each column as one array parameter
     (``unnest``) and new ids come from the table's sequence; without, they are
     multi-row statements (or ``executemany``) and new ids follow the highest.
@@ -110,6 +112,7 @@ class Dialect:
     order_writers_lock: tuple[str, ...] = ()
     arrays: bool = False
     settlement_settings: tuple[str, ...] = ()
+    outcome_settings: tuple[str, ...] = ()
 
     def sql(self, statement: str) -> str:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
@@ -154,6 +157,12 @@ def _postgresql_dialect() -> Dialect:
         # of it for every chunk (10,000 users: 205,704 positions, 40 ms a chunk for 5,000 orders);
         # looking each row up in the index is what makes a chunk's cost follow its size.
         settlement_settings=("SET LOCAL enable_hashjoin = off", "SET LOCAL enable_mergejoin = off"),
+        # The outcomes join a chunk's orders (an id range) with as many outcome rows.  Statistics
+        # taken before the queue grew (autovacuum analyzes late) put almost no rows in that range,
+        # and without hash joins the plan then read every outcome again for each order: 20 s for
+        # a chunk of 10,000, over a minute for 100,000 queued orders.  A hash join is linear
+        # whatever the estimates; it is the chunk's last statement, so the setting stays there.
+        outcome_settings=("SET LOCAL enable_hashjoin = on",),
     )
 
 
@@ -332,6 +341,24 @@ def _unnest(columns: Columns) -> str:
 
 def _column_arrays(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows)]
+
+
+def outcomes_statement(first: int, last: int) -> str:
+    """PostgreSQL's one statement storing a chunk's outcomes (orders ``first`` to ``last``): it
+    settles the orders still queued and makes the trades from them, so only the outcomes travel
+    (psycopg dumps long arrays slowly); parameters: the `_OUTCOME` arrays, tick id, time, time."""
+    return (
+        f"WITH k AS (SELECT * FROM {_unnest(_OUTCOME)}), "
+        "settled AS (UPDATE orders SET status = k.status, reason = k.reason, tick_id = ?, "
+        "price_cents = k.price_cents, settled_at = ? FROM k WHERE orders.id = k.id "
+        f"AND orders.status = 'queued' AND orders.id BETWEEN {first} AND {last} "
+        "RETURNING orders.id, orders.user_id, orders.side, orders.symbol, orders.quantity, k.status, "
+        "k.price_cents, k.total_cents, k.cash_after_cents), "
+        "trades AS (INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, "
+        "total_cents, cash_after_cents, settled_at) SELECT user_id, id, side, symbol, quantity, price_cents, "
+        "total_cents, cash_after_cents, ? FROM settled WHERE status = 'filled' ORDER BY id RETURNING 1) "
+        "SELECT (SELECT COUNT(*) FROM settled), (SELECT COUNT(*) FROM trades)"
+    )
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -947,7 +974,6 @@ class Database:
         holdings_before = dict(holdings)
         settlements = settle(queued, cash, holdings, tick.prices)
 
-        Database._write_outcomes(txn, tick, queued, settlements)
         txn.update_rows(
             "users",
             _ID,
@@ -965,6 +991,7 @@ class Database:
             "positions", _POSITION, [(*key, q) for key, q in changed if q > 0 and key not in holdings_before]
         )
         txn.delete_rows("positions", _POSITION_KEY, [key for key, q in changed if q == 0 and key in holdings_before])
+        Database._write_outcomes(txn, tick, queued, settlements)
         return settlements
 
     @staticmethod
@@ -974,19 +1001,10 @@ class Database:
         # The id range lets PostgreSQL read just these orders' part of the table.
         first, last = int(queued[0].order_id), int(queued[-1].order_id)
         if txn.dialect.arrays:
-            # One statement: the trades are made from the orders it settles, so
-            # only the outcomes travel (psycopg dumps long arrays slowly).
+            for statement in txn.dialect.outcome_settings:
+                txn.execute(statement)
             txn.execute(
-                f"WITH k AS (SELECT * FROM {_unnest(_OUTCOME)}), "
-                "settled AS (UPDATE orders SET status = k.status, reason = k.reason, tick_id = ?, "
-                "price_cents = k.price_cents, settled_at = ? FROM k WHERE orders.id = k.id "
-                f"AND orders.status = 'queued' AND orders.id BETWEEN {first} AND {last} "
-                "RETURNING orders.id, orders.user_id, orders.side, orders.symbol, orders.quantity, k.status, "
-                "k.price_cents, k.total_cents, k.cash_after_cents), "
-                "trades AS (INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, "
-                "total_cents, cash_after_cents, settled_at) SELECT user_id, id, side, symbol, quantity, price_cents, "
-                "total_cents, cash_after_cents, ? FROM settled WHERE status = 'filled' ORDER BY id RETURNING 1) "
-                "SELECT (SELECT COUNT(*) FROM settled), (SELECT COUNT(*) FROM trades)",
+                outcomes_statement(first, last),
                 (
                     *_column_arrays(
                         [
