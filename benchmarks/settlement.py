@@ -170,7 +170,7 @@ def _setup(txn: Cursor, workload: Workload, analyze: bool) -> list[int]:
 
 def _create_bench_table(txn: Cursor) -> None:
     """``bench_orders``: the ``orders`` CREATE TABLE statement under another name."""
-    for _version, script in schema_files():
+    for _version, script in schema_files(txn.dialect.name):
         for statement in txn.dialect.schema_statements(script):
             if statement.startswith("CREATE TABLE orders ("):
                 txn.execute(statement.replace("CREATE TABLE orders (", "CREATE TABLE bench_orders (", 1))

@@ -60,7 +60,7 @@ class BackendTestsMixin(BackendFixture):
     @inlineCallbacks
     def test_schema_version(self) -> Any:
         """The schema is at the newest version, re-applying is a no-op, and a newer database is refused."""
-        newest = schema_files()[-1][0]
+        newest = schema_files(self.database.dialect.name)[-1][0]
         version = yield self.open().migrate()
         self.assertEqual(version, newest)
         self.assertEqual(query(self.url, "SELECT MAX(version) FROM schema_version"), [(newest,)])
@@ -239,3 +239,20 @@ class PostgreSQLTests(BackendTestsMixin, TestCase):
     """The backend tests on PostgreSQL."""
 
     backend = "postgresql"
+
+    def test_foreign_keys(self) -> None:
+        """The rows a settlement writes (an order's tick, a trade's user and order) are not checked
+        against their parents (schema 6: half of storing the outcomes); the others are."""
+        found = query(
+            self.url,
+            "SELECT conrelid::regclass::text, conname FROM pg_constraint WHERE contype = 'f' ORDER BY 1, 2",
+        )
+        self.assertEqual(
+            found,
+            [
+                ("orders", "orders_user_id_fkey"),
+                ("positions", "positions_user_id_fkey"),
+                ("prices", "prices_tick_id_fkey"),
+                ("sessions", "sessions_user_id_fkey"),
+            ],
+        )

@@ -37,6 +37,18 @@ class SchemaTests(TestCase):
             versions = connection.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
             self.assertEqual(versions, [(version,) for version, _ in schema_files()])
 
+    def test_every_database_has_every_version(self) -> None:
+        """SQLite and PostgreSQL have a script for each version, 1 to the newest, so one version
+        number means the same schema on both; where a version has per-database scripts they
+        differ from each other."""
+        sqlite, postgresql = schema_files("sqlite"), schema_files("postgresql")
+        versions = [version for version, _ in sqlite]
+        self.assertEqual(versions, list(range(1, len(versions) + 1)))
+        self.assertEqual([version for version, _ in postgresql], versions)
+        self.assertIn("DROP CONSTRAINT transactions_order_id_fkey", dict(postgresql)[6])
+        self.assertNotIn("DROP CONSTRAINT", dict(sqlite)[6])
+        self.assertEqual(dict(sqlite)[5], dict(postgresql)[5])
+
     @inlineCallbacks
     def test_newer_schema_refused(self) -> Any:
         """A database from a newer PaperTrader is refused with a clear message and left alone."""
@@ -55,7 +67,7 @@ class SchemaTests(TestCase):
         path = os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite")
         yield self.open(path).migrate()
         extra = schema_files() + [(schema_files()[-1][0] + 1, "CREATE TABLE upgrade_marker (x INTEGER);")]
-        self.patch(database_module, "schema_files", lambda: extra)
+        self.patch(database_module, "schema_files", lambda dialect: extra)
         version = yield self.open(path).migrate()
         self.assertEqual(version, extra[-1][0])
         with sqlite3.connect(path) as connection:

@@ -47,7 +47,9 @@ from papertrader.master.trading import (
 )
 from papertrader.paging import Page, encode_cursor, page_count
 
-_SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+# NNN_name.sql serves every database; NNN_name.sqlite.sql or NNN_name.postgresql.sql one of them
+# (where one script cannot serve both: each then has its own file of that version).
+_SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+(?:\.(sqlite|postgresql))?\.sql$")
 # Retries of a transaction that lost a serialization conflict (PostgreSQL).
 MAX_RETRIES = 10
 # Orders settled per transaction: order inserts wait at most about one chunk.
@@ -76,15 +78,19 @@ class TickUnsettled(Exception):
     """A new tick was to be recorded while an earlier one is not settled yet: finish that one first."""
 
 
-def schema_files() -> list[tuple[int, str]]:
-    """The versioned schema scripts shipped with the package, in order."""
+def schema_files(dialect: str = "sqlite") -> list[tuple[int, str]]:
+    """The versioned schema scripts shipped with the package for the database named ``dialect``
+    ("sqlite" or "postgresql"), in order."""
     folder = importlib.resources.files("papertrader.master.schema")
-    found = []
+    found: dict[int, tuple[str, str]] = {}
     for entry in folder.iterdir():
         match = _SCHEMA_FILE.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+        if match and match.group(2) in (None, dialect):
+            version = int(match.group(1))
+            if version in found:
+                raise RuntimeError(f"two schema files of version {version}: {found[version][0]} and {entry.name}")
+            found[version] = (entry.name, entry.read_text(encoding="utf-8"))
+    return [(version, script) for version, (_, script) in sorted(found.items())]
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -535,7 +541,7 @@ class Database:
 
     @staticmethod
     def _migrate(cursor: Cursor) -> int:
-        files = schema_files()  # package files: read here, in the pool's thread
+        files = schema_files(cursor.dialect.name)  # package files: read here, in the pool's thread
         if cursor.dialect is SQLITE:
             cursor.execute("BEGIN IMMEDIATE")  # make DDL part of the transaction
         cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

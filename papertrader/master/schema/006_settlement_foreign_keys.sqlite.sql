@@ -1,0 +1,7 @@
+-- PaperTrader schema version 6 (SQLite): nothing changes.
+-- On PostgreSQL this version drops the foreign-key checks on the rows a
+-- settlement writes (see 006_settlement_foreign_keys.postgresql.sql).  On
+-- SQLite a check is one lookup by primary key: every foreign key together
+-- costs about a sixth of settling 100,000 orders (1.62 s against 1.39 s with
+-- none checked), which keeps settlement within its target, while dropping one
+-- would mean rebuilding the orders and transactions tables.  So they stay.
