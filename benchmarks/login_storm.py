@@ -17,7 +17,7 @@ process, before any load).  Also printed: how many logins were told BUSY.
 Run it from a source checkout::
 
     python benchmarks/login_storm.py [--orders K] [--users U] [--rounds R] [--bcrypt-cost C]
-        [--hashing-processes P]
+        [--hashing-processes P] [--hashing-nice N]
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--rounds", type=_positive, default=3, help="idle + storm rounds (3)")
     parser.add_argument("--bcrypt-cost", type=int, default=12, help="the master's bcrypt cost (12)")
     parser.add_argument("--hashing-processes", type=int, default=0, help="the master's hashing_processes (0)")
+    parser.add_argument("--hashing-nice", type=int, default=10, help="the master's hashing_nice (10)")
     options = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = tempfile.mkdtemp(prefix="papertrader-storm-")
@@ -239,6 +240,7 @@ def main(argv: Sequence[str]) -> None:
                 "--update-interval", "3600",
                 "--bcrypt-cost", str(options.bcrypt_cost),
                 "--hashing-processes", str(options.hashing_processes),
+                "--hashing-nice", str(options.hashing_nice),
                 "--registrations-per-address-per-hour", "100000",
                 "--login-address-failures-allowed", "100000",
                 "--max-order-quantity", "1000000",

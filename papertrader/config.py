@@ -70,6 +70,7 @@ class MasterConfig:
     max_connections: int = 10_000
     hashing_processes: int = 0
     hashing_queue: int = 32
+    hashing_nice: int = 10
     # Same defaults as CHUNK_ORDERS, SQLITE_CACHE_MIB and SQLITE_WAL_AUTOCHECKPOINT in papertrader.master.database.
     settlement_chunk_orders: int = 10_000
     sqlite_cache_mib: int = 256
@@ -156,6 +157,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_connections": ("max_connections", _int_in(1, 1_000_000)),
     "hashing_processes": ("hashing_processes", _int_in(0, 256)),
     "hashing_queue": ("hashing_queue", _int_in(1, 100_000)),
+    "hashing_nice": ("hashing_nice", _int_in(0, 19)),
     "settlement_chunk_orders": ("settlement_chunk_orders", _int_in(1, 1_000_000)),
     "sqlite_cache_mib": ("sqlite_cache_mib", _int_in(1, 1_048_576)),
     "sqlite_wal_autocheckpoint": ("sqlite_wal_autocheckpoint", _int_in(100, 10_000_000)),

@@ -124,11 +124,27 @@ class ChildProcessTests(TestCase):
         hashed = yield pool.run(bcrypt.hashpw, b"secret", bcrypt.gensalt(4))
         self.assertTrue((yield pool.run(bcrypt.checkpw, b"secret", hashed)))
         self.assertFalse((yield pool.run(bcrypt.checkpw, b"guess", hashed)))
-        [child] = pool._children
-        ended: Deferred[None] = Deferred()
-        child.processEnded = lambda reason: ended.callback(None)  # type: ignore[method-assign]
-        pool.close()  # as the master's death would: its end of the pipe closes
-        yield ended.addTimeout(60, reactor)
+        yield closed(pool)
+
+
+    @inlineCallbacks
+    def test_children_yield_to_the_order_path(self) -> Any:
+        """The children run ``nice`` steps below the master, so a storm of logins cannot take the
+        CPU from orders; by default 10."""
+        pool = HashingPool(reactor, 1, 4, nice=5)
+        niceness = yield pool.run(os.nice, 0)
+        yield closed(pool)
+        self.assertEqual(niceness, min(19, os.nice(0) + 5))
+        self.assertEqual(HashingPool(reactor)._command[-2:], ["--nice", "10"])
+
+
+def closed(pool: HashingPool) -> Deferred[None]:
+    """Close ``pool``, whose one child is running; fires when the child has ended."""
+    [child] = pool._children
+    ended: Deferred[None] = Deferred()
+    child.processEnded = lambda reason: ended.callback(None)  # type: ignore[method-assign]
+    pool.close()  # as the master's death would: its end of the pipe closes
+    return ended.addTimeout(60, reactor)
 
 
 class BusyThroughTheWorkerTests(SynchronousTestCase):

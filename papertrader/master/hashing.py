@@ -12,7 +12,10 @@ Each child is ``python -m papertrader.master.hashing``, started with
 ``spawnProcess``: it reads framed requests on its standard input and answers
 on its standard output, one at a time, and exits when its standard input
 closes -- so it ends with the master however the master ends (kill -9
-included), and it inherits no other descriptor of the master's.
+included), and it inherits no other descriptor of the master's.  The children
+run at a lower scheduling priority (``nice``, default 10): when the machine is
+short of CPU the order path (master, workers, database) goes first and logins
+take longer, instead of every order waiting behind a storm of logins.
 """
 
 from __future__ import annotations
@@ -109,11 +112,12 @@ class HashingPool:
         processes: int | None = None,
         max_pending: int | None = None,
         command: list[str] | None = None,
+        nice: int = 10,
     ) -> None:
         self._reactor = reactor
         self.processes = processes or default_processes()
         self.max_pending = max_pending or 16 * self.processes
-        self._command = command or [sys.executable, "-m", "papertrader.master.hashing"]
+        self._command = command or [sys.executable, "-m", "papertrader.master.hashing", "--nice", str(nice)]
         self._children: list[_Child] = []
         self._idle_children: list[_Child] = []
         self._waiting: collections.deque[tuple[bytes, Deferred[Any]]] = collections.deque()
@@ -196,5 +200,12 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
         answers.flush()
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> None:
+    """A hashing child: ``[--nice N]`` lowers its priority by N, then it serves until its input ends."""
+    if argv[:1] == ["--nice"]:
+        os.nice(int(argv[1]))
     serve(sys.stdin.buffer, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

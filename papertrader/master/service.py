@@ -104,7 +104,9 @@ class MasterService(service.MultiService):
         self.database = Database.open(
             config.database, config.data_dir, config.sqlite_cache_mib, config.sqlite_wal_autocheckpoint
         )
-        self.hashing = HashingPool(self.reactor, config.hashing_processes or None, config.hashing_queue)
+        self.hashing = HashingPool(
+            self.reactor, config.hashing_processes or None, config.hashing_queue, nice=config.hashing_nice
+        )
         self.accounts = Accounts(
             self.database,
             self.reactor,
