@@ -16,6 +16,10 @@ whatever a peer sends costs bounded memory and bounded log space:
   silent for its idle timeout;
 - every log line caused by a peer goes through one `LogLimiter`, so a flood
   of peers cannot flood the logs either.
+
+`BoundedWrites` adds the other direction, for connections that are sent
+pushes: a peer that does not read what it is sent cannot make this process
+hold an unbounded backlog for it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import attr
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
@@ -336,6 +340,78 @@ class GuardedAMP(amp.AMP):
         """Close after what was already written (the connection may have ended meanwhile)."""
         if self.transport is not None:
             self.transport.loseConnection()
+
+
+@implementer(IPushProducer)
+class BoundedWrites(GuardedAMP):
+    """A guarded connection that is its transport's producer and bounds what waits to be sent.
+
+    While the transport says its buffer is full (``pauseProducing``) every byte
+    written counts, and a peer that still does not read after
+    ``max_unsent_bytes`` more is cut off (one log line): what it was not
+    reading would otherwise pile up in this process without limit.  Pushes go
+    through `write`; answers (`sendBox`) count too.
+    """
+
+    max_unsent_bytes = 256 * 1024
+    paused = False
+    _unsent = 0
+    _producing = False
+    _cut_off_slow = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.registerProducer(self, True)
+        self._producing = True
+
+    def connectionLost(self, reason: Any) -> None:
+        self._producing = False
+        super().connectionLost(reason)
+
+    def close(self) -> None:
+        # A TLS transport does not close while a producer is registered.
+        if self._producing and self.transport is not None:
+            self._producing = False
+            self.transport.unregisterProducer()
+        super().close()
+
+    # ------------------------------------------------------------ IPushProducer: the transport's "stop" and "go"
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._unsent = 0
+
+    def stopProducing(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ writing
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
+            super().sendBox(box)
+            return
+        self.write(box.serialize())
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` (say, a push encoded once for many connections), or cut off a peer that does not read."""
+        if self._cut_off_slow or self.transport is None:
+            return
+        self.transport.write(data)
+        if not self.paused:
+            return
+        self._unsent += len(data)
+        if self._unsent > self.max_unsent_bytes:
+            self._cut_off_slow = True
+            self.note(
+                "warn",
+                "{peer} does not read what it is sent ({size} bytes waiting past its full buffer); "
+                "closing the connection",
+                size=self._unsent,
+            )
+            self.transport.abortConnection()
 
 
 def _argument_problem(error: Exception) -> str:

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from papertrader import protocol
 from papertrader.errors import DataFailed
 from papertrader.master import workers as master_workers
+from papertrader.master.protocol import MAX_WORKER_UNSENT_BYTES, MasterLocator, WorkerAMP
 from papertrader.master.trading import QueuedOrder, Settlement
 from papertrader.master.workers import WorkerRegistry
 from papertrader.protocol import (
@@ -317,6 +318,9 @@ class FakeWorker:
     def __init__(self) -> None:
         self.transport = StringTransport()
 
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
     def pushes(self) -> list[tuple[type[amp.Command], dict[str, Any]]]:
         return parse_pushes(self.transport.value())
 
@@ -403,6 +407,67 @@ class MasterRoutingTests(SynchronousTestCase):
         self.assertLessEqual(max(len(p["updates"]) for c, p in w1.pushes() if c is OrderUpdates), MAX_UPDATES_PER_BOX)
         self.assertEqual([u["order_id"] for u in pushed], [i for i in range(5000) if i % 3 != 2])
         self.assertEqual({len(u.get("reason", "")) for u in pushed}, {0, protocol.MAX_ORDER_REASON})
+
+
+class SlowWorkerTests(SynchronousTestCase):
+    """A worker that stops reading its pushes costs the master a bounded amount of memory."""
+
+    def setUp(self) -> None:
+        PEER_LOG.__init__()  # a fresh log budget: lines other tests caused must not hide this one's
+        self.clock = Clock()
+        self.registry = WorkerRegistry(self.clock, slice_size=1000)
+        self.lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "does not read" in event.get("log_format", ""):
+                self.lines.append(event["log_format"])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def worker(self, name: str, max_unsent_bytes: int) -> tuple[WorkerAMP, StringTransport]:
+        """A real worker connection at the master, serving alice, written into a StringTransport."""
+        connection = WorkerAMP(MasterLocator(None, self.registry, 30), clock=self.clock)  # type: ignore[arg-type]
+        connection.max_unsent_bytes = max_unsent_bytes
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.8", 2048))
+        connection.makeConnection(transport)
+        self.registry.workers[name] = connection
+        self.registry.serves(connection, "alice")
+        return connection, transport
+
+    def test_is_its_transports_producer(self) -> None:
+        """The connection hears "buffer full" from its transport; the bound is far above a big settlement."""
+        connection, transport = self.worker("w1", MAX_WORKER_UNSENT_BYTES)
+        self.assertIs(transport.producer, connection)
+        self.assertGreaterEqual(MAX_WORKER_UNSENT_BYTES, 64 * 1024 * 1024)
+
+    def test_worker_that_does_not_read_is_cut_off(self) -> None:
+        """Past its bound a paused worker is aborted, with one log line; one that reads gets every update."""
+        slow, slow_transport = self.worker("slow", 100_000)
+        _, fast_transport = self.worker("fast", 100_000)
+        slow.pauseProducing()
+        settlements = [settlement(i, "alice", "r" * 200) for i in range(2_000)]
+        self.registry.broadcast_tick(5, "t5", PRICES, settlements)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertTrue(slow_transport.disconnected)  # aborted: what is waiting will never be read
+        self.assertLess(len(slow_transport.value()), 100_000 + MAX_UPDATE_BYTES + 1_000)
+        self.assertEqual(len(self.lines), 1)
+        received = [u for c, p in parse_pushes(fast_transport.value()) if c is OrderUpdates for u in p["updates"]]
+        self.assertEqual(len(received), 2_000)
+        self.assertFalse(fast_transport.disconnecting)
+
+    def test_resumed_worker_starts_a_fresh_budget(self) -> None:
+        """A worker that drains its buffer between settlements is never judged slow."""
+        connection, transport = self.worker("w1", 100_000)
+        for tick in range(5):
+            connection.pauseProducing()
+            self.registry.broadcast_tick(tick, "t", PRICES, [settlement(i, "alice", "r" * 200) for i in range(300)])
+            self.clock.advance(0)
+            self.clock.advance(0)
+            connection.resumeProducing()
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.lines, [])
 
 
 class SubscriptionTests(SynchronousTestCase):

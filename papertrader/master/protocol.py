@@ -49,7 +49,11 @@ from papertrader.protocol import (
 )
 from papertrader.timestamps import iso
 from papertrader.tls import peer_common_name
-from papertrader.wire import AnswersHeartbeats, GuardedAMP, GuardedFactory
+from papertrader.wire import AnswersHeartbeats, BoundedWrites, GuardedFactory
+
+# What a worker may leave unread past its full buffer before it is cut off: far
+# more than the order updates of a large settlement (100,000 orders: about 10 MiB).
+MAX_WORKER_UNSENT_BYTES = 64 * 1024 * 1024
 
 
 def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
@@ -295,10 +299,15 @@ def _result(result: Any) -> OrderResult:
     return OrderResult.queued(order_id, username)
 
 
-class WorkerAMP(GuardedAMP):
-    """A worker's connection: guarded, kept alive by heartbeats, and in the registry while it lasts."""
+class WorkerAMP(BoundedWrites):
+    """A worker's connection: guarded, kept alive by heartbeats, and in the registry while it lasts.
+
+    A worker that stops reading its pushes is cut off once ``max_unsent_bytes``
+    wait past its full buffer (then it reconnects and says again whom it serves).
+    """
 
     locator: MasterLocator
+    max_unsent_bytes = MAX_WORKER_UNSENT_BYTES
 
     def established(self) -> bool:
         return self.locator.worker is not None

@@ -20,7 +20,6 @@ from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
-from twisted.protocols import amp
 
 from papertrader.errors import WorkerRefused
 from papertrader.eventlog import EventLogger
@@ -36,6 +35,7 @@ from papertrader.protocol import (
     push_bytes,
 )
 from papertrader.slices import SlicedWork
+from papertrader.wire import BoundedWrites
 
 # Settled orders routed (and their updates packed) in one reactor turn.
 ROUTE_SLICE = 2000
@@ -54,15 +54,15 @@ class WorkerRegistry:
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
-        self.workers: dict[str, amp.AMP] = {}
+        self.workers: dict[str, BoundedWrites] = {}
         self._claiming: set[str] = set()
         # Which connections serve which users (learned from logins, orders and ServedUsers), both ways.
-        self._serving: dict[str, set[amp.AMP]] = {}
-        self._users_of: dict[amp.AMP, set[str]] = {}
+        self._serving: dict[str, set[BoundedWrites]] = {}
+        self._users_of: dict[BoundedWrites, set[str]] = {}
         self.work = SlicedWork(clock, slice_size)
 
     @inlineCallbacks
-    def claim(self, name: str, connection: amp.AMP, ping_timeout: float) -> Any:
+    def claim(self, name: str, connection: BoundedWrites, ping_timeout: float) -> Any:
         """Register ``connection`` as worker ``name``; WorkerRefused if a live connection holds the name."""
         if name in self._claiming:
             raise WorkerRefused(f"another connection is claiming the name {name!r} right now")
@@ -90,12 +90,12 @@ class WorkerRegistry:
             raise WorkerRefused(f"another connection took the name {name!r} meanwhile")
         self.workers[name] = connection
 
-    def _answers_ping(self, connection: amp.AMP, timeout: float) -> Deferred[bool]:
+    def _answers_ping(self, connection: BoundedWrites, timeout: float) -> Deferred[bool]:
         d = connection.callRemote(Ping)
         d.addTimeout(timeout, self._clock)
         return d.addCallbacks(lambda _: True, lambda _: False)
 
-    def remove(self, name: str, connection: amp.AMP) -> None:
+    def remove(self, name: str, connection: BoundedWrites) -> None:
         """Forget ``connection`` (it ended): its name, if it still holds it, and the users it served."""
         for username in self._users_of.pop(connection, ()):
             connections = self._serving.get(username)
@@ -107,7 +107,7 @@ class WorkerRegistry:
             del self.workers[name]
             self.log.info("worker {name} disconnected", name=name)
 
-    def serves(self, connection: amp.AMP, username: str) -> None:
+    def serves(self, connection: BoundedWrites, username: str) -> None:
         """Note that ``connection`` (a worker) has a client acting for ``username``.
 
         Kept until the connection ends: a user who logged out there costs a wasted push, no more.
@@ -119,7 +119,7 @@ class WorkerRegistry:
             users.add(username)
             self._serving.setdefault(username, set()).add(connection)
 
-    def serving(self, username: str) -> set[amp.AMP]:
+    def serving(self, username: str) -> set[BoundedWrites]:
         """The worker connections that serve ``username``."""
         return set(self._serving.get(username, ()))
 
@@ -139,12 +139,11 @@ class WorkerRegistry:
         rows = [{"symbol": symbol, "price_cents": cents} for symbol, cents in prices.items()]
         data = push_bytes(PriceTick, tick=tick, as_of=as_of, prices=rows)
         for connection in list(self.workers.values()):
-            if connection.transport is not None:
-                connection.transport.write(data)
+            connection.write(data)
             yield None
 
     def _update_writes(self, settled_at: str, settlements: list[Settlement]) -> Iterator[None]:
-        boxes: dict[amp.AMP, _UpdateBox] = {}
+        boxes: dict[BoundedWrites, _UpdateBox] = {}
         for settlement in settlements:
             connections = self._serving.get(settlement.order.username)
             if connections:
@@ -176,9 +175,9 @@ class _UpdateBox:
         self.rows.append(row)
         self.size += len(row) + 1
 
-    def send(self, connection: amp.AMP, settled_at: str) -> None:
+    def send(self, connection: BoundedWrites, settled_at: str) -> None:
         if self.rows and connection.transport is not None:
-            connection.transport.write(push_bytes(OrderUpdates, settled_at=settled_at, updates=pack_updates(self.rows)))
+            connection.write(push_bytes(OrderUpdates, settled_at=settled_at, updates=pack_updates(self.rows)))
         self.rows = []
         self.size = 0
 

@@ -16,9 +16,8 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, returnValue, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
-from zope.interface import implementer
 
 from papertrader.errors import (
     DataFailed,
@@ -58,7 +57,7 @@ from papertrader.protocol import (
 )
 from papertrader.slices import SlicedWork
 from papertrader.timestamps import iso
-from papertrader.wire import AnswersHeartbeats, GuardedAMP, GuardedFactory
+from papertrader.wire import AnswersHeartbeats, BoundedWrites, GuardedFactory
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
@@ -417,24 +416,18 @@ class ClientLocator(AnswersHeartbeats):
         return {"order_id": result.order_id}
 
 
-@implementer(IPushProducer)
-class ClientAMP(GuardedAMP):
+class ClientAMP(BoundedWrites):
     """One client's connection: guarded (see `papertrader.wire`), registered while it lasts.
 
-    A connection with a session may stay quiet longer than one without.  It is
-    its transport's producer: while the transport says its buffer is full
-    (``pauseProducing``) price ticks are not written -- the latest one is sent
-    once it drains -- and a client that still does not read after
-    ``max_unsent_bytes`` more is cut off.
+    A connection with a session may stay quiet longer than one without.  While
+    its transport's buffer is full price ticks are not written -- the latest
+    one is sent once it drains -- and a client that still does not read after
+    ``max_unsent_bytes`` more is cut off (`BoundedWrites`).
     """
 
     locator: ClientLocator
     max_unsent_bytes = MAX_UNSENT_BYTES
-    paused = False
-    _unsent = 0
     _held_tick: bytes | None = None
-    _producing = False
-    _cut_off_slow = False
 
     def idle_timeout(self) -> float | None:
         if self.locator.clients.user_of(self) is not None:
@@ -443,40 +436,22 @@ class ClientAMP(GuardedAMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.transport.registerProducer(self, True)
-        self._producing = True
         self.locator.address = self.peer
         self.locator.clients.connected(self)
 
     def connectionLost(self, reason: Any) -> None:
-        self._producing = False
         self._held_tick = None
         self.locator.clients.disconnected(self)
         super().connectionLost(reason)
 
-    def close(self) -> None:
-        # A TLS transport does not close while a producer is registered.
-        if self._producing and self.transport is not None:
-            self._producing = False
-            self.transport.unregisterProducer()
-        super().close()
-
-    # ------------------------------------------------------------ IPushProducer: the transport's "stop" and "go"
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
     def resumeProducing(self) -> None:
-        self.paused = False
-        self._unsent = 0
+        super().resumeProducing()
         tick, self._held_tick = self._held_tick, None
         if tick is not None:
             self.send_push(tick, droppable=True)
 
     def stopProducing(self) -> None:
         self._held_tick = None
-
-    # ------------------------------------------------------------ writing
 
     def send_push(self, data: bytes, droppable: bool) -> None:
         """Write a push's bytes (encoded once for many connections); a ``droppable`` one waits while paused.
@@ -488,30 +463,7 @@ class ClientAMP(GuardedAMP):
         if droppable and self.paused:
             self._held_tick = data
             return
-        self._write(data)
-
-    def sendBox(self, box: amp.AmpBox) -> None:
-        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
-            super().sendBox(box)
-            return
-        self._write(box.serialize())
-
-    def _write(self, data: bytes) -> None:
-        if self._cut_off_slow:
-            return
-        self.transport.write(data)
-        if not self.paused:
-            return
-        self._unsent += len(data)
-        if self._unsent > self.max_unsent_bytes:
-            self._cut_off_slow = True
-            self.note(
-                "warn",
-                "{peer} does not read what it is sent ({size} bytes waiting past its full buffer); "
-                "closing the connection",
-                size=self._unsent,
-            )
-            self.transport.abortConnection()
+        self.write(data)
 
 
 class ClientFactory(GuardedFactory):
