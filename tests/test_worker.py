@@ -131,6 +131,38 @@ class OrderBatcherTests(SynchronousTestCase):
         for d in results[1:]:
             self.assertIn("no answer for this order", str(self.failureResultOf(d, ServiceUnavailable).value))
 
+    def test_group_answered_once_in_order(self) -> None:
+        """A group is answered once, with each order's result in its place, even split across batches."""
+        self.batcher = OrderBatcher(self.clock, self.batcher._send, max_batch=4)
+        single = self.batcher.submit({"n": "alone"})
+        group = self.batcher.submit_group([{"n": str(i)} for i in range(6)])
+        self.clock.advance(0)
+        self.assertEqual([len(orders) for _, orders, _ in self.sent], [4, 3])
+        self.assertEqual(self.sent[0][1][0], {"n": "alone"})
+        self.sent[0][2].callback({"results": [{"i": i} for i in range(4)]})
+        self.assertEqual(self.successResultOf(single), {"i": 0})
+        self.assertNoResult(group)  # three of its orders are still out
+        self.sent[1][2].callback({"results": [{"i": i} for i in range(4, 7)]})
+        self.assertEqual(self.successResultOf(group), [{"i": i} for i in range(1, 7)])
+
+    def test_group_with_failed_batch(self) -> None:
+        """A group never fails: orders whose batch could not be sent get the error in their places."""
+        self.batcher = OrderBatcher(self.clock, self.batcher._send, max_batch=2)
+        group = self.batcher.submit_group([{"n": str(i)} for i in range(3)])
+        self.clock.advance(0)
+        self.sent[0][2].errback(ServiceUnavailable("gone"))
+        self.sent[1][2].callback({"results": []})
+        results = self.successResultOf(group)
+        self.assertEqual([type(r) for r in results], [ServiceUnavailable] * 3)
+        self.assertIn("no answer for this order", str(results[2]))
+
+    def test_empty_group(self) -> None:
+        """An empty group is answered at once and sends nothing."""
+        self.assertEqual(self.successResultOf(self.batcher.submit_group([])), [])
+        self.clock.advance(0)
+        self.assertEqual(self.sent, [])
+
+
 class MasterLinkTests(SynchronousTestCase):
     """The worker's link to the master."""
 

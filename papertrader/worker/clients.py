@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, returnValue, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.protocols import amp
 from zope.interface import implementer
@@ -372,35 +372,35 @@ class ClientLocator(AnswersHeartbeats):
 
     @PlaceOrders.responder
     def place_orders(self, token: str, orders: list[ClientOrder]) -> Deferred:
-        """Send every order of the batch on, stamped once; answer each on its own."""
+        """Send every order of the batch on, stamped once and as one group; answer each on its own."""
         self._check_session_token(token)
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; orders not accepted")
         envelope = self._envelope()
-        answers = []
-        for order in orders:
-            failed = PurchaseFailed if order.side == "buy" else SellFailed
-            try:
-                request = self._order_request(
-                    order.side, failed, token, order.symbol, order.quantity, order.client_order_id, envelope
-                )
-            except PaperTraderError as e:
-                answers.append(succeed(PlacedOrder.refused(e)))
-                continue
-            answers.append(self.batcher.submit(request).addCallbacks(self._placed, self._not_placed))
-        return gatherResults(answers).addCallback(self._batch_answer)
+        received_at, address = envelope["received_at"], envelope["client_address"]
+        # Each ClientOrder was bounded to plain-ASCII fields as it was received
+        # (ClientOrder.from_wire): the checks `_order_request` makes hold already.
+        requests = [
+            OrderRequest(o.side, token, o.symbol, o.quantity, received_at, address, o.client_order_id)
+            for o in orders
+        ]
+        return self.batcher.submit_group(requests).addCallback(self._group_placed)
 
-    def _placed(self, result: OrderResult) -> PlacedOrder:
-        error = result.error()
-        if error is not None:
-            return PlacedOrder.refused(error)
-        self.clients.attach(self.connection, result.username)
-        return PlacedOrder(order_id=result.order_id)
-
-    @staticmethod
-    def _not_placed(failure: Any) -> PlacedOrder:
-        failure.trap(PaperTraderError)
-        return PlacedOrder.refused(failure.value)
+    def _group_placed(self, results: list[OrderResult | PaperTraderError]) -> dict[str, Any]:
+        placed: list[PlacedOrder] = []
+        username = None
+        for result in results:
+            if isinstance(result, PaperTraderError):
+                placed.append(PlacedOrder.refused(result))
+            elif result.code is None:
+                placed.append(PlacedOrder(order_id=result.order_id))
+                username = result.username
+            else:
+                placed.append(PlacedOrder.refused(result.error()))
+        if username is not None:
+            # The orders of one PlaceOrders share a token, so a user.
+            self.clients.attach(self.connection, username)
+        return self._batch_answer(placed)
 
     @staticmethod
     def _batch_answer(results: list[PlacedOrder]) -> dict[str, Any]:

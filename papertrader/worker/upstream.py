@@ -216,45 +216,107 @@ def _tls_reason(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-class OrderBatcher:
-    """Sends the orders that arrive in one reactor turn as SubmitOrders batches."""
+class _Group:
+    """Orders submitted together (one client's PlaceOrders, or a single order), answered together."""
 
-    def __init__(self, clock: IReactorTime, send: Callable[..., Deferred]) -> None:
+    __slots__ = ("orders", "results", "unanswered", "done")
+
+    def __init__(self, orders: list[OrderRequest]) -> None:
+        self.orders = orders
+        self.results: list[OrderResult | PaperTraderError | None] = [None] * len(orders)
+        self.unanswered = len(orders)
+        self.done: Deferred[list[OrderResult | PaperTraderError]] = Deferred()
+
+    def answer(self, start: int, results: list[OrderResult | PaperTraderError]) -> None:
+        """Results for the orders from ``start`` on; once every order has one, the group is answered."""
+        self.results[start : start + len(results)] = results
+        self.unanswered -= len(results)
+        if self.unanswered == 0:
+            self.done.callback(self.results)
+
+
+# A part of a SubmitOrders batch: ``count`` orders of a group from its order ``start`` on.
+_Segment = tuple[_Group, int, int]
+
+
+class OrderBatcher:
+    """Sends the orders that arrive in one reactor turn as SubmitOrders batches.
+
+    Orders come in groups (`submit_group`: the orders of one PlaceOrders) and
+    each group is answered once, with a result per order: a group costs one
+    Deferred however many orders it has.  A batch holds at most ``max_batch``
+    orders; a group that does not fit is split across batches.
+    """
+
+    def __init__(self, clock: IReactorTime, send: Callable[..., Deferred], max_batch: int = MAX_ORDER_BATCH) -> None:
         self._clock = clock
         self._send = send
-        self._pending: list[tuple[OrderRequest, Deferred]] = []
+        self._max_batch = max_batch
+        self._pending: list[_Group] = []
         self._scheduled: Any = None
 
     def submit(self, order: OrderRequest) -> Deferred[OrderResult]:
-        """Queue ``order`` for the next batch; fires with its result row."""
-        d: Deferred[OrderResult] = Deferred()
-        self._pending.append((order, d))
+        """Queue ``order`` for the next batch; fires with its result row, or fails with why it could not go."""
+        return self.submit_group([order]).addCallback(_only_result)
+
+    def submit_group(self, orders: list[OrderRequest]) -> Deferred[list[OrderResult | PaperTraderError]]:
+        """Queue ``orders`` for the next batch; fires with, per order, its result row or the
+        `PaperTraderError` saying why it could not be passed to the master (never fails)."""
+        group = _Group(orders)
+        if not orders:
+            group.done.callback([])
+            return group.done
+        self._pending.append(group)
         if self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self._flush)
-        return d
+        return group.done
 
     def _flush(self) -> None:
         self._scheduled = None
         pending, self._pending = self._pending, []
-        for start in range(0, len(pending), MAX_ORDER_BATCH):
-            batch = pending[start : start + MAX_ORDER_BATCH]
-            d = maybeDeferred(self._send, SubmitOrders, orders=[order for order, _ in batch])
-            d.addCallbacks(self._answer, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+        batch: list[OrderRequest] = []
+        segments: list[_Segment] = []
+        for group in pending:
+            start, size = 0, len(group.orders)
+            while start < size:
+                count = min(size - start, self._max_batch - len(batch))
+                batch.extend(group.orders[start : start + count])
+                segments.append((group, start, count))
+                start += count
+                if len(batch) == self._max_batch:
+                    self._send_batch(batch, segments)
+                    batch, segments = [], []
+        if batch:
+            self._send_batch(batch, segments)
+
+    def _send_batch(self, batch: list[OrderRequest], segments: list[_Segment]) -> None:
+        d = maybeDeferred(self._send, SubmitOrders, orders=batch)
+        d.addCallbacks(self._answer, self._fail, callbackArgs=(segments,), errbackArgs=(segments,))
 
     @staticmethod
-    def _answer(answer: dict[str, Any], batch: list[tuple[OrderRequest, Deferred]]) -> None:
+    def _answer(answer: dict[str, Any], segments: list[_Segment]) -> None:
         results = answer["results"]
-        missing = ServiceUnavailable("the master gave no answer for this order; check its outcome and retry")
-        for index, (_, d) in enumerate(batch):
-            if index < len(results):
-                d.callback(results[index])
-            else:
-                d.errback(missing)
+        offset = 0
+        for group, start, count in segments:
+            part = results[offset : offset + count]
+            if len(part) < count:
+                missing = ServiceUnavailable("the master gave no answer for this order; check its outcome and retry")
+                part = part + [missing] * (count - len(part))
+            offset += count
+            group.answer(start, part)
 
     @staticmethod
-    def _fail(failure: Failure, batch: list[tuple[OrderRequest, Deferred]]) -> None:
+    def _fail(failure: Failure, segments: list[_Segment]) -> None:
         failure = expected_or_unavailable(
             failure, "the order could not be passed to the master; not accepted", MasterLink.log
         )
-        for _, d in batch:
-            d.errback(failure)
+        for group, start, count in segments:
+            group.answer(start, [failure.value] * count)
+
+
+def _only_result(results: list[OrderResult | PaperTraderError]) -> OrderResult:
+    """The one result of a single order's group; its error raised."""
+    result = results[0]
+    if isinstance(result, PaperTraderError):
+        raise result
+    return result
