@@ -83,13 +83,17 @@ class RowTests(SynchronousTestCase):
 class ClientOrderIdTests(SynchronousTestCase):
     """`new_client_order_ids`."""
 
-    def test_version_4_uuids(self) -> None:
-        """Each id is the text of a random (version 4, RFC 4122 variant) UUID, and no two are the same."""
-        ids = new_client_order_ids(500)
+    def test_time_ordered_uuids(self) -> None:
+        """Each id is the text of a version 7 UUID (RFC 4122 variant) stamped with the time in
+        milliseconds, no two are the same, and ids of a later millisecond sort after."""
+        ids = new_client_order_ids(500, now=1_767_225_600.123)
         self.assertEqual(len(set(ids)), 500)
         for text in ids:
             parsed = uuid.UUID(text)
             self.assertEqual(str(parsed), text)
-            self.assertEqual(parsed.version, 4)
+            self.assertEqual(parsed.version, 7)
             self.assertEqual(parsed.variant, uuid.RFC_4122)
+            self.assertEqual(parsed.int >> 80, 1_767_225_600_123)
+        [later] = new_client_order_ids(1, now=1_767_225_600.124)
+        self.assertGreater(later, max(ids))
         self.assertEqual(new_client_order_ids(0), [])

@@ -8,6 +8,7 @@ after `PaperTraderClient.subscribe` asked for them.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,17 +53,23 @@ MAX_ORDER_REQUESTS_IN_FLIGHT = 4
 PORTFOLIO_ATTEMPTS = 5
 
 
-def new_client_order_ids(count: int) -> list[str]:
-    """``count`` new random (version 4) UUIDs as text, from one read of the system's randomness.
+def new_client_order_ids(count: int, now: float | None = None) -> list[str]:
+    """``count`` new time-ordered UUIDs (version 7, RFC 9562) as text, from one read of the system's randomness.
 
-    The same ids ``str(uuid.uuid4())`` gives, at a third of the cost: a
-    client may name thousands of orders a second.
+    The first 48 bits are the time (``now``, default the current time) in
+    milliseconds and 74 are random.  Ids made one after another sort near
+    each other, so the master's index of client order ids (by user) grows at
+    one end: random (version 4) ids landed all over it, and every batch of
+    orders rewrote pages throughout.
     """
-    digits = os.urandom(16 * count).hex()
+    millis = int((time.time() if now is None else now) * 1000) & 0xFFFF_FFFF_FFFF
+    stamp = f"{millis:012x}"
+    head = f"{stamp[:8]}-{stamp[8:]}-7"
+    digits = os.urandom(10 * count).hex()
     ids = []
-    for start in range(0, 32 * count, 32):
-        h = digits[start : start + 32]
-        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
+    for start in range(0, 20 * count, 20):
+        r = digits[start : start + 20]
+        ids.append(f"{head}{r[:3]}-{_UUID_VARIANT[r[3]]}{r[4:7]}-{r[7:19]}")
     return ids
 
 
@@ -260,7 +267,7 @@ class PaperTraderClient:
     def buy(self, symbol: str, quantity: int | str, client_order_id: str | None = None) -> Deferred:
         """Queue a market buy; fires with ``{"order_id": ...}`` once it is stored.
 
-        Every order carries a client order id (a new UUID unless given): sending
+        Every order carries a client order id (a new time-ordered UUID unless given): sending
         the same order again with the same id -- say after the connection was
         lost before the answer came -- returns the original order, never a second.
         """
