@@ -568,18 +568,6 @@ class _Rows(JSON):
         return [self.row.from_wire(row) for row in rows]
 
 
-class SubmitOrders(amp.Command):
-    """A batch of PurchaseAsset/SellAsset (`OrderRequest`), each with its envelope.
-
-    The answer has one `OrderResult` per order, in the same order.  Every
-    queued order is already durable.
-    """
-
-    arguments = [(b"orders", _Rows(OrderRequest, MAX_ORDER_BATCH))]
-    response = [(b"results", _Rows(OrderResult, MAX_ORDER_BATCH))]
-    errors = dict(_UNAVAILABLE)
-
-
 # ---------------------------------------------------------------- client -> worker: several orders at once
 
 # Orders in one PlaceOrders: with every field at its bound a batch stays near 20 KiB, far under 64 KiB.
@@ -649,6 +637,103 @@ class PlacedOrder:
     def error(self) -> PaperTraderError | None:
         """The error this result stands for (PurchaseFailed, OrderConflict, ...), or None for a queued order."""
         return None if self.code is None else error_from_code(self.code, self.reason or "")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OrderGroup:
+    """Orders a client sent together (a PlaceOrders, or one PurchaseAsset/SellAsset) inside a
+    SubmitOrders batch: one token and one envelope for all of them."""
+
+    token: str
+    received_at: str
+    client_address: str
+    orders: list[ClientOrder]
+
+    @classmethod
+    def from_wire(cls, group: Any) -> OrderGroup:
+        """Check one received group; BadRequest if it is not one the worker could have sent."""
+        token, received_at, client_address = _texts(group, _ORDER_GROUP_FIELDS)
+        rows = group.get("orders")
+        if type(rows) is not list or not rows:
+            raise BadRequest("each order group must list its orders")
+        orders = []
+        for row in rows:
+            if type(row) is not list or not 3 <= len(row) <= 4:
+                raise BadRequest("each order of a group must be [side, symbol, quantity] or [..., client order id]")
+            values = [
+                value if type(value) is str and len(value) <= limit and value.isascii() else _bad_row_text(limit)
+                for value, limit in zip(row, _GROUP_ROW_LIMITS)
+            ]
+            orders.append(ClientOrder(*values))
+        return cls(token, received_at, client_address, orders)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "received_at": self.received_at,
+            "client_address": self.client_address,
+            "orders": [
+                [o.side, o.symbol, o.quantity]
+                if o.client_order_id is None
+                else [o.side, o.symbol, o.quantity, o.client_order_id]
+                for o in self.orders
+            ],
+        }
+
+
+# The fields of an OrderGroup, and of each of its orders (a list, in the ClientOrder's order).
+_ORDER_GROUP_FIELDS = (
+    ("token", MAX_TOKEN_LENGTH, False),
+    ("received_at", MAX_STAMP_LENGTH, False),
+    ("client_address", MAX_STAMP_LENGTH, False),
+)
+_GROUP_ROW_LIMITS = (8, MAX_SYMBOL_LENGTH, MAX_QUANTITY_LENGTH, MAX_CLIENT_ORDER_ID_LENGTH)
+
+
+def _bad_row_text(limit: int) -> str:
+    """Refuse a field of a group's order that is not ASCII text of at most ``limit`` characters."""
+    raise BadRequest(f"the orders of a group have ASCII text fields of at most {limit} characters")
+
+
+class _Groups(JSON):
+    """A JSON list of `OrderGroup`, of at most ``limit`` orders in all, checked as it is received."""
+
+    def __init__(self, limit: int, optional: bool = False) -> None:
+        super().__init__(optional=optional)
+        self.limit = limit
+
+    def toString(self, inObject: list[OrderGroup]) -> bytes:
+        return super().toString([group.to_wire() for group in inObject])
+
+    def fromString(self, inString: bytes) -> list[OrderGroup]:
+        groups = super().fromString(inString)
+        if type(groups) is not list or len(groups) > self.limit:
+            raise BadRequest(f"expected a list of order groups of at most {self.limit} orders")
+        parsed = [OrderGroup.from_wire(group) for group in groups]
+        if sum(len(group.orders) for group in parsed) > self.limit:
+            raise BadRequest(f"expected a list of order groups of at most {self.limit} orders")
+        return parsed
+
+
+class SubmitOrders(amp.Command):
+    """A batch of orders: PurchaseAsset/SellAsset each with its envelope (``orders``, `OrderRequest`),
+    and orders that arrived together with one envelope for all (``groups``, `OrderGroup`).
+
+    The answer has one `OrderResult` per order, in the same order: those of
+    ``orders``, then those of each group's orders.  Every queued order is
+    already durable.  A worker sends every order in ``groups`` (a group of one
+    for a single order); ``orders`` is how workers before groups sent them.  At
+    most MAX_ORDER_BATCH orders in all.  A master that predates ``groups``
+    answers nothing for them, and the worker refuses those orders as
+    unavailable: upgrade the master first.
+    """
+
+    arguments = [
+        (b"orders", _Rows(OrderRequest, MAX_ORDER_BATCH)),
+        (b"groups", _Groups(MAX_ORDER_BATCH, optional=True)),
+    ]
+    response = [(b"results", _Rows(OrderResult, MAX_ORDER_BATCH))]
+    errors = dict(_UNAVAILABLE)
 
 
 class PlaceOrders(amp.Command):

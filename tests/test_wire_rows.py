@@ -15,10 +15,14 @@ from papertrader.protocol import (
     MAX_SYMBOL_LENGTH,
     MAX_TOKEN_LENGTH,
     ClientOrder,
+    OrderGroup,
     OrderRequest,
     OrderResult,
     PlacedOrder,
 )
+
+
+TWO = [ClientOrder("buy", "AAPL", "2", "id"), ClientOrder("sell", "KO", "1")]
 
 
 class RowTests(SynchronousTestCase):
@@ -35,6 +39,7 @@ class RowTests(SynchronousTestCase):
             ClientOrder("sell", "KO", "1"),
             PlacedOrder(order_id=9),
             PlacedOrder.refused(PurchaseFailed("no cash")),
+            OrderGroup("t" * MAX_TOKEN_LENGTH, "at", "addr", TWO),
         ]
         for row in rows:
             wire = row.to_wire()
@@ -44,6 +49,11 @@ class RowTests(SynchronousTestCase):
             "side": "sell", "token": "tok", "symbol": "KO", "quantity": "1", "received_at": "at",
             "client_address": "addr",
         })
+        self.assertEqual(
+            OrderGroup("t", "at", "addr", TWO).to_wire(),
+            {"token": "t", "received_at": "at", "client_address": "addr",
+             "orders": [["buy", "AAPL", "2", "id"], ["sell", "KO", "1"]]},
+        )
         self.assertEqual(OrderResult.queued(7, "alice").to_wire(), {"order_id": 7, "username": "alice"})
         refused = PlacedOrder.refused(PurchaseFailed("no")).to_wire()
         self.assertEqual(refused, {"code": "PURCHASE_FAILED", "reason": "no"})

@@ -25,12 +25,13 @@ from papertrader.errors import (
     expected_or_unavailable,
 )
 from papertrader.eventlog import EventLogger
-from papertrader.master.exchange import Exchange
+from papertrader.master.exchange import Exchange, group_of_one
 from papertrader.master.workers import WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
     ListAssets,
+    OrderGroup,
     OrderRequest,
     OrderResult,
     RelayedChangePassword,
@@ -250,9 +251,11 @@ class MasterLocator(AnswersHeartbeats):
 
     @SubmitOrders.responder
     @_guarded
-    def submit_orders(self, orders: list[OrderRequest]) -> Any:
+    def submit_orders(self, orders: list[OrderRequest], groups: list[OrderGroup] | None = None) -> Any:
         worker = self._worker_name()
-        return self.exchange.submit_orders(orders, worker).addCallback(self._order_results)
+        if orders:
+            groups = [*(group_of_one(request) for request in orders), *(groups or ())]
+        return self.exchange.submit_groups(groups or [], worker).addCallback(self._order_results)
 
     def _order_results(self, results: list[Any]) -> dict[str, Any]:
         rows = [_result(result) for result in results]

@@ -42,7 +42,7 @@ from papertrader.protocol import (
     LoginWithToken,
     Logout,
     LogoutEverywhere,
-    OrderRequest,
+    OrderGroup,
     OrderResult,
     OrderUpdates,
     Ping,
@@ -338,8 +338,10 @@ class ClientLocator(AnswersHeartbeats):
         self._check_session_token(token)
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
-        order = self._order_request(side, failed, token, symbol, quantity, client_order_id, self._envelope())
-        return self.batcher.submit(order).addCallback(self._order_result)
+        order = self._client_order(side, failed, symbol, quantity, client_order_id)
+        envelope = self._envelope()
+        group = OrderGroup(token, envelope["received_at"], envelope["client_address"], [order])
+        return self.batcher.submit_group(group).addCallback(self._order_result)
 
     @staticmethod
     def _check_session_token(token: str) -> None:
@@ -347,15 +349,9 @@ class ClientLocator(AnswersHeartbeats):
             raise SessionInvalid("session is not valid; log in again")
 
     @staticmethod
-    def _order_request(
-        side: str,
-        failed: type[Exception],
-        token: str,
-        symbol: str,
-        quantity: str,
-        client_order_id: str | None,
-        envelope: dict[str, str],
-    ) -> OrderRequest:
+    def _client_order(
+        side: str, failed: type[Exception], symbol: str, quantity: str, client_order_id: str | None
+    ) -> ClientOrder:
         """The order to send on, or ``failed`` if a field cannot be one (bounded, plain-ASCII fields keep
         every SubmitOrders batch far below AMP's 64 KiB)."""
         if len(symbol) > MAX_SYMBOL_LENGTH or not symbol.isascii():
@@ -366,25 +362,19 @@ class ClientLocator(AnswersHeartbeats):
             len(client_order_id) > MAX_CLIENT_ORDER_ID_LENGTH or not client_order_id.isascii()
         ):
             raise failed(f"client order id must be ASCII of at most {MAX_CLIENT_ORDER_ID_LENGTH} characters")
-        return OrderRequest(
-            side, token, symbol, quantity, envelope["received_at"], envelope["client_address"], client_order_id
-        )
+        return ClientOrder(side, symbol, quantity, client_order_id)
 
     @PlaceOrders.responder
     def place_orders(self, token: str, orders: list[ClientOrder]) -> Deferred:
-        """Send every order of the batch on, stamped once and as one group; answer each on its own."""
+        """Send the batch on as one group, stamped once; answer each order on its own."""
         self._check_session_token(token)
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; orders not accepted")
         envelope = self._envelope()
-        received_at, address = envelope["received_at"], envelope["client_address"]
         # Each ClientOrder was bounded to plain-ASCII fields as it was received
-        # (ClientOrder.from_wire): the checks `_order_request` makes hold already.
-        requests = [
-            OrderRequest(o.side, token, o.symbol, o.quantity, received_at, address, o.client_order_id)
-            for o in orders
-        ]
-        return self.batcher.submit_group(requests).addCallback(self._group_placed)
+        # (ClientOrder.from_wire): the checks of `_client_order` hold already.
+        group = OrderGroup(token, envelope["received_at"], envelope["client_address"], orders)
+        return self.batcher.submit_group(group).addCallback(self._group_placed)
 
     def _group_placed(self, results: list[OrderResult | PaperTraderError]) -> dict[str, Any]:
         placed: list[PlacedOrder] = []
@@ -409,7 +399,10 @@ class ClientLocator(AnswersHeartbeats):
             raise results[0].error()
         return {"results": results}
 
-    def _order_result(self, result: OrderResult) -> dict[str, int]:
+    def _order_result(self, results: list[OrderResult | PaperTraderError]) -> dict[str, int]:
+        [result] = results
+        if isinstance(result, PaperTraderError):
+            raise result
         error = result.error()
         if error is not None:
             raise error

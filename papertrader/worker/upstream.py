@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attr
 from OpenSSL.SSL import Error as TLSError
 from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
@@ -28,7 +29,7 @@ from papertrader.protocol import (
     MAX_ORDER_BATCH,
     MAX_SERVED_USERS_BATCH,
     ListAssets,
-    OrderRequest,
+    OrderGroup,
     OrderResult,
     ServedUsers,
     SubmitOrders,
@@ -216,15 +217,15 @@ def _tls_reason(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-class _Group:
-    """Orders submitted together (one client's PlaceOrders, or a single order), answered together."""
+class _Pending:
+    """A group of orders waiting for the master's answers: answered once, when each order has its result."""
 
-    __slots__ = ("orders", "results", "unanswered", "done")
+    __slots__ = ("group", "results", "unanswered", "done")
 
-    def __init__(self, orders: list[OrderRequest]) -> None:
-        self.orders = orders
-        self.results: list[OrderResult | PaperTraderError | None] = [None] * len(orders)
-        self.unanswered = len(orders)
+    def __init__(self, group: OrderGroup) -> None:
+        self.group = group
+        self.results: list[OrderResult | PaperTraderError | None] = [None] * len(group.orders)
+        self.unanswered = len(group.orders)
         self.done: Deferred[list[OrderResult | PaperTraderError]] = Deferred()
 
     def answer(self, start: int, results: list[OrderResult | PaperTraderError]) -> None:
@@ -236,87 +237,82 @@ class _Group:
 
 
 # A part of a SubmitOrders batch: ``count`` orders of a group from its order ``start`` on.
-_Segment = tuple[_Group, int, int]
+_Segment = tuple[_Pending, int, int]
 
 
 class OrderBatcher:
-    """Sends the orders that arrive in one reactor turn as SubmitOrders batches.
+    """Sends the order groups that arrive in one reactor turn as SubmitOrders batches.
 
-    Orders come in groups (`submit_group`: the orders of one PlaceOrders) and
-    each group is answered once, with a result per order: a group costs one
-    Deferred however many orders it has.  A batch holds at most ``max_batch``
-    orders; a group that does not fit is split across batches.
+    A group (the orders of one PlaceOrders, or a single order) travels with
+    its token and envelope once, and is answered once with a result per
+    order: a group costs one Deferred however many orders it has.  A batch
+    holds at most ``max_batch`` orders; a group that does not fit is split
+    across batches.
     """
 
     def __init__(self, clock: IReactorTime, send: Callable[..., Deferred], max_batch: int = MAX_ORDER_BATCH) -> None:
         self._clock = clock
         self._send = send
         self._max_batch = max_batch
-        self._pending: list[_Group] = []
+        self._pending: list[_Pending] = []
         self._scheduled: Any = None
 
-    def submit(self, order: OrderRequest) -> Deferred[OrderResult]:
-        """Queue ``order`` for the next batch; fires with its result row, or fails with why it could not go."""
-        return self.submit_group([order]).addCallback(_only_result)
-
-    def submit_group(self, orders: list[OrderRequest]) -> Deferred[list[OrderResult | PaperTraderError]]:
-        """Queue ``orders`` for the next batch; fires with, per order, its result row or the
+    def submit_group(self, group: OrderGroup) -> Deferred[list[OrderResult | PaperTraderError]]:
+        """Queue ``group`` for the next batch; fires with, per order, its result row or the
         `PaperTraderError` saying why it could not be passed to the master (never fails)."""
-        group = _Group(orders)
-        if not orders:
-            group.done.callback([])
-            return group.done
-        self._pending.append(group)
+        pending = _Pending(group)
+        if not group.orders:
+            pending.done.callback([])
+            return pending.done
+        self._pending.append(pending)
         if self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self._flush)
-        return group.done
+        return pending.done
 
     def _flush(self) -> None:
         self._scheduled = None
-        pending, self._pending = self._pending, []
-        batch: list[OrderRequest] = []
+        waiting, self._pending = self._pending, []
+        groups: list[OrderGroup] = []
         segments: list[_Segment] = []
-        for group in pending:
-            start, size = 0, len(group.orders)
-            while start < size:
-                count = min(size - start, self._max_batch - len(batch))
-                batch.extend(group.orders[start : start + count])
-                segments.append((group, start, count))
+        size = 0
+        for pending in waiting:
+            orders = pending.group.orders
+            start = 0
+            while start < len(orders):
+                count = min(len(orders) - start, self._max_batch - size)
+                if count == len(orders):
+                    groups.append(pending.group)
+                else:
+                    groups.append(attr.evolve(pending.group, orders=orders[start : start + count]))
+                segments.append((pending, start, count))
                 start += count
-                if len(batch) == self._max_batch:
-                    self._send_batch(batch, segments)
-                    batch, segments = [], []
-        if batch:
-            self._send_batch(batch, segments)
+                size += count
+                if size == self._max_batch:
+                    self._send_batch(groups, segments)
+                    groups, segments, size = [], [], 0
+        if groups:
+            self._send_batch(groups, segments)
 
-    def _send_batch(self, batch: list[OrderRequest], segments: list[_Segment]) -> None:
-        d = maybeDeferred(self._send, SubmitOrders, orders=batch)
+    def _send_batch(self, groups: list[OrderGroup], segments: list[_Segment]) -> None:
+        d = maybeDeferred(self._send, SubmitOrders, orders=[], groups=groups)
         d.addCallbacks(self._answer, self._fail, callbackArgs=(segments,), errbackArgs=(segments,))
 
     @staticmethod
     def _answer(answer: dict[str, Any], segments: list[_Segment]) -> None:
         results = answer["results"]
         offset = 0
-        for group, start, count in segments:
+        for pending, start, count in segments:
             part = results[offset : offset + count]
             if len(part) < count:
                 missing = ServiceUnavailable("the master gave no answer for this order; check its outcome and retry")
                 part = part + [missing] * (count - len(part))
             offset += count
-            group.answer(start, part)
+            pending.answer(start, part)
 
     @staticmethod
     def _fail(failure: Failure, segments: list[_Segment]) -> None:
         failure = expected_or_unavailable(
             failure, "the order could not be passed to the master; not accepted", MasterLink.log
         )
-        for group, start, count in segments:
-            group.answer(start, [failure.value] * count)
-
-
-def _only_result(results: list[OrderResult | PaperTraderError]) -> OrderResult:
-    """The one result of a single order's group; its error raised."""
-    result = results[0]
-    if isinstance(result, PaperTraderError):
-        raise result
-    return result
+        for pending, start, count in segments:
+            pending.answer(start, [failure.value] * count)
