@@ -21,7 +21,6 @@ from papertrader.protocol import (
     PlacedOrder,
 )
 
-
 TWO = [ClientOrder("buy", "AAPL", "2", "id"), ClientOrder("sell", "KO", "1")]
 
 

@@ -215,7 +215,9 @@ class Exchange:
         if self._settling:
             known: dict[int, AccountState] = {}
         else:
-            known = {o.user_id: self._accounts[o.user_id].copy() for o in orders if o.user_id in self._accounts}
+            # One copy per user, not per order: a batch holds many orders of few users.
+            users = {o.user_id for o in orders}
+            known = {user_id: self._accounts[user_id].copy() for user_id in users if user_id in self._accounts}
         d = self._db.queue_orders(orders, self.board.prices, refuse_reason, iso(self._clock.seconds()), known)
 
         def stored(answer: tuple[list[QueueOutcome], dict[int, AccountState]]) -> list[QueueOutcome]:
