@@ -10,7 +10,8 @@ Traffic in each direction:
 - worker -> master: WorkerHello first (the handshake), then each client
   command relayed with the envelope the worker stamps on it (the time it was
   received and the client's address) -- ``Relayed*`` below -- except orders,
-  which travel in batches as SubmitOrders; ListAssets fills the worker's cache;
+  which travel in batches as SubmitOrders (the orders a client sent together
+  as one group, stamped once); ListAssets fills the worker's cache;
   ServedUsers after the handshake names the users the worker has sessions of.
 - master -> worker: PriceTick after every price update and OrderUpdates when
   queued orders settle or are rejected (only to the workers that serve the

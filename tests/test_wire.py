@@ -194,6 +194,11 @@ class BadRequestTests(SynchronousTestCase):
             b"[" + group % (b"[" + b",".join([b'["buy", "AAPL", "1"]'] * (MAX_ORDER_BATCH + 1)) + b"]") + b"]",
         ):
             self.bad(peer.ask(b"SubmitOrders", orders=b"[]", groups=groups))
+        # Each argument within the bound, the two together past it.
+        rows = b"[" + b",".join([b'{"side": "buy", "token": "t", "symbol": "AAPL", "quantity": "1", '
+                                 b'"received_at": "a", "client_address": "c"}'] * 100) + b"]"
+        groups = b"[" + group % (b"[" + b",".join([b'["buy", "AAPL", "1"]'] * 100) + b"]") + b"]"
+        self.assertIn("at most", self.bad(peer.ask(b"SubmitOrders", orders=rows, groups=groups)))
         self.assertEqual(self.deployment.pool.connection.execute("SELECT COUNT(*) FROM orders").fetchone(), (0,))
 
     def test_rows_and_groups_answered_in_order(self) -> None:

@@ -17,6 +17,7 @@ import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
 
 from papertrader.errors import (
+    BadRequest,
     DataFailed,
     LoginFailed,
     PaperTraderError,
@@ -30,6 +31,7 @@ from papertrader.master.workers import WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
+    MAX_ORDER_BATCH,
     ListAssets,
     OrderGroup,
     OrderRequest,
@@ -255,6 +257,8 @@ class MasterLocator(AnswersHeartbeats):
         worker = self._worker_name()
         if orders:
             groups = [*(group_of_one(request) for request in orders), *(groups or ())]
+        if sum(len(group.orders) for group in groups or ()) > MAX_ORDER_BATCH:
+            raise BadRequest(f"a SubmitOrders batch holds at most {MAX_ORDER_BATCH} orders in all")
         return self.exchange.submit_groups(groups or [], worker).addCallback(self._order_results)
 
     def _order_results(self, results: list[Any]) -> dict[str, Any]:
