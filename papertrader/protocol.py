@@ -390,6 +390,8 @@ class WorkerHello(amp.Command):
         (b"update_interval", amp.Float()),
         # Seconds between the Heartbeats each side sends; a link silent for two is closed.
         (b"heartbeat_interval", amp.Float(optional=True)),
+        # Whether SubmitOrders may carry ``groups`` (a master that does not say takes rows only).
+        (b"order_groups", amp.Boolean(optional=True)),
     ]
     errors = declared(WorkerRefused)
 
@@ -725,8 +727,8 @@ class SubmitOrders(amp.Command):
     already durable.  A worker sends every order in ``groups`` (a group of one
     for a single order); ``orders`` is how workers before groups sent them.  At
     most MAX_ORDER_BATCH orders in all.  A master that predates ``groups``
-    answers nothing for them, and the worker refuses those orders as
-    unavailable: upgrade the master first.
+    would answer nothing for them, so a worker sends groups only to a master whose WorkerHello
+    answer said ``order_groups``, and rows to any other.
     """
 
     arguments = [

@@ -11,7 +11,15 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import DataFailed, ServiceUnavailable
-from papertrader.protocol import MAX_ORDER_BATCH, ClientOrder, OrderGroup, OrderUpdates, PriceTick, SubmitOrders
+from papertrader.protocol import (
+    MAX_ORDER_BATCH,
+    ClientOrder,
+    OrderGroup,
+    OrderRequest,
+    OrderUpdates,
+    PriceTick,
+    SubmitOrders,
+)
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientRegistry
 from papertrader.worker.upstream import MasterLink, OrderBatcher
@@ -170,6 +178,29 @@ class OrderBatcherTests(SynchronousTestCase):
         self.assertEqual(str(results[0]), "gone")
         self.assertIn("no answer for this order", str(results[2]))
 
+    def test_rows_for_a_master_without_groups(self) -> None:
+        """While the master does not take groups, each order goes as a row with its group's token and
+        envelope; the group is answered as before."""
+        takes_groups = [False]
+        self.batcher = OrderBatcher(self.clock, self.send, master_takes_groups=lambda: takes_groups[0])
+        first = self.batcher.submit_group(OrderGroup("t1", "at1", "a1", [ClientOrder("buy", "KO", "1", "c1")]))
+        second = self.batcher.submit_group(_group(2, 3, token="t2"))
+        self.clock.advance(0)
+        [(command, arguments, d)] = self.sent
+        self.assertEqual(arguments, {"orders": [
+            OrderRequest("buy", "t1", "KO", "1", "at1", "a1", "c1"),
+            OrderRequest("buy", "t2", "AAPL", "2", "at", "addr"),
+            OrderRequest("buy", "t2", "AAPL", "3", "at", "addr"),
+        ]})
+        d.callback({"results": [{"i": i} for i in range(3)]})
+        self.assertEqual(self.successResultOf(first), [{"i": 0}])
+        self.assertEqual(self.successResultOf(second), [{"i": 1}, {"i": 2}])
+        takes_groups[0] = True
+        self.batcher.submit_group(_group(4))
+        self.clock.advance(0)
+        self.assertEqual(self.sent[1][1]["orders"], [])
+        self.assertEqual(self.quantities(1), [[4]])
+
     def test_empty_group(self) -> None:
         """An empty group is answered at once and sends nothing."""
         self.assertEqual(self.successResultOf(self.batcher.submit_group(_group())), [])
@@ -186,8 +217,10 @@ class MasterLinkTests(SynchronousTestCase):
         self.failureResultOf(link.call(SubmitOrders, orders=[]), ServiceUnavailable)
 
     def test_handshake_loads_cache(self) -> None:
-        """The handshake registers the worker with the master and fills the quote cache."""
+        """The handshake registers the worker with the master and fills the quote cache; the master
+        says it takes order groups."""
         deployment = Deployment(self.mktemp())
+        self.assertTrue(deployment.link.order_groups)
         self.assertIn("test-worker", deployment.registry.workers)
         self.assertEqual(set(deployment.cache.assets), {"AAPL", "MSFT", "KO"})
         self.assertEqual(deployment.cache.prices["AAPL"], 19_000)

@@ -134,7 +134,13 @@ class MasterLocator(AnswersHeartbeats):
             version=version,
             address=self.connection.peer,
         )
-        returnValue({"update_interval": self.update_interval, "heartbeat_interval": self.heartbeat_interval})
+        returnValue(
+            {
+                "update_interval": self.update_interval,
+                "heartbeat_interval": self.heartbeat_interval,
+                "order_groups": True,
+            }
+        )
 
     def _refuse(self, name: str, reason: str) -> None:
         self.connection.note(

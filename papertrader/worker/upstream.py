@@ -30,6 +30,7 @@ from papertrader.protocol import (
     MAX_SERVED_USERS_BATCH,
     ListAssets,
     OrderGroup,
+    OrderRequest,
     OrderResult,
     ServedUsers,
     SubmitOrders,
@@ -94,6 +95,8 @@ class MasterLink:
         self.cache = cache
         self.connection: _MasterAMP | None = None
         self.update_interval: float | None = None
+        # Whether the master takes SubmitOrders groups (it says so in its WorkerHello answer).
+        self.order_groups = False
         self._pushes = pushes
         self._refusals = 0  # handshakes in a row the master refused
         self._failed_handshakes = 0  # other handshakes in a row that failed
@@ -128,6 +131,7 @@ class MasterLink:
     def _greet(self, connection: _MasterAMP) -> Any:
         answer = yield connection.callRemote(WorkerHello, name=self.name, version=__version__)
         self.update_interval = answer["update_interval"]
+        self.order_groups = bool(answer.get("order_groups"))
         connection.start_heartbeats(answer.get("heartbeat_interval") or DEFAULT_HEARTBEAT_INTERVAL)
         for _ in range(ASSET_LIST_ATTEMPTS):
             assets, ticks = yield self._read_asset_list(connection)
@@ -247,13 +251,22 @@ class OrderBatcher:
     its token and envelope once, and is answered once with a result per
     order: a group costs one Deferred however many orders it has.  A batch
     holds at most ``max_batch`` orders; a group that does not fit is split
-    across batches.
+    across batches.  While ``master_takes_groups()`` is false (a master
+    from before groups), each order travels as a row with its own token and
+    envelope instead.
     """
 
-    def __init__(self, clock: IReactorTime, send: Callable[..., Deferred], max_batch: int = MAX_ORDER_BATCH) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        send: Callable[..., Deferred],
+        max_batch: int = MAX_ORDER_BATCH,
+        master_takes_groups: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._clock = clock
         self._send = send
         self._max_batch = max_batch
+        self._master_takes_groups = master_takes_groups
         self._pending: list[_Pending] = []
         self._scheduled: Any = None
 
@@ -294,7 +307,15 @@ class OrderBatcher:
             self._send_batch(groups, segments)
 
     def _send_batch(self, groups: list[OrderGroup], segments: list[_Segment]) -> None:
-        d = maybeDeferred(self._send, SubmitOrders, orders=[], groups=groups)
+        if self._master_takes_groups():
+            d = maybeDeferred(self._send, SubmitOrders, orders=[], groups=groups)
+        else:
+            rows = [
+                OrderRequest(o.side, g.token, o.symbol, o.quantity, g.received_at, g.client_address, o.client_order_id)
+                for g in groups
+                for o in g.orders
+            ]
+            d = maybeDeferred(self._send, SubmitOrders, orders=rows)
         d.addCallbacks(self._answer, self._fail, callbackArgs=(segments,), errbackArgs=(segments,))
 
     @staticmethod
