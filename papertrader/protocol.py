@@ -10,7 +10,8 @@ Traffic in each direction:
 - worker -> master: WorkerHello first (the handshake), then each client
   command relayed with the envelope the worker stamps on it (the time it was
   received and the client's address) -- ``Relayed*`` below -- except orders,
-  which travel in batches as SubmitOrders; ListAssets fills the worker's cache;
+  which travel in batches as SubmitOrders (the orders a client sent together
+  as one group, stamped once); ListAssets fills the worker's cache;
   ServedUsers after the handshake names the users the worker has sessions of.
 - master -> worker: PriceTick after every price update and OrderUpdates when
   queued orders settle or are rejected (only to the workers that serve the
@@ -389,6 +390,8 @@ class WorkerHello(amp.Command):
         (b"update_interval", amp.Float()),
         # Seconds between the Heartbeats each side sends; a link silent for two is closed.
         (b"heartbeat_interval", amp.Float(optional=True)),
+        # Whether SubmitOrders may carry ``groups`` (a master that does not say takes rows only).
+        (b"order_groups", amp.Boolean(optional=True)),
     ]
     errors = declared(WorkerRefused)
 
@@ -444,6 +447,32 @@ def _text(row: dict[str, Any], key: str, limit: int, optional: bool = False) -> 
     return value
 
 
+def _texts(row: Any, fields: tuple[tuple[str, int, bool], ...]) -> list[str | None]:
+    """The values of ``fields`` (key, limit, optional) of a received row, checked as `_text` does.
+
+    One loop over a row instead of a call per field: these rows arrive by the
+    thousand per second, and every received row is checked.
+    """
+    if type(row) is not dict:
+        raise BadRequest("each order must be an object")
+    values = []
+    get = row.get
+    for key, limit, optional in fields:
+        value = get(key)
+        if type(value) is str and len(value) <= limit and value.isascii():
+            values.append(value)
+        elif value is None and optional:
+            values.append(None)
+        else:
+            values.append(_text(row, key, limit, optional))  # raises BadRequest, or accepts a str subclass
+    return values
+
+
+def _without_none(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` without the keys whose value is None (how optional fields travel: left out)."""
+    return {key: value for key, value in row.items() if value is not None}
+
+
 @attr.s(frozen=True, auto_attribs=True)
 class OrderRequest:
     """One PurchaseAsset/SellAsset inside a SubmitOrders batch, with its envelope."""
@@ -459,20 +488,32 @@ class OrderRequest:
     @classmethod
     def from_wire(cls, row: Any) -> OrderRequest:
         """Check one received row; BadRequest if it is not an order the worker could have sent."""
-        if not isinstance(row, dict):
-            raise BadRequest("each order must be an object")
-        return cls(
-            side=_text(row, "side", 8),
-            token=_text(row, "token", MAX_TOKEN_LENGTH),
-            symbol=_text(row, "symbol", MAX_SYMBOL_LENGTH),
-            quantity=_text(row, "quantity", MAX_QUANTITY_LENGTH),
-            received_at=_text(row, "received_at", MAX_STAMP_LENGTH),
-            client_address=_text(row, "client_address", MAX_STAMP_LENGTH),
-            client_order_id=_text(row, "client_order_id", MAX_CLIENT_ORDER_ID_LENGTH, optional=True),
-        )
+        return cls(*_texts(row, _ORDER_REQUEST_FIELDS))
 
     def to_wire(self) -> dict[str, str]:
-        return attr.asdict(self, filter=lambda _, value: value is not None)
+        row = {
+            "side": self.side,
+            "token": self.token,
+            "symbol": self.symbol,
+            "quantity": self.quantity,
+            "received_at": self.received_at,
+            "client_address": self.client_address,
+        }
+        if self.client_order_id is not None:
+            row["client_order_id"] = self.client_order_id
+        return row
+
+
+# The fields of an OrderRequest row, in the class's order: (key, longest, optional).
+_ORDER_REQUEST_FIELDS = (
+    ("side", 8, False),
+    ("token", MAX_TOKEN_LENGTH, False),
+    ("symbol", MAX_SYMBOL_LENGTH, False),
+    ("quantity", MAX_QUANTITY_LENGTH, False),
+    ("received_at", MAX_STAMP_LENGTH, False),
+    ("client_address", MAX_STAMP_LENGTH, False),
+    ("client_order_id", MAX_CLIENT_ORDER_ID_LENGTH, True),
+)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -501,7 +542,11 @@ class OrderResult:
         return cls(code=str(row.get("code")), reason=str(row.get("reason", "")))
 
     def to_wire(self) -> dict[str, Any]:
-        return attr.asdict(self, filter=lambda _, value: value is not None)
+        if self.code is None and self.reason is None and self.order_id is not None and self.username is not None:
+            return {"order_id": self.order_id, "username": self.username}  # the usual row, built directly
+        return _without_none(
+            {"order_id": self.order_id, "username": self.username, "code": self.code, "reason": self.reason}
+        )
 
     def error(self) -> PaperTraderError | None:
         """The error this result stands for, or None for a queued order."""
@@ -526,18 +571,6 @@ class _Rows(JSON):
         return [self.row.from_wire(row) for row in rows]
 
 
-class SubmitOrders(amp.Command):
-    """A batch of PurchaseAsset/SellAsset (`OrderRequest`), each with its envelope.
-
-    The answer has one `OrderResult` per order, in the same order.  Every
-    queued order is already durable.
-    """
-
-    arguments = [(b"orders", _Rows(OrderRequest, MAX_ORDER_BATCH))]
-    response = [(b"results", _Rows(OrderResult, MAX_ORDER_BATCH))]
-    errors = dict(_UNAVAILABLE)
-
-
 # ---------------------------------------------------------------- client -> worker: several orders at once
 
 # Orders in one PlaceOrders: with every field at its bound a batch stays near 20 KiB, far under 64 KiB.
@@ -558,18 +591,25 @@ class ClientOrder:
         """Check one received row; BadRequest if it is not an order."""
         if not isinstance(row, dict):
             raise BadRequest("each order must be an object")
-        side = _text(row, "side", 8)
-        if side not in ("buy", "sell"):
+        values = _texts(row, _CLIENT_ORDER_FIELDS)
+        if values[0] not in ("buy", "sell"):
             raise BadRequest("order field 'side' must be 'buy' or 'sell'")
-        return cls(
-            side=side,
-            symbol=_text(row, "symbol", MAX_SYMBOL_LENGTH),
-            quantity=_text(row, "quantity", MAX_QUANTITY_LENGTH),
-            client_order_id=_text(row, "client_order_id", MAX_CLIENT_ORDER_ID_LENGTH, optional=True),
-        )
+        return cls(*values)
 
     def to_wire(self) -> dict[str, str]:
-        return attr.asdict(self, filter=lambda _, value: value is not None)
+        row = {"side": self.side, "symbol": self.symbol, "quantity": self.quantity}
+        if self.client_order_id is not None:
+            row["client_order_id"] = self.client_order_id
+        return row
+
+
+# The fields of a ClientOrder row, in the class's order: (key, longest, optional).
+_CLIENT_ORDER_FIELDS = (
+    ("side", 8, False),
+    ("symbol", MAX_SYMBOL_LENGTH, False),
+    ("quantity", MAX_QUANTITY_LENGTH, False),
+    ("client_order_id", MAX_CLIENT_ORDER_ID_LENGTH, True),
+)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -593,11 +633,110 @@ class PlacedOrder:
         return cls(code=str(row.get("code")), reason=str(row.get("reason", "")))
 
     def to_wire(self) -> dict[str, Any]:
-        return attr.asdict(self, filter=lambda _, value: value is not None)
+        if self.code is None and self.reason is None and self.order_id is not None:
+            return {"order_id": self.order_id}  # the usual row, built directly
+        return _without_none({"order_id": self.order_id, "code": self.code, "reason": self.reason})
 
     def error(self) -> PaperTraderError | None:
         """The error this result stands for (PurchaseFailed, OrderConflict, ...), or None for a queued order."""
         return None if self.code is None else error_from_code(self.code, self.reason or "")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OrderGroup:
+    """Orders a client sent together (a PlaceOrders, or one PurchaseAsset/SellAsset) inside a
+    SubmitOrders batch: one token and one envelope for all of them."""
+
+    token: str
+    received_at: str
+    client_address: str
+    orders: list[ClientOrder]
+
+    @classmethod
+    def from_wire(cls, group: Any) -> OrderGroup:
+        """Check one received group; BadRequest if it is not one the worker could have sent."""
+        token, received_at, client_address = _texts(group, _ORDER_GROUP_FIELDS)
+        rows = group.get("orders")
+        if type(rows) is not list or not rows:
+            raise BadRequest("each order group must list its orders")
+        orders = []
+        for row in rows:
+            if type(row) is not list or not 3 <= len(row) <= 4:
+                raise BadRequest("each order of a group must be [side, symbol, quantity] or [..., client order id]")
+            values = [
+                value if type(value) is str and len(value) <= limit and value.isascii() else _bad_row_text(limit)
+                for value, limit in zip(row, _GROUP_ROW_LIMITS)
+            ]
+            orders.append(ClientOrder(*values))
+        return cls(token, received_at, client_address, orders)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "received_at": self.received_at,
+            "client_address": self.client_address,
+            "orders": [
+                [o.side, o.symbol, o.quantity]
+                if o.client_order_id is None
+                else [o.side, o.symbol, o.quantity, o.client_order_id]
+                for o in self.orders
+            ],
+        }
+
+
+# The fields of an OrderGroup, and of each of its orders (a list, in the ClientOrder's order).
+_ORDER_GROUP_FIELDS = (
+    ("token", MAX_TOKEN_LENGTH, False),
+    ("received_at", MAX_STAMP_LENGTH, False),
+    ("client_address", MAX_STAMP_LENGTH, False),
+)
+_GROUP_ROW_LIMITS = (8, MAX_SYMBOL_LENGTH, MAX_QUANTITY_LENGTH, MAX_CLIENT_ORDER_ID_LENGTH)
+
+
+def _bad_row_text(limit: int) -> str:
+    """Refuse a field of a group's order that is not ASCII text of at most ``limit`` characters."""
+    raise BadRequest(f"the orders of a group have ASCII text fields of at most {limit} characters")
+
+
+class _Groups(JSON):
+    """A JSON list of `OrderGroup`, of at most ``limit`` orders in all, checked as it is received."""
+
+    def __init__(self, limit: int, optional: bool = False) -> None:
+        super().__init__(optional=optional)
+        self.limit = limit
+
+    def toString(self, inObject: list[OrderGroup]) -> bytes:
+        return super().toString([group.to_wire() for group in inObject])
+
+    def fromString(self, inString: bytes) -> list[OrderGroup]:
+        groups = super().fromString(inString)
+        if type(groups) is not list or len(groups) > self.limit:
+            raise BadRequest(f"expected a list of order groups of at most {self.limit} orders")
+        parsed = [OrderGroup.from_wire(group) for group in groups]
+        if sum(len(group.orders) for group in parsed) > self.limit:
+            raise BadRequest(f"expected a list of order groups of at most {self.limit} orders")
+        return parsed
+
+
+class SubmitOrders(amp.Command):
+    """A batch of orders: PurchaseAsset/SellAsset each with its envelope (``orders``, `OrderRequest`),
+    and orders that arrived together with one envelope for all (``groups``, `OrderGroup`).
+
+    The answer has one `OrderResult` per order, in the same order: those of
+    ``orders``, then those of each group's orders.  Every queued order is
+    already durable.  A worker sends every order in ``groups`` (a group of one
+    for a single order); ``orders`` is how workers before groups sent them.  At
+    most MAX_ORDER_BATCH orders in all.  A master that predates ``groups``
+    would answer nothing for them, so a worker sends groups only to a master whose WorkerHello
+    answer said ``order_groups``, and rows to any other.
+    """
+
+    arguments = [
+        (b"orders", _Rows(OrderRequest, MAX_ORDER_BATCH)),
+        (b"groups", _Groups(MAX_ORDER_BATCH, optional=True)),
+    ]
+    response = [(b"results", _Rows(OrderResult, MAX_ORDER_BATCH))]
+    errors = dict(_UNAVAILABLE)
 
 
 class PlaceOrders(amp.Command):

@@ -129,7 +129,7 @@ class Deployment:
             MasterPushes(self.cache, self.clients),
             served_users=lambda: list(self.clients.by_user),
         )
-        self.batcher = OrderBatcher(self.clock, self.link.call)
+        self.batcher = OrderBatcher(self.clock, self.link.call, master_takes_groups=lambda: self.link.order_groups)
         self.client_factory = ClientFactory(
             lambda: ClientLocator(self.clock, self.link, self.batcher, self.cache, self.clients), clock=self.clock
         )

@@ -17,7 +17,16 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import BadRequest, ServiceUnavailable, WorkerRefused
-from papertrader.protocol import Heartbeat, Login, WorkerHello
+from papertrader.protocol import (
+    MAX_ORDER_BATCH,
+    ClientOrder,
+    Heartbeat,
+    Login,
+    OrderGroup,
+    OrderRequest,
+    SubmitOrders,
+    WorkerHello,
+)
 from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, GuardedAMP, LogLimiter
 from tests.support import Deployment
 
@@ -164,6 +173,58 @@ class BadRequestTests(SynchronousTestCase):
         self.deployment.result(peer.protocol.callRemote(WorkerHello, name="raw", version="0"))
         for rows in (b"{}", b"[1]", b'[{"side": "buy"}]', b"[" + b'{"side":"x"},' * 200 + b"{}]", b"not json"):
             self.bad(peer.ask(b"SubmitOrders", orders=rows))
+
+
+    def test_bad_order_groups_refused(self) -> None:
+        """A SubmitOrders group that is not one the worker could have sent is a bad request; nothing is stored."""
+        peer = RawPeer(self.deployment, self.deployment.master_factory, 50003)
+        self.deployment.certified_names[0] = "raw"
+        self.deployment.result(peer.protocol.callRemote(WorkerHello, name="raw", version="0"))
+        group = b'{"token": "t", "received_at": "a", "client_address": "c", "orders": %s}'
+        for groups in (
+            b"{}",
+            b"[1]",
+            b'[{"token": "t", "received_at": "a"}]',
+            b"[" + group % b"[]" + b"]",
+            b"[" + group % b'[["buy", "AAPL"]]' + b"]",
+            b"[" + group % b'[["buy", "AAPL", 1]]' + b"]",
+            b"[" + group % b'[["buy", "AAPL", "1", null]]' + b"]",
+            b"[" + group % b'[["buy", "AAPL", "1", "id", "more"]]' + b"]",
+            b"[" + group % b'[{"side": "buy", "symbol": "AAPL", "quantity": "1"}]' + b"]",
+            b"[" + group % (b"[" + b",".join([b'["buy", "AAPL", "1"]'] * (MAX_ORDER_BATCH + 1)) + b"]") + b"]",
+        ):
+            self.bad(peer.ask(b"SubmitOrders", orders=b"[]", groups=groups))
+        # Each argument within the bound, the two together past it.
+        rows = b"[" + b",".join([b'{"side": "buy", "token": "t", "symbol": "AAPL", "quantity": "1", '
+                                 b'"received_at": "a", "client_address": "c"}'] * 100) + b"]"
+        groups = b"[" + group % (b"[" + b",".join([b'["buy", "AAPL", "1"]'] * 100) + b"]") + b"]"
+        self.assertIn("at most", self.bad(peer.ask(b"SubmitOrders", orders=rows, groups=groups)))
+        self.assertEqual(self.deployment.pool.connection.execute("SELECT COUNT(*) FROM orders").fetchone(), (0,))
+
+    def test_rows_and_groups_answered_in_order(self) -> None:
+        """One SubmitOrders may carry rows (each with its envelope, as workers before groups sent them) and
+        groups: one result per order, the rows' first, then each group's orders in turn."""
+        peer = RawPeer(self.deployment, self.deployment.master_factory, 50004)
+        self.deployment.certified_names[0] = "raw"
+        self.deployment.result(peer.protocol.callRemote(WorkerHello, name="raw", version="0"))
+        token = self.alice.token
+        rows = [OrderRequest("buy", token, "AAPL", "1", "t0", "10.0.0.1:1", "row-1")]
+        groups = [
+            OrderGroup(token, "t1", "10.0.0.2:2", [ClientOrder("buy", "KO", "2", "g-1"), ClientOrder("buy", "X", "1")]),
+            OrderGroup("not-a-token", "t2", "10.0.0.3:3", [ClientOrder("sell", "KO", "1")]),
+            OrderGroup(token, "t3", "10.0.0.4:4", [ClientOrder("buy", "MSFT", "3")]),
+        ]
+        answer = self.deployment.result(peer.protocol.callRemote(SubmitOrders, orders=rows, groups=groups))
+        results = answer["results"]
+        self.assertEqual([r.code for r in results], [None, None, "PURCHASE_FAILED", "SESSION_INVALID", None])
+        stored = self.deployment.pool.connection.execute(
+            "SELECT id, symbol, quantity, received_at, client_address, client_order_id, worker FROM orders ORDER BY id"
+        ).fetchall()
+        self.assertEqual(stored, [
+            (results[0].order_id, "AAPL", 1, "t0", "10.0.0.1:1", "row-1", "raw"),
+            (results[1].order_id, "KO", 2, "t1", "10.0.0.2:2", "g-1", "raw"),
+            (results[4].order_id, "MSFT", 3, "t3", "10.0.0.4:4", None, "raw"),
+        ])
 
 
 class BoxLimitTests(SynchronousTestCase):

@@ -11,7 +11,15 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import DataFailed, ServiceUnavailable
-from papertrader.protocol import MAX_ORDER_BATCH, OrderUpdates, PriceTick, SubmitOrders
+from papertrader.protocol import (
+    MAX_ORDER_BATCH,
+    ClientOrder,
+    OrderGroup,
+    OrderRequest,
+    OrderUpdates,
+    PriceTick,
+    SubmitOrders,
+)
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientRegistry
 from papertrader.worker.upstream import MasterLink, OrderBatcher
@@ -96,40 +104,109 @@ class ClientRegistryTests(SynchronousTestCase):
         self.assertEqual(registry.by_user, {})
 
 
+def _group(*quantities: int, token: str = "tok") -> OrderGroup:
+    return OrderGroup(token, "at", "addr", [ClientOrder("buy", "AAPL", str(q)) for q in quantities])
+
+
 class OrderBatcherTests(SynchronousTestCase):
-    """Orders of one reactor turn travel together."""
+    """Order groups of one reactor turn travel together."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.sent: list[tuple[Any, list, Deferred]] = []
+        self.sent: list[tuple[Any, dict[str, Any], Deferred]] = []
 
-        def send(command: Any, orders: list) -> Deferred:
+        def send(command: Any, **arguments: Any) -> Deferred:
             d: Deferred = Deferred()
-            self.sent.append((command, orders, d))
+            self.sent.append((command, arguments, d))
             return d
 
+        self.send = send
         self.batcher = OrderBatcher(self.clock, send)
+
+    def quantities(self, index: int) -> list[list[int]]:
+        """The quantities of each group in the ``index``th batch sent."""
+        return [[int(o.quantity) for o in group.orders] for group in self.sent[index][1]["groups"]]
 
     def test_batches_split_at_limit(self) -> None:
         """More orders than fit one box go in several SubmitOrders, each answered in order."""
-        results = [self.batcher.submit({"n": str(i)}) for i in range(MAX_ORDER_BATCH + 1)]
+        results = [self.batcher.submit_group(_group(i)) for i in range(MAX_ORDER_BATCH + 1)]
         self.assertEqual(self.sent, [])
         self.clock.advance(0)
-        self.assertEqual([(c, len(o)) for c, o, _ in self.sent], [(SubmitOrders, MAX_ORDER_BATCH), (SubmitOrders, 1)])
+        self.assertEqual([(c, a["orders"], len(a["groups"])) for c, a, _ in self.sent],
+                         [(SubmitOrders, [], MAX_ORDER_BATCH), (SubmitOrders, [], 1)])
         self.sent[0][2].callback({"results": [{"i": i} for i in range(MAX_ORDER_BATCH)]})
         self.sent[1][2].errback(ServiceUnavailable("gone"))
-        self.assertEqual(self.successResultOf(results[5]), {"i": 5})
-        self.failureResultOf(results[-1], ServiceUnavailable)
-
+        self.assertEqual(self.successResultOf(results[5]), [{"i": 5}])
+        [refused] = self.successResultOf(results[-1])
+        self.assertIsInstance(refused, ServiceUnavailable)
 
     def test_orders_left_unanswered_are_refused(self) -> None:
         """Orders the master gave no result for are refused as unavailable, not left hanging."""
-        results = [self.batcher.submit({"n": str(i)}) for i in range(3)]
+        group = self.batcher.submit_group(_group(1, 2, 3))
         self.clock.advance(0)
         self.sent[0][2].callback({"results": [{"i": 0}]})
-        self.assertEqual(self.successResultOf(results[0]), {"i": 0})
-        for d in results[1:]:
-            self.assertIn("no answer for this order", str(self.failureResultOf(d, ServiceUnavailable).value))
+        results = self.successResultOf(group)
+        self.assertEqual(results[0], {"i": 0})
+        for result in results[1:]:
+            self.assertIsInstance(result, ServiceUnavailable)
+            self.assertIn("no answer for this order", str(result))
+
+    def test_group_answered_once_in_order(self) -> None:
+        """A group travels whole when it fits and is answered once, each order's result in its place, even
+        when it is split across batches."""
+        self.batcher = OrderBatcher(self.clock, self.send, max_batch=4)
+        single = self.batcher.submit_group(_group(100))
+        group = self.batcher.submit_group(_group(1, 2, 3, 4, 5, 6))
+        self.clock.advance(0)
+        self.assertEqual([self.quantities(0), self.quantities(1)], [[[100], [1, 2, 3]], [[4, 5, 6]]])
+        self.assertEqual({g.token for g in self.sent[0][1]["groups"] + self.sent[1][1]["groups"]}, {"tok"})
+        self.sent[0][2].callback({"results": [{"i": i} for i in range(4)]})
+        self.assertEqual(self.successResultOf(single), [{"i": 0}])
+        self.assertNoResult(group)  # three of its orders are still out
+        self.sent[1][2].callback({"results": [{"i": i} for i in range(4, 7)]})
+        self.assertEqual(self.successResultOf(group), [{"i": i} for i in range(1, 7)])
+
+    def test_group_with_failed_batch(self) -> None:
+        """A group never fails: orders whose batch could not be sent get the error in their places."""
+        self.batcher = OrderBatcher(self.clock, self.send, max_batch=2)
+        group = self.batcher.submit_group(_group(1, 2, 3))
+        self.clock.advance(0)
+        self.sent[0][2].errback(ServiceUnavailable("gone"))
+        self.sent[1][2].callback({"results": []})
+        results = self.successResultOf(group)
+        self.assertEqual([type(r) for r in results], [ServiceUnavailable] * 3)
+        self.assertEqual(str(results[0]), "gone")
+        self.assertIn("no answer for this order", str(results[2]))
+
+    def test_rows_for_a_master_without_groups(self) -> None:
+        """While the master does not take groups, each order goes as a row with its group's token and
+        envelope; the group is answered as before."""
+        takes_groups = [False]
+        self.batcher = OrderBatcher(self.clock, self.send, master_takes_groups=lambda: takes_groups[0])
+        first = self.batcher.submit_group(OrderGroup("t1", "at1", "a1", [ClientOrder("buy", "KO", "1", "c1")]))
+        second = self.batcher.submit_group(_group(2, 3, token="t2"))
+        self.clock.advance(0)
+        [(command, arguments, d)] = self.sent
+        self.assertEqual(arguments, {"orders": [
+            OrderRequest("buy", "t1", "KO", "1", "at1", "a1", "c1"),
+            OrderRequest("buy", "t2", "AAPL", "2", "at", "addr"),
+            OrderRequest("buy", "t2", "AAPL", "3", "at", "addr"),
+        ]})
+        d.callback({"results": [{"i": i} for i in range(3)]})
+        self.assertEqual(self.successResultOf(first), [{"i": 0}])
+        self.assertEqual(self.successResultOf(second), [{"i": 1}, {"i": 2}])
+        takes_groups[0] = True
+        self.batcher.submit_group(_group(4))
+        self.clock.advance(0)
+        self.assertEqual(self.sent[1][1]["orders"], [])
+        self.assertEqual(self.quantities(1), [[4]])
+
+    def test_empty_group(self) -> None:
+        """An empty group is answered at once and sends nothing."""
+        self.assertEqual(self.successResultOf(self.batcher.submit_group(_group())), [])
+        self.clock.advance(0)
+        self.assertEqual(self.sent, [])
+
 
 class MasterLinkTests(SynchronousTestCase):
     """The worker's link to the master."""
@@ -140,8 +217,10 @@ class MasterLinkTests(SynchronousTestCase):
         self.failureResultOf(link.call(SubmitOrders, orders=[]), ServiceUnavailable)
 
     def test_handshake_loads_cache(self) -> None:
-        """The handshake registers the worker with the master and fills the quote cache."""
+        """The handshake registers the worker with the master and fills the quote cache; the master
+        says it takes order groups."""
         deployment = Deployment(self.mktemp())
+        self.assertTrue(deployment.link.order_groups)
         self.assertIn("test-worker", deployment.registry.workers)
         self.assertEqual(set(deployment.cache.assets), {"AAPL", "MSFT", "KO"})
         self.assertEqual(deployment.cache.prices["AAPL"], 19_000)

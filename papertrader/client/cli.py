@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.protocols import amp
 
 from papertrader import tls
-from papertrader.client.library import PaperTraderClient, TLSHandshakeFailed, connect
+from papertrader.client.library import PaperTraderClient, TLSHandshakeFailed, connect, new_client_order_ids
 from papertrader.config import default_data_dir
 from papertrader.errors import PaperTraderError, ServiceUnavailable
 from papertrader.money import format_cents
@@ -238,7 +237,7 @@ def _order_command(side: str) -> Any:
     def run(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
         client.token = _session_token(session)
         place = client.buy if side == "buy" else client.sell
-        client_order_id = args.client_order_id or str(uuid.uuid4())
+        client_order_id = args.client_order_id or new_client_order_ids(1)[0]
         try:
             answer = yield place(args.symbol, args.quantity, client_order_id)
         except ServiceUnavailable as e:

@@ -42,7 +42,14 @@ from papertrader.master.trading import (
     settle_orders,
 )
 from papertrader.paging import BadCursor, Page, decode_cursor, encode_cursor, page_count
-from papertrader.protocol import ORDERS_PER_PAGE, POSITIONS_PER_PAGE, TRANSACTIONS_PER_PAGE, OrderRequest
+from papertrader.protocol import (
+    ORDERS_PER_PAGE,
+    POSITIONS_PER_PAGE,
+    TRANSACTIONS_PER_PAGE,
+    ClientOrder,
+    OrderGroup,
+    OrderRequest,
+)
 from papertrader.timestamps import iso
 
 TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
@@ -88,18 +95,22 @@ class Exchange:
 
     # ------------------------------------------------------------ orders
 
+    def submit_orders(self, requests: list[OrderRequest], worker: str) -> Deferred[list[Any]]:
+        """`submit_groups` for orders that each carry their own token and envelope (a group of one each)."""
+        return self.submit_groups([group_of_one(request) for request in requests], worker)
+
     @inlineCallbacks
-    def submit_orders(self, requests: list[OrderRequest], worker: str) -> Any:
+    def submit_groups(self, groups: list[OrderGroup], worker: str) -> Any:
         """Validate a batch of orders and queue the valid ones durably, together.
 
-        Fires with, per request, either
+        Fires with, per order (those of each group in turn), either
         ``(order_id, username)`` or the `PaperTraderError` saying why it was not
         queued (SessionInvalid, PurchaseFailed/SellFailed, OrderConflict,
-        ServiceUnavailable).  A request repeating an order already stored under
+        ServiceUnavailable).  An order repeating one already stored under
         its client order id gets that order's id and stores nothing.
         """
         sessions: dict[str, Any] = {}
-        for token in {request.token for request in requests}:
+        for token in {group.token for group in groups}:
             session = self.accounts.cached_session(token)
             if session is None:
                 try:
@@ -111,17 +122,21 @@ class Exchange:
                     session = ServiceUnavailable("the database is unavailable; order not accepted")
             sessions[token] = session
 
-        results: list[Any] = [None] * len(requests)
+        results: list[Any] = []
         valid: list[tuple[int, NewOrder]] = []
-        for index, request in enumerate(requests):
-            session = sessions[request.token]
+        for group in groups:
+            session = sessions[group.token]
             if isinstance(session, Exception):
-                results[index] = session
+                results.extend([session] * len(group.orders))
                 continue
-            try:
-                valid.append((index, self._new_order(request, session, worker)))
-            except PaperTraderError as e:
-                results[index] = e
+            for order in group.orders:
+                try:
+                    new = self._new_order(order, group, session, worker)
+                except PaperTraderError as e:
+                    results.append(e)
+                else:
+                    valid.append((len(results), new))
+                    results.append(None)
         if valid:
             try:
                 outcomes = yield self._desk.place_many([order for _, order in valid])
@@ -157,20 +172,20 @@ class Exchange:
             raise result
         return result
 
-    def _new_order(self, request: OrderRequest, session: Any, worker: str) -> NewOrder:
+    def _new_order(self, order: ClientOrder, group: OrderGroup, session: Any, worker: str) -> NewOrder:
         """The checks that need no database: side, symbol, quantity, client order id, a current price."""
-        side = request.side
+        side = order.side
         failed = _failure_for(side)
         if side not in SIDES:
             raise failed(f"unknown order side {side!r}")
-        symbol = request.symbol.strip().upper()
+        symbol = order.symbol.strip().upper()
         if symbol not in self.board.assets:
             raise failed(f"unknown symbol {symbol!r}")
         try:
-            quantity = parse_quantity(request.quantity, self._max_quantity)
+            quantity = parse_quantity(order.quantity, self._max_quantity)
         except ValueError as e:
             raise failed(str(e)) from None
-        client_order_id = request.client_order_id
+        client_order_id = order.client_order_id
         if client_order_id is not None:
             try:
                 client_order_id = parse_client_order_id(client_order_id)
@@ -184,8 +199,8 @@ class Exchange:
             side,
             symbol,
             quantity,
-            request.received_at,
-            request.client_address,
+            group.received_at,
+            group.client_address,
             worker,
             client_order_id,
         )
@@ -200,7 +215,9 @@ class Exchange:
         if self._settling:
             known: dict[int, AccountState] = {}
         else:
-            known = {o.user_id: self._accounts[o.user_id].copy() for o in orders if o.user_id in self._accounts}
+            # One copy per user, not per order: a batch holds many orders of few users.
+            users = {o.user_id for o in orders}
+            known = {user_id: self._accounts[user_id].copy() for user_id in users if user_id in self._accounts}
         d = self._db.queue_orders(orders, self.board.prices, refuse_reason, iso(self._clock.seconds()), known)
 
         def stored(answer: tuple[list[QueueOutcome], dict[int, AccountState]]) -> list[QueueOutcome]:
@@ -386,6 +403,12 @@ class Exchange:
                 listener(tick.tick_id, tick.as_of, tick.prices, settlements)
             except Exception:
                 self.log.failure("tick listener failed")
+
+
+def group_of_one(request: OrderRequest) -> OrderGroup:
+    """A SubmitOrders row of a worker that sends no groups, as a group of one order."""
+    order = ClientOrder(request.side, request.symbol, request.quantity, request.client_order_id)
+    return OrderGroup(request.token, request.received_at, request.client_address, [order])
 
 
 def _failure_for(side: str) -> type[PaperTraderError]:

@@ -17,6 +17,7 @@ import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
 
 from papertrader.errors import (
+    BadRequest,
     DataFailed,
     LoginFailed,
     PaperTraderError,
@@ -25,12 +26,14 @@ from papertrader.errors import (
     expected_or_unavailable,
 )
 from papertrader.eventlog import EventLogger
-from papertrader.master.exchange import Exchange
+from papertrader.master.exchange import Exchange, group_of_one
 from papertrader.master.workers import WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
+    MAX_ORDER_BATCH,
     ListAssets,
+    OrderGroup,
     OrderRequest,
     OrderResult,
     RelayedChangePassword,
@@ -135,7 +138,13 @@ class MasterLocator(AnswersHeartbeats):
             version=version,
             address=self.connection.peer,
         )
-        returnValue({"update_interval": self.update_interval, "heartbeat_interval": self.heartbeat_interval})
+        returnValue(
+            {
+                "update_interval": self.update_interval,
+                "heartbeat_interval": self.heartbeat_interval,
+                "order_groups": True,
+            }
+        )
 
     def _refuse(self, name: str, reason: str) -> None:
         self.connection.note(
@@ -254,9 +263,13 @@ class MasterLocator(AnswersHeartbeats):
 
     @SubmitOrders.responder
     @_guarded
-    def submit_orders(self, orders: list[OrderRequest]) -> Any:
+    def submit_orders(self, orders: list[OrderRequest], groups: list[OrderGroup] | None = None) -> Any:
         worker = self._worker_name()
-        return self.exchange.submit_orders(orders, worker).addCallback(self._order_results)
+        if orders:
+            groups = [*(group_of_one(request) for request in orders), *(groups or ())]
+        if sum(len(group.orders) for group in groups or ()) > MAX_ORDER_BATCH:
+            raise BadRequest(f"a SubmitOrders batch holds at most {MAX_ORDER_BATCH} orders in all")
+        return self.exchange.submit_groups(groups or [], worker).addCallback(self._order_results)
 
     def _order_results(self, results: list[Any]) -> dict[str, Any]:
         rows = [_result(result) for result in results]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, returnValue, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
@@ -41,7 +41,7 @@ from papertrader.protocol import (
     LoginWithToken,
     Logout,
     LogoutEverywhere,
-    OrderRequest,
+    OrderGroup,
     OrderResult,
     OrderUpdates,
     Ping,
@@ -337,8 +337,10 @@ class ClientLocator(AnswersHeartbeats):
         self._check_session_token(token)
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; order not accepted")
-        order = self._order_request(side, failed, token, symbol, quantity, client_order_id, self._envelope())
-        return self.batcher.submit(order).addCallback(self._order_result)
+        order = self._client_order(side, failed, symbol, quantity, client_order_id)
+        envelope = self._envelope()
+        group = OrderGroup(token, envelope["received_at"], envelope["client_address"], [order])
+        return self.batcher.submit_group(group).addCallback(self._order_result)
 
     @staticmethod
     def _check_session_token(token: str) -> None:
@@ -346,15 +348,9 @@ class ClientLocator(AnswersHeartbeats):
             raise SessionInvalid("session is not valid; log in again")
 
     @staticmethod
-    def _order_request(
-        side: str,
-        failed: type[Exception],
-        token: str,
-        symbol: str,
-        quantity: str,
-        client_order_id: str | None,
-        envelope: dict[str, str],
-    ) -> OrderRequest:
+    def _client_order(
+        side: str, failed: type[Exception], symbol: str, quantity: str, client_order_id: str | None
+    ) -> ClientOrder:
         """The order to send on, or ``failed`` if a field cannot be one (bounded, plain-ASCII fields keep
         every SubmitOrders batch far below AMP's 64 KiB)."""
         if len(symbol) > MAX_SYMBOL_LENGTH or not symbol.isascii():
@@ -365,41 +361,35 @@ class ClientLocator(AnswersHeartbeats):
             len(client_order_id) > MAX_CLIENT_ORDER_ID_LENGTH or not client_order_id.isascii()
         ):
             raise failed(f"client order id must be ASCII of at most {MAX_CLIENT_ORDER_ID_LENGTH} characters")
-        return OrderRequest(
-            side, token, symbol, quantity, envelope["received_at"], envelope["client_address"], client_order_id
-        )
+        return ClientOrder(side, symbol, quantity, client_order_id)
 
     @PlaceOrders.responder
     def place_orders(self, token: str, orders: list[ClientOrder]) -> Deferred:
-        """Send every order of the batch on, stamped once; answer each on its own."""
+        """Send the batch on as one group, stamped once; answer each order on its own."""
         self._check_session_token(token)
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; orders not accepted")
         envelope = self._envelope()
-        answers = []
-        for order in orders:
-            failed = PurchaseFailed if order.side == "buy" else SellFailed
-            try:
-                request = self._order_request(
-                    order.side, failed, token, order.symbol, order.quantity, order.client_order_id, envelope
-                )
-            except PaperTraderError as e:
-                answers.append(succeed(PlacedOrder.refused(e)))
-                continue
-            answers.append(self.batcher.submit(request).addCallbacks(self._placed, self._not_placed))
-        return gatherResults(answers).addCallback(self._batch_answer)
+        # Each ClientOrder was bounded to plain-ASCII fields as it was received
+        # (ClientOrder.from_wire): the checks of `_client_order` hold already.
+        group = OrderGroup(token, envelope["received_at"], envelope["client_address"], orders)
+        return self.batcher.submit_group(group).addCallback(self._group_placed)
 
-    def _placed(self, result: OrderResult) -> PlacedOrder:
-        error = result.error()
-        if error is not None:
-            return PlacedOrder.refused(error)
-        self.clients.attach(self.connection, result.username)
-        return PlacedOrder(order_id=result.order_id)
-
-    @staticmethod
-    def _not_placed(failure: Any) -> PlacedOrder:
-        failure.trap(PaperTraderError)
-        return PlacedOrder.refused(failure.value)
+    def _group_placed(self, results: list[OrderResult | PaperTraderError]) -> dict[str, Any]:
+        placed: list[PlacedOrder] = []
+        username = None
+        for result in results:
+            if isinstance(result, PaperTraderError):
+                placed.append(PlacedOrder.refused(result))
+            elif result.code is None:
+                placed.append(PlacedOrder(order_id=result.order_id))
+                username = result.username
+            else:
+                placed.append(PlacedOrder.refused(result.error()))
+        if username is not None:
+            # The orders of one PlaceOrders share a token, so a user.
+            self.clients.attach(self.connection, username)
+        return self._batch_answer(placed)
 
     @staticmethod
     def _batch_answer(results: list[PlacedOrder]) -> dict[str, Any]:
@@ -408,7 +398,10 @@ class ClientLocator(AnswersHeartbeats):
             raise results[0].error()
         return {"results": results}
 
-    def _order_result(self, result: OrderResult) -> dict[str, int]:
+    def _order_result(self, results: list[OrderResult | PaperTraderError]) -> dict[str, int]:
+        [result] = results
+        if isinstance(result, PaperTraderError):
+            raise result
         error = result.error()
         if error is not None:
             raise error

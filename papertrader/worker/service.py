@@ -76,7 +76,7 @@ class WorkerService(service.MultiService):
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
         )
-        self.batcher = OrderBatcher(reactor, self.link.call)
+        self.batcher = OrderBatcher(reactor, self.link.call, master_takes_groups=lambda: self.link.order_groups)
 
     def startService(self) -> None:
         super().startService()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attr
 from OpenSSL.SSL import Error as TLSError
 from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
@@ -28,6 +29,7 @@ from papertrader.protocol import (
     MAX_ORDER_BATCH,
     MAX_SERVED_USERS_BATCH,
     ListAssets,
+    OrderGroup,
     OrderRequest,
     OrderResult,
     ServedUsers,
@@ -93,6 +95,8 @@ class MasterLink:
         self.cache = cache
         self.connection: _MasterAMP | None = None
         self.update_interval: float | None = None
+        # Whether the master takes SubmitOrders groups (it says so in its WorkerHello answer).
+        self.order_groups = False
         self._pushes = pushes
         self._refusals = 0  # handshakes in a row the master refused
         self._failed_handshakes = 0  # other handshakes in a row that failed
@@ -127,6 +131,7 @@ class MasterLink:
     def _greet(self, connection: _MasterAMP) -> Any:
         answer = yield connection.callRemote(WorkerHello, name=self.name, version=__version__)
         self.update_interval = answer["update_interval"]
+        self.order_groups = bool(answer.get("order_groups"))
         connection.start_heartbeats(answer.get("heartbeat_interval") or DEFAULT_HEARTBEAT_INTERVAL)
         for _ in range(ASSET_LIST_ATTEMPTS):
             assets, ticks = yield self._read_asset_list(connection)
@@ -216,45 +221,119 @@ def _tls_reason(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-class OrderBatcher:
-    """Sends the orders that arrive in one reactor turn as SubmitOrders batches."""
+class _Pending:
+    """A group of orders waiting for the master's answers: answered once, when each order has its result."""
 
-    def __init__(self, clock: IReactorTime, send: Callable[..., Deferred]) -> None:
+    __slots__ = ("group", "results", "unanswered", "done")
+
+    def __init__(self, group: OrderGroup) -> None:
+        self.group = group
+        self.results: list[OrderResult | PaperTraderError | None] = [None] * len(group.orders)
+        self.unanswered = len(group.orders)
+        self.done: Deferred[list[OrderResult | PaperTraderError]] = Deferred()
+
+    def answer(self, start: int, results: list[OrderResult | PaperTraderError]) -> None:
+        """Results for the orders from ``start`` on; once every order has one, the group is answered."""
+        self.results[start : start + len(results)] = results
+        self.unanswered -= len(results)
+        if self.unanswered == 0:
+            self.done.callback(self.results)
+
+
+# A part of a SubmitOrders batch: ``count`` orders of a group from its order ``start`` on.
+_Segment = tuple[_Pending, int, int]
+
+
+class OrderBatcher:
+    """Sends the order groups that arrive in one reactor turn as SubmitOrders batches.
+
+    A group (the orders of one PlaceOrders, or a single order) travels with
+    its token and envelope once, and is answered once with a result per
+    order: a group costs one Deferred however many orders it has.  A batch
+    holds at most ``max_batch`` orders; a group that does not fit is split
+    across batches.  While ``master_takes_groups()`` is false (a master
+    from before groups), each order travels as a row with its own token and
+    envelope instead.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        send: Callable[..., Deferred],
+        max_batch: int = MAX_ORDER_BATCH,
+        master_takes_groups: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._clock = clock
         self._send = send
-        self._pending: list[tuple[OrderRequest, Deferred]] = []
+        self._max_batch = max_batch
+        self._master_takes_groups = master_takes_groups
+        self._pending: list[_Pending] = []
         self._scheduled: Any = None
 
-    def submit(self, order: OrderRequest) -> Deferred[OrderResult]:
-        """Queue ``order`` for the next batch; fires with its result row."""
-        d: Deferred[OrderResult] = Deferred()
-        self._pending.append((order, d))
+    def submit_group(self, group: OrderGroup) -> Deferred[list[OrderResult | PaperTraderError]]:
+        """Queue ``group`` for the next batch; fires with, per order, its result row or the
+        `PaperTraderError` saying why it could not be passed to the master (never fails)."""
+        pending = _Pending(group)
+        if not group.orders:
+            pending.done.callback([])
+            return pending.done
+        self._pending.append(pending)
         if self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self._flush)
-        return d
+        return pending.done
 
     def _flush(self) -> None:
         self._scheduled = None
-        pending, self._pending = self._pending, []
-        for start in range(0, len(pending), MAX_ORDER_BATCH):
-            batch = pending[start : start + MAX_ORDER_BATCH]
-            d = maybeDeferred(self._send, SubmitOrders, orders=[order for order, _ in batch])
-            d.addCallbacks(self._answer, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+        waiting, self._pending = self._pending, []
+        groups: list[OrderGroup] = []
+        segments: list[_Segment] = []
+        size = 0
+        for pending in waiting:
+            orders = pending.group.orders
+            start = 0
+            while start < len(orders):
+                count = min(len(orders) - start, self._max_batch - size)
+                if count == len(orders):
+                    groups.append(pending.group)
+                else:
+                    groups.append(attr.evolve(pending.group, orders=orders[start : start + count]))
+                segments.append((pending, start, count))
+                start += count
+                size += count
+                if size == self._max_batch:
+                    self._send_batch(groups, segments)
+                    groups, segments, size = [], [], 0
+        if groups:
+            self._send_batch(groups, segments)
+
+    def _send_batch(self, groups: list[OrderGroup], segments: list[_Segment]) -> None:
+        if self._master_takes_groups():
+            d = maybeDeferred(self._send, SubmitOrders, orders=[], groups=groups)
+        else:
+            rows = [
+                OrderRequest(o.side, g.token, o.symbol, o.quantity, g.received_at, g.client_address, o.client_order_id)
+                for g in groups
+                for o in g.orders
+            ]
+            d = maybeDeferred(self._send, SubmitOrders, orders=rows)
+        d.addCallbacks(self._answer, self._fail, callbackArgs=(segments,), errbackArgs=(segments,))
 
     @staticmethod
-    def _answer(answer: dict[str, Any], batch: list[tuple[OrderRequest, Deferred]]) -> None:
+    def _answer(answer: dict[str, Any], segments: list[_Segment]) -> None:
         results = answer["results"]
-        missing = ServiceUnavailable("the master gave no answer for this order; check its outcome and retry")
-        for index, (_, d) in enumerate(batch):
-            if index < len(results):
-                d.callback(results[index])
-            else:
-                d.errback(missing)
+        offset = 0
+        for pending, start, count in segments:
+            part = results[offset : offset + count]
+            if len(part) < count:
+                missing = ServiceUnavailable("the master gave no answer for this order; check its outcome and retry")
+                part = part + [missing] * (count - len(part))
+            offset += count
+            pending.answer(start, part)
 
     @staticmethod
-    def _fail(failure: Failure, batch: list[tuple[OrderRequest, Deferred]]) -> None:
+    def _fail(failure: Failure, segments: list[_Segment]) -> None:
         failure = expected_or_unavailable(
             failure, "the order could not be passed to the master; not accepted", MasterLink.log
         )
-        for _, d in batch:
-            d.errback(failure)
+        for pending, start, count in segments:
+            pending.answer(start, [failure.value] * count)
