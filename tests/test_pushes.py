@@ -405,8 +405,33 @@ class MasterRoutingTests(SynchronousTestCase):
             self.assertLessEqual(len(box[b"updates"]), MAX_UPDATE_BYTES)
         pushed = [u for c, p in w1.pushes() if c is OrderUpdates for u in p["updates"]]
         self.assertLessEqual(max(len(p["updates"]) for c, p in w1.pushes() if c is OrderUpdates), MAX_UPDATES_PER_BOX)
-        self.assertEqual([u["order_id"] for u in pushed], [i for i in range(5000) if i % 3 != 2])
+        alice, bob = [i for i in range(5000) if i % 3 == 0], [i for i in range(5000) if i % 3 == 1]
+        self.assertEqual([u["order_id"] for u in pushed], alice + bob)  # each user's together
         self.assertEqual({len(u.get("reason", "")) for u in pushed}, {0, protocol.MAX_ORDER_REASON})
+
+    def test_each_users_updates_travel_together(self) -> None:
+        """A settlement interleaves users; the boxes hold each user's updates together (in order), so a
+        worker, which passes a box on as one push per user in it, makes one or two pushes a user, not
+        one per box."""
+        w1 = FakeWorker()
+        registry = self.registry(w1=w1)
+        users = [f"user{n}" for n in range(50)]
+        for name in users:
+            registry.serves(w1, name)
+        settlements = [settlement(i, users[i % 50], "r" * 100) for i in range(5000)]
+        registry.broadcast_tick(9, "t9", PRICES, settlements)
+        self.clock.advance(0)
+        boxes = [p["updates"] for c, p in w1.pushes() if c is OrderUpdates]
+        self.assertGreater(len(boxes), 10)
+        pushes_per_user = [len({u["username"] for u in box}) for box in boxes]
+        self.assertLessEqual(sum(pushes_per_user), len(users) + len(boxes))
+        runs = [u["username"] for box in boxes for u in box]
+        self.assertEqual([name for n, name in enumerate(runs) if n == 0 or runs[n - 1] != name], users)
+        for name in users:
+            self.assertEqual(
+                [u["order_id"] for box in boxes for u in box if u["username"] == name],
+                [i for i in range(5000) if users[i % 50] == name],
+            )
 
 
 class SlowWorkerTests(SynchronousTestCase):

@@ -143,20 +143,28 @@ class WorkerRegistry:
             yield None
 
     def _update_writes(self, settled_at: str, settlements: list[Settlement]) -> Iterator[None]:
-        boxes: dict[BoundedWrites, _UpdateBox] = {}
+        # Each worker's rows gathered user by user first, then packed in that order: a
+        # worker passes each box on as one push per user in it, so a user's updates
+        # spread over every box (a settlement interleaves users) made as many pushes
+        # for each user as there were boxes -- 100,000 orders of 1,000 users: some
+        # 90,000 tiny pushes instead of about 1,000.
+        rows: dict[BoundedWrites, dict[str, list[bytes]]] = {}
         for settlement in settlements:
-            connections = self._serving.get(settlement.order.username)
+            username = settlement.order.username
+            connections = self._serving.get(username)
             if connections:
                 row = _packed(settlement)
                 for connection in connections:
-                    box = boxes.get(connection)
-                    if box is None:
-                        box = boxes[connection] = _UpdateBox()
-                    elif not box.fits(row):
+                    rows.setdefault(connection, {}).setdefault(username, []).append(row)
+            yield None
+        for connection, users in rows.items():
+            box = _UpdateBox()
+            for user_rows in users.values():
+                for row in user_rows:
+                    if not box.fits(row):
                         box.send(connection, settled_at)
                     box.add(row)
-            yield None
-        for connection, box in boxes.items():
+                    yield None
             box.send(connection, settled_at)
             yield None
 
