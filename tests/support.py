@@ -108,7 +108,7 @@ class Deployment:
             self.database, self.accounts, self.board, self.source, self.clock, max_order_quantity, chunk_orders
         )
         self.registry = WorkerRegistry(self.clock)
-        self.exchange.on_tick(self.registry.broadcast_tick)
+        self.registry.follow(self.exchange)
         # No TLS in memory: the name a worker's certificate would carry is given here.
         self.certified_names: list[str] = ["test-worker"]
         self.master_factory = MasterFactory(

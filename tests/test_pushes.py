@@ -581,7 +581,8 @@ class SubscriptionTests(SynchronousTestCase):
         d.registry.serves(other, "alice")
         d.result(alice.buy("KO", 1))
         d.tick()
-        self.assertEqual([c for c, _ in other.pushes()], [PriceTick, PriceTick, OrderUpdates])
+        # the fill goes out as its chunk commits, before the update's prices
+        self.assertEqual([c for c, _ in other.pushes()], [PriceTick, OrderUpdates, PriceTick])
 
     def test_reconnected_worker_tells_the_master_its_users(self) -> None:
         """After the worker's link is re-established, its logged-in users' fills still reach it."""

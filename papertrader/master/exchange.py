@@ -53,6 +53,7 @@ from papertrader.protocol import (
 from papertrader.timestamps import iso
 
 TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
+SettledListener = Callable[[int, str, list[Settlement]], None]
 
 
 class Exchange:
@@ -84,6 +85,7 @@ class Exchange:
         self._settling = False
         self._ticking = False
         self._tick_listeners: list[TickListener] = []
+        self._settled_listeners: list[SettledListener] = []
 
     def on_tick(self, listener: TickListener) -> None:
         """Call ``listener(tick, as_of, prices, settlements)`` after every settled update.
@@ -92,6 +94,15 @@ class Exchange:
         database's threads chunk by chunk: the reactor only joins the lists.
         """
         self._tick_listeners.append(listener)
+
+    def on_settled(self, listener: SettledListener) -> None:
+        """Call ``listener(tick, as_of, settlements)`` as each chunk of an update's queue is committed.
+
+        Its outcomes are stored, so they may be told at once instead of after the
+        whole update: the order updates of a large settlement then travel while
+        the rest of it settles.
+        """
+        self._settled_listeners.append(listener)
 
     # ------------------------------------------------------------ orders
 
@@ -381,6 +392,12 @@ class Exchange:
 
         def committed(chunk: SettledChunk) -> None:
             progress[0] += len(chunk.settlements)
+            if chunk.settlements:
+                for settled in self._settled_listeners:
+                    try:
+                        settled(tick.tick_id, tick.as_of, chunk.settlements)
+                    except Exception:
+                        self.log.failure("settlement listener failed")
             if not chunk.done:
                 self.log.info(
                     "update {tick}: {settled} of {count} orders settled so far",

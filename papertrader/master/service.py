@@ -132,7 +132,7 @@ class MasterService(service.MultiService):
             config.max_order_quantity,
             config.settlement_chunk_orders,
         )
-        self.exchange.on_tick(self.registry.broadcast_tick)
+        self.registry.follow(self.exchange)
 
     @inlineCallbacks
     def _prepare(self) -> Any:

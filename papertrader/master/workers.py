@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import protocol
@@ -36,6 +36,9 @@ from papertrader.protocol import (
 )
 from papertrader.slices import SlicedWork
 from papertrader.wire import BoundedWrites
+
+if TYPE_CHECKING:
+    from papertrader.master.exchange import Exchange
 
 # Settled orders routed (and their updates packed) in one reactor turn.
 ROUTE_SLICE = 2000
@@ -123,15 +126,26 @@ class WorkerRegistry:
         """The worker connections that serve ``username``."""
         return set(self._serving.get(username, ()))
 
-    def broadcast_tick(
-        self, tick: int, as_of: str, prices: dict[str, int], settlements: list[Settlement]
-    ) -> None:
-        """Push the new prices to every worker, then each order outcome to the workers serving its user.
+    def follow(self, exchange: Exchange) -> None:
+        """Push the order outcomes of ``exchange`` as each chunk of a settlement is committed, and
+        its prices once the update has settled."""
+        exchange.on_settled(self.push_updates)
+        exchange.on_tick(lambda tick, as_of, prices, _settlements: self.broadcast_tick(tick, as_of, prices))
 
-        The price tick is encoded once for all workers; the outcomes are packed
-        into compact boxes a slice of orders per reactor turn, each packed once.
+    def broadcast_tick(
+        self, tick: int, as_of: str, prices: dict[str, int], settlements: Sequence[Settlement] = ()
+    ) -> None:
+        """Push the new prices to every worker, then each order outcome of ``settlements`` to the
+        workers serving its user (`push_updates`).
+
+        The price tick is encoded once for all workers.
         """
         self.work.add(self._tick_writes(tick, as_of, prices))
+        self.push_updates(tick, as_of, settlements)
+
+    def push_updates(self, tick: int, as_of: str, settlements: Sequence[Settlement]) -> None:
+        """Push each order outcome to the workers serving its user: packed into compact boxes, each
+        user's together, a slice of orders per reactor turn."""
         if settlements:
             self.work.add(self._update_writes(as_of, settlements))
 
@@ -142,7 +156,7 @@ class WorkerRegistry:
             connection.write(data)
             yield None
 
-    def _update_writes(self, settled_at: str, settlements: list[Settlement]) -> Iterator[None]:
+    def _update_writes(self, settled_at: str, settlements: Sequence[Settlement]) -> Iterator[None]:
         # Each worker's rows gathered user by user first, then packed in that order: a
         # worker passes each box on as one push per user in it, so a user's updates
         # spread over every box (a settlement interleaves users) made as many pushes
