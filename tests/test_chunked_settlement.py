@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from papertrader.client.library import connect
-from papertrader.master.database import TickUnsettled, _column_arrays, outcomes_statement
+from papertrader.master.database import QUEUED_CLAIMS, TickUnsettled, _column_arrays, outcomes_statement
 from papertrader.master.trading import ClientOrderIdReused, NewOrder, Settlement, refuse_reason, settle_orders
 from papertrader.timestamps import iso
 from tests.databases import fresh_database_url, query
@@ -306,6 +306,19 @@ class PostgreSQLChunkedSettlementTests(ChunkedSettlementMixin, TestCase):
             if node["Node Type"] == "Nested Loop" and node["Plans"][1]["Node Type"] in ("Function Scan", "Materialize")
         ]
         self.assertEqual(rescanned, [])
+
+
+    @inlineCallbacks
+    def test_funds_check_reads_only_the_users_orders_with_stale_statistics(self) -> Any:
+        """With statistics taken while the queue was empty, the funds check of an order must still read
+        the user's own orders (orders_user), not the whole queue (orders_queued) for each user."""
+        query(self.url, "ANALYZE")
+        yield self.queue(self.orders(2_000), 2)
+        [(oldest,)] = query(self.url, "SELECT MIN(id) FROM orders WHERE status = 'queued'")
+        user_id = self.users[0][0]
+        [(plan,)] = query(self.url, "EXPLAIN (FORMAT JSON) " + QUEUED_CLAIMS, user_id, oldest)
+        indexes = {node.get("Index Name") for node in _plan_nodes(plan[0]["Plan"])} - {None}
+        self.assertEqual(indexes, {"orders_user"})
 
 
 def _plan_nodes(node: dict) -> list[dict]:

@@ -349,6 +349,18 @@ def _column_arrays(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows)]
 
 
+# What a user's queued orders claim, by side and symbol: their orders from the oldest queued one
+# (orders_user), then the queued ones among them.  Asked directly ("user_id = ? AND id >= ? AND
+# status = 'queued'"), PostgreSQL with statistics taken before the queue grew chose the index of
+# queued orders and read the whole queue for each user (100,000 queued: 11.6 ms instead of
+# 0.4 ms, with the order writers' lock held); the status test outside the materialized part
+# leaves it only the user's index.
+QUEUED_CLAIMS = (
+    "WITH mine AS MATERIALIZED (SELECT side, symbol, quantity, status FROM orders WHERE user_id = ? AND id >= ?) "
+    "SELECT side, symbol, SUM(quantity) FROM mine WHERE status = 'queued' GROUP BY side, symbol"
+)
+
+
 def outcomes_statement(first: int, last: int) -> str:
     """PostgreSQL's one statement storing a chunk's outcomes (orders ``first`` to ``last``): it
     settles the orders still queued and makes the trades from them, so only the outcomes travel
@@ -864,11 +876,7 @@ class Database:
         state = AccountState(cash_cents=cash, holdings=holdings)
         if oldest_queued is None:
             return state
-        txn.execute(
-            "SELECT side, symbol, SUM(quantity) FROM orders WHERE user_id = ? AND id >= ? AND status = 'queued' "
-            "GROUP BY side, symbol",
-            (user_id, oldest_queued),
-        )
+        txn.execute(QUEUED_CLAIMS, (user_id, oldest_queued))
         for side, symbol, total in txn.fetchall():
             quantity = int(total)  # PostgreSQL sums BIGINT as NUMERIC
             if side == BUY:
