@@ -1116,12 +1116,15 @@ class Database:
 
     @staticmethod
     def _portfolio(txn: Cursor, user_id: int) -> tuple[int, dict[str, int]]:
-        txn.execute("SELECT cash_cents FROM users WHERE id = ?", (user_id,))
-        (cash,) = txn.fetchone()
+        # One statement, not two: on PostgreSQL each is a round trip, and the funds check of an
+        # order batch reads one portfolio per user with the order writers' lock held.
         txn.execute(
-            "SELECT symbol, quantity FROM positions WHERE user_id = ? ORDER BY symbol", (user_id,)
+            "SELECT u.cash_cents, p.symbol, p.quantity FROM users u LEFT JOIN positions p ON p.user_id = u.id "
+            "WHERE u.id = ? ORDER BY p.symbol",
+            (user_id,),
         )
-        return cash, dict(txn.fetchall())
+        rows = txn.fetchall()
+        return rows[0][0], {symbol: quantity for _, symbol, quantity in rows if symbol is not None}
 
     def history(self, user_id: int, per_page: int, position: tuple[int, int, int] | None) -> Deferred[Page]:
         """A page of the user's settled trades, newest first; ``position`` as for `list_orders`."""
