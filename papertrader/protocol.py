@@ -73,6 +73,18 @@ MAX_TOKEN_LENGTH = 128
 MAX_SYMBOL_LENGTH = 16
 MAX_QUANTITY_LENGTH = 32
 MAX_CLIENT_ORDER_ID_LENGTH = 64
+
+
+def plain_text(value: str) -> bool:
+    """Whether ``value`` is printable ASCII other than ``"`` and ``\\``: text JSON writes at one byte a character.
+
+    The worker takes no other text in an order's token, symbol, quantity or
+    client order id (none needs any other), so a field's length is its size
+    in a SubmitOrders batch: control characters would cost six bytes each.
+    """
+    return value.isascii() and value.isprintable() and '"' not in value and "\\" not in value
+
+
 # Longest text of the fields of a listed row (timestamps are 32 characters; reasons are cut to this).
 MAX_TIMESTAMP_LENGTH = 40
 MAX_ORDER_REASON = 200
@@ -431,8 +443,13 @@ class ListAssets(amp.Command):
     errors = declared(DataFailed)
 
 
-# Orders per SubmitOrders box; keeps each value well under 64 KiB.
+# Orders per SubmitOrders box.  With every field at its bound, 150 orders of
+# one client each come to 67 KB as groups (72 KB as rows), over the 64 KiB an
+# AMP value may hold (with real tokens and stamps: 47 KB): so a worker measures
+# each batch it packs (`pack_order_groups`) and splits one that is too long.
 MAX_ORDER_BATCH = 150
+# The most bytes an AMP value may hold.
+MAX_VALUE_BYTES = amp.MAX_VALUE_LENGTH
 
 # The longest ``received_at`` and ``client_address`` of a relayed order.
 MAX_STAMP_LENGTH = 64
@@ -451,7 +468,10 @@ def _texts(row: Any, fields: tuple[tuple[str, int, bool], ...]) -> list[str | No
     """The values of ``fields`` (key, limit, optional) of a received row, checked as `_text` does.
 
     One loop over a row instead of a call per field: these rows arrive by the
-    thousand per second, and every received row is checked.
+    thousand per second, and every received row is checked.  Any ASCII passes
+    here, though a worker sends only `plain_text`: a master that refused a row
+    would refuse its whole SubmitOrders, other users' orders too, where the
+    exchange refuses just the one order.
     """
     if type(row) is not dict:
         raise BadRequest("each order must be an object")
@@ -561,7 +581,9 @@ class _Rows(JSON):
         self.row = row
         self.limit = limit
 
-    def toString(self, inObject: list[Any]) -> bytes:
+    def toString(self, inObject: list[Any] | bytes) -> bytes:
+        if isinstance(inObject, bytes):
+            return inObject  # packed already (`pack_order_requests`)
         return super().toString([row.to_wire() for row in inObject])
 
     def fromString(self, inString: bytes) -> list[Any]:
@@ -573,7 +595,7 @@ class _Rows(JSON):
 
 # ---------------------------------------------------------------- client -> worker: several orders at once
 
-# Orders in one PlaceOrders: with every field at its bound a batch stays near 20 KiB, far under 64 KiB.
+# Orders in one PlaceOrders: with every field at its bound (and `plain_text`) a batch is near 20 KiB, far under 64 KiB.
 MAX_CLIENT_BATCH = 100
 
 
@@ -591,10 +613,13 @@ class ClientOrder:
         """Check one received row; BadRequest if it is not an order."""
         if not isinstance(row, dict):
             raise BadRequest("each order must be an object")
-        values = _texts(row, _CLIENT_ORDER_FIELDS)
-        if values[0] not in ("buy", "sell"):
+        side, symbol, quantity, client_order_id = _texts(row, _CLIENT_ORDER_FIELDS)
+        if side not in ("buy", "sell"):
             raise BadRequest("order field 'side' must be 'buy' or 'sell'")
-        return cls(*values)
+        for value in (symbol, quantity, client_order_id):
+            if value is not None and not plain_text(value):
+                raise BadRequest('order fields must be printable ASCII text other than " and \\')
+        return cls(side, symbol, quantity, client_order_id)
 
     def to_wire(self) -> dict[str, str]:
         row = {"side": self.side, "symbol": self.symbol, "quantity": self.quantity}
@@ -705,7 +730,9 @@ class _Groups(JSON):
         super().__init__(optional=optional)
         self.limit = limit
 
-    def toString(self, inObject: list[OrderGroup]) -> bytes:
+    def toString(self, inObject: list[OrderGroup] | bytes) -> bytes:
+        if isinstance(inObject, bytes):
+            return inObject  # packed already (`pack_order_groups`)
         return super().toString([group.to_wire() for group in inObject])
 
     def fromString(self, inString: bytes) -> list[OrderGroup]:
@@ -718,6 +745,20 @@ class _Groups(JSON):
         return parsed
 
 
+_ORDER_REQUESTS = _Rows(OrderRequest, MAX_ORDER_BATCH)
+_ORDER_GROUPS = _Groups(MAX_ORDER_BATCH, optional=True)
+
+
+def pack_order_groups(groups: list[OrderGroup]) -> bytes:
+    """The ``groups`` value of a SubmitOrders, packed: to see that it fits one AMP value before it is sent."""
+    return _ORDER_GROUPS.toString(groups)
+
+
+def pack_order_requests(rows: list[OrderRequest]) -> bytes:
+    """The ``orders`` value of a SubmitOrders, packed (see `pack_order_groups`)."""
+    return _ORDER_REQUESTS.toString(rows)
+
+
 class SubmitOrders(amp.Command):
     """A batch of orders: PurchaseAsset/SellAsset each with its envelope (``orders``, `OrderRequest`),
     and orders that arrived together with one envelope for all (``groups``, `OrderGroup`).
@@ -726,14 +767,15 @@ class SubmitOrders(amp.Command):
     ``orders``, then those of each group's orders.  Every queued order is
     already durable.  A worker sends every order in ``groups`` (a group of one
     for a single order); ``orders`` is how workers before groups sent them.  At
-    most MAX_ORDER_BATCH orders in all.  A master that predates ``groups``
+    most MAX_ORDER_BATCH orders in all, and (like any AMP value) at most
+    MAX_VALUE_BYTES in each argument.  A master that predates ``groups``
     would answer nothing for them, so a worker sends groups only to a master whose WorkerHello
     answer said ``order_groups``, and rows to any other.
     """
 
     arguments = [
-        (b"orders", _Rows(OrderRequest, MAX_ORDER_BATCH)),
-        (b"groups", _Groups(MAX_ORDER_BATCH, optional=True)),
+        (b"orders", _ORDER_REQUESTS),
+        (b"groups", _ORDER_GROUPS),
     ]
     response = [(b"results", _Rows(OrderResult, MAX_ORDER_BATCH))]
     errors = dict(_UNAVAILABLE)

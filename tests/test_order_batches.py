@@ -11,8 +11,8 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from papertrader.client.library import MAX_ORDER_REQUESTS_IN_FLIGHT, connect
-from papertrader.errors import OrderConflict, PurchaseFailed, SellFailed, SessionInvalid
-from papertrader.protocol import MAX_CLIENT_BATCH, PlaceOrders
+from papertrader.errors import BadRequest, OrderConflict, PurchaseFailed, SellFailed, SessionInvalid
+from papertrader.protocol import MAX_CLIENT_BATCH, MAX_QUANTITY_LENGTH, MAX_SYMBOL_LENGTH, ClientOrder, PlaceOrders
 from tests.processes import RunningDeployment
 from tests.support import PASSWORD, Deployment
 
@@ -78,6 +78,29 @@ class PlaceOrdersTests(SynchronousTestCase):
             error = self.assertRaises(amp.RemoteAmpError, self.deployment.result, d)
             self.assertEqual(error.errorCode, b"BAD_REQUEST")
         self.assertEqual(self.deployment.pool.connection.execute("SELECT COUNT(*) FROM orders").fetchone(), (0,))
+
+
+class HostileBatchTests(SynchronousTestCase):
+    """One client's orders cannot make the batch that carries another user's orders fail."""
+
+    def test_control_characters_in_place_orders(self) -> None:
+        """PlaceOrders whose orders hold control characters (six bytes each in JSON) are refused as bad
+        requests; another user's order, sent in the same turn, is queued."""
+        deployment = Deployment(self.mktemp())
+        bob = deployment.logged_in("bob")
+        mallory = deployment.logged_in("mallory")
+        fine = bob.buy("KO", 1)
+        order = ClientOrder("buy", "\x01" * MAX_SYMBOL_LENGTH, "\x01" * MAX_QUANTITY_LENGTH, "\x01" * 64)
+        hostile = [
+            mallory.connection.callRemote(PlaceOrders, token=mallory.token, orders=[order] * 80) for _ in range(2)
+        ]
+        outcomes: list[Any] = []
+        for d in hostile:
+            d.addBoth(outcomes.append)
+        deployment.deliver_in_one_turn()
+        self.assertIn("order_id", deployment.result(fine))
+        self.assertEqual([type(outcome.value) for outcome in outcomes], [BadRequest, BadRequest])
+        self.assertEqual(deployment.pool.connection.execute("SELECT COUNT(*) FROM orders").fetchone(), (1,))
 
 
 class LibraryBatchingTests(SynchronousTestCase):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.internet.error import ConnectionClosed
 from twisted.protocols import amp
 from twisted.test import iosim
@@ -17,7 +19,17 @@ from papertrader.errors import (
     SessionInvalid,
     WorkerRefused,
 )
-from papertrader.protocol import ListAssets, RelayedGetUserPortfolio, WorkerHello
+from papertrader.protocol import (
+    MAX_CLIENT_ORDER_ID_LENGTH,
+    MAX_ORDER_BATCH,
+    MAX_QUANTITY_LENGTH,
+    MAX_SYMBOL_LENGTH,
+    ListAssets,
+    PurchaseAsset,
+    RelayedGetUserPortfolio,
+    SellAsset,
+    WorkerHello,
+)
 from tests.support import PASSWORD, Deployment
 
 
@@ -351,6 +363,48 @@ class BadInputTests(SynchronousTestCase):
         self.refused(PurchaseFailed, self.client.buy("\U0001f642" * 10, 1), "unknown symbol")
         self.refused(PurchaseFailed, self.client.buy("AAPL", "\u0661"), "whole number")
         self.assertEqual(self.snapshot(), before)
+
+    def test_order_fields_json_escapes(self) -> None:
+        """Control characters, DEL, '"' and '\\' in a token, symbol, quantity or client order id are refused by
+        the worker with the order's declared error, and never passed on to the master."""
+        passed_on: list[object] = []
+        submit = self.deployment.batcher.submit_group
+        self.deployment.batcher.submit_group = lambda group: passed_on.append(group) or submit(group)
+        before = self.snapshot()
+        connection = self.client.connection
+        for bad in ("\x01", "\x00", "\n", "\x1f", "\x7f", '"', "\\"):
+            order = {"token": self.client.token, "symbol": "AAPL", "quantity": "1", "client_order_id": "id-1"}
+            buy = partial(connection.callRemote, PurchaseAsset)
+            self.refused(SessionInvalid, buy(**order | {"token": bad * 43}), "not valid")
+            self.refused(PurchaseFailed, buy(**order | {"symbol": "AA" + bad}))
+            sell = partial(connection.callRemote, SellAsset)
+            self.refused(SellFailed, sell(**order | {"quantity": "1" + bad}), "whole number")
+            self.refused(PurchaseFailed, buy(**order | {"client_order_id": bad * 64}), "client order id")
+        self.assertEqual(passed_on, [])
+        self.assertEqual(self.snapshot(), before)
+        # What the master itself takes still passes: a symbol it tidies up, an id of the characters it allows.
+        self.assertIn("order_id", self.deployment.result(self.client.buy(" aapl ", 1, "A.b_c:d-0")))
+
+    def test_hostile_orders_batched_with_others(self) -> None:
+        """One client's orders full of control characters, sent in the same turn as another user's, are refused
+        one by one; the other user's order, batched with them, is queued (the batch never grows too long)."""
+        mallory = self.deployment.logged_in("mallory")
+        fields = {"symbol": "\x01" * MAX_SYMBOL_LENGTH, "quantity": "\x01" * MAX_QUANTITY_LENGTH}
+        fine = self.bystander.buy("KO", 1)
+        hostile = [
+            mallory.connection.callRemote(
+                PurchaseAsset, token=mallory.token, client_order_id="\x01" * MAX_CLIENT_ORDER_ID_LENGTH, **fields
+            )
+            for _ in range(MAX_ORDER_BATCH - 1)
+        ]
+        outcomes: list[object] = []
+        for d in hostile:
+            d.addBoth(outcomes.append)
+        self.deployment.deliver_in_one_turn()
+        self.assertIn("order_id", self.deployment.result(fine))
+        self.assertEqual([type(outcome.value) for outcome in outcomes], [PurchaseFailed] * len(hostile))
+        self.assertEqual(len(self.snapshot()[1]), 1)
+        self.assertLinkIntact()
 
     def test_oversized_box(self) -> None:
         """A client that sends more than a megabyte without finishing an AMP box is cut off."""

@@ -3,6 +3,7 @@ rows a peer could not have sent are refused; the client library's new client ord
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +20,7 @@ from papertrader.protocol import (
     OrderRequest,
     OrderResult,
     PlacedOrder,
+    plain_text,
 )
 
 TWO = [ClientOrder("buy", "AAPL", "2", "id"), ClientOrder("sell", "KO", "1")]
@@ -87,6 +89,22 @@ class RowTests(SynchronousTestCase):
             "buy AAPL 1",
         ):
             self.assertRaises(BadRequest, ClientOrder.from_wire, row)
+
+    def test_client_order_fields_json_writes_plain(self) -> None:
+        """A client's row whose symbol, quantity or client order id holds a character JSON escapes (a control
+        character, '"', '\\') or DEL is refused: each accepted character costs one byte in a SubmitOrders."""
+        good = {"side": "buy", "symbol": "AAPL", "quantity": "1", "client_order_id": "A.b_c:d-0"}
+        self.assertEqual(ClientOrder.from_wire(good), ClientOrder("buy", "AAPL", "1", "A.b_c:d-0"))
+        self.assertEqual(ClientOrder.from_wire({**good, "symbol": " aapl "}).symbol, " aapl ")
+        for key in ("symbol", "quantity", "client_order_id"):
+            for bad in ("\x00", "\x01", "\t", "\n", "\x1f", "\x7f", '"', "\\"):
+                self.assertRaises(BadRequest, ClientOrder.from_wire, {**good, key: "1" + bad})
+        printable = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
+        for text in ("AAPL", " aapl ", "+12", "0190a1b2-c3d4-7e5f-8a6b-1c2d3e4f5a6b", printable):
+            self.assertTrue(plain_text(text))
+            self.assertEqual(len(json.dumps(text)), len(text) + 2)
+        for text in ("\x01", "a\nb", "\x7f", '"', "\\", "é", "\u2028"):
+            self.assertFalse(plain_text(text))
 
 
 class ClientOrderIdTests(SynchronousTestCase):

@@ -12,7 +12,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import DataFailed, ServiceUnavailable
 from papertrader.protocol import (
+    MAX_CLIENT_ORDER_ID_LENGTH,
     MAX_ORDER_BATCH,
+    MAX_QUANTITY_LENGTH,
+    MAX_STAMP_LENGTH,
+    MAX_SYMBOL_LENGTH,
+    MAX_TOKEN_LENGTH,
     ClientOrder,
     OrderGroup,
     OrderRequest,
@@ -114,10 +119,15 @@ class OrderBatcherTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.sent: list[tuple[Any, dict[str, Any], Deferred]] = []
+        self.sizes: list[int] = []  # the longest value of each box sent
 
         def send(command: Any, **arguments: Any) -> Deferred:
+            # What the master would read, from the box the link would write (TooLong if it could not).
+            box = amp.AmpBox(command.makeArguments(arguments, None))
+            self.sizes.append(max(len(value) for value in box.values()))
+            box.serialize()
             d: Deferred = Deferred()
-            self.sent.append((command, arguments, d))
+            self.sent.append((command, command.parseArguments(box, None), d))
             return d
 
         self.send = send
@@ -187,7 +197,7 @@ class OrderBatcherTests(SynchronousTestCase):
         second = self.batcher.submit_group(_group(2, 3, token="t2"))
         self.clock.advance(0)
         [(command, arguments, d)] = self.sent
-        self.assertEqual(arguments, {"orders": [
+        self.assertEqual(arguments, {"groups": None, "orders": [
             OrderRequest("buy", "t1", "KO", "1", "at1", "a1", "c1"),
             OrderRequest("buy", "t2", "AAPL", "2", "at", "addr"),
             OrderRequest("buy", "t2", "AAPL", "3", "at", "addr"),
@@ -200,6 +210,38 @@ class OrderBatcherTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.sent[1][1]["orders"], [])
         self.assertEqual(self.quantities(1), [[4]])
+
+    def test_batches_fit_one_amp_value(self) -> None:
+        """Orders with every field at its bound -- printable, or control characters that JSON writes in six
+        bytes each (the worker refuses those; the batcher does not count on it) -- go in batches each of whose
+        values fits in AMP's 64 KiB; every order is sent once, in order, and answered with its own result."""
+        for char in ("x", "\x01"):
+            for takes_groups in (True, False):
+                self.sent, self.sizes = [], []
+                self.batcher = OrderBatcher(self.clock, self.send, master_takes_groups=lambda t=takes_groups: t)
+                order = ClientOrder(
+                    "sell", char * MAX_SYMBOL_LENGTH, char * MAX_QUANTITY_LENGTH, char * MAX_CLIENT_ORDER_ID_LENGTH
+                )
+                stamps = ("r" * MAX_STAMP_LENGTH, "a" * MAX_STAMP_LENGTH)
+                singles = [
+                    self.batcher.submit_group(OrderGroup(char * MAX_TOKEN_LENGTH, *stamps, [order]))
+                    for _ in range(MAX_ORDER_BATCH)
+                ]
+                placed = self.batcher.submit_group(OrderGroup(char * MAX_TOKEN_LENGTH, *stamps, [order] * 100))
+                other = self.batcher.submit_group(_group(7))
+                self.clock.advance(0)
+                self.assertLessEqual(max(self.sizes), amp.MAX_VALUE_LENGTH)
+                sent: list[Any] = []
+                for _, arguments, d in self.sent:
+                    orders = arguments["orders"] or [o for group in arguments["groups"] for o in group.orders]
+                    self.assertLessEqual(len(orders), MAX_ORDER_BATCH)
+                    d.callback({"results": [{"i": len(sent) + i} for i in range(len(orders))]})
+                    sent.extend(orders)
+                self.assertEqual(len(sent), MAX_ORDER_BATCH + 101)
+                self.assertEqual([o.quantity for o in sent], [order.quantity] * (len(sent) - 1) + ["7"])
+                self.assertEqual([self.successResultOf(d) for d in singles], [[{"i": i}] for i in range(len(singles))])
+                self.assertEqual(self.successResultOf(placed), [{"i": len(singles) + i} for i in range(100)])
+                self.assertEqual(self.successResultOf(other), [{"i": len(sent) - 1}])
 
     def test_empty_group(self) -> None:
         """An empty group is answered at once and sends nothing."""

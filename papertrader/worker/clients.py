@@ -52,6 +52,7 @@ from papertrader.protocol import (
     SellAsset,
     Subscribe,
     pack_prices,
+    plain_text,
     price_fragments,
     push_bytes,
 )
@@ -344,23 +345,26 @@ class ClientLocator(AnswersHeartbeats):
 
     @staticmethod
     def _check_session_token(token: str) -> None:
-        if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+        if len(token) > MAX_TOKEN_LENGTH or not plain_text(token):
             raise SessionInvalid("session is not valid; log in again")
 
     @staticmethod
     def _client_order(
         side: str, failed: type[Exception], symbol: str, quantity: str, client_order_id: str | None
     ) -> ClientOrder:
-        """The order to send on, or ``failed`` if a field cannot be one (bounded, plain-ASCII fields keep
-        every SubmitOrders batch far below AMP's 64 KiB)."""
-        if len(symbol) > MAX_SYMBOL_LENGTH or not symbol.isascii():
+        """The order to send on, or ``failed`` if a field cannot be one: bounded `plain_text` fields keep every
+        SubmitOrders batch's size known from their lengths (a control character would cost six bytes)."""
+        if len(symbol) > MAX_SYMBOL_LENGTH or not plain_text(symbol):
             raise failed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}")
-        if len(quantity) > MAX_QUANTITY_LENGTH or not quantity.isascii():
+        if len(quantity) > MAX_QUANTITY_LENGTH or not plain_text(quantity):
             raise failed("quantity must be a whole number of shares")
         if client_order_id is not None and (
-            len(client_order_id) > MAX_CLIENT_ORDER_ID_LENGTH or not client_order_id.isascii()
+            len(client_order_id) > MAX_CLIENT_ORDER_ID_LENGTH or not plain_text(client_order_id)
         ):
-            raise failed(f"client order id must be ASCII of at most {MAX_CLIENT_ORDER_ID_LENGTH} characters")
+            raise failed(
+                f"client order id may contain only letters, digits and . _ : - characters, "
+                f"at most {MAX_CLIENT_ORDER_ID_LENGTH}"
+            )
         return ClientOrder(side, symbol, quantity, client_order_id)
 
     @PlaceOrders.responder
@@ -370,7 +374,7 @@ class ClientLocator(AnswersHeartbeats):
         if self.link.connection is None:
             raise ServiceUnavailable("the master server is not reachable right now; orders not accepted")
         envelope = self._envelope()
-        # Each ClientOrder was bounded to plain-ASCII fields as it was received
+        # Each ClientOrder was bounded to `plain_text` fields as it was received
         # (ClientOrder.from_wire): the checks of `_client_order` hold already.
         group = OrderGroup(token, envelope["received_at"], envelope["client_address"], orders)
         return self.batcher.submit_group(group).addCallback(self._group_placed)

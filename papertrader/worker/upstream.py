@@ -28,6 +28,7 @@ from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
     MAX_ORDER_BATCH,
     MAX_SERVED_USERS_BATCH,
+    MAX_VALUE_BYTES,
     ListAssets,
     OrderGroup,
     OrderRequest,
@@ -35,6 +36,8 @@ from papertrader.protocol import (
     ServedUsers,
     SubmitOrders,
     WorkerHello,
+    pack_order_groups,
+    pack_order_requests,
 )
 from papertrader.wire import GuardedAMP, Timeouts
 from papertrader.worker.cache import QuoteCache
@@ -250,10 +253,13 @@ class OrderBatcher:
     A group (the orders of one PlaceOrders, or a single order) travels with
     its token and envelope once, and is answered once with a result per
     order: a group costs one Deferred however many orders it has.  A batch
-    holds at most ``max_batch`` orders; a group that does not fit is split
-    across batches.  While ``master_takes_groups()`` is false (a master
-    from before groups), each order travels as a row with its own token and
-    envelope instead.
+    holds at most ``max_batch`` orders, and each of its values at most
+    ``max_bytes`` (AMP's limit) once packed: a batch over it is sent as two
+    halves instead, so no client's orders, however long their fields, can
+    make a batch that fails for the others in it.  A group that does not fit
+    is split across batches.  While ``master_takes_groups()`` is false (a
+    master from before groups), each order travels as a row with its own
+    token and envelope instead.
     """
 
     def __init__(
@@ -262,10 +268,12 @@ class OrderBatcher:
         send: Callable[..., Deferred],
         max_batch: int = MAX_ORDER_BATCH,
         master_takes_groups: Callable[[], bool] = lambda: True,
+        max_bytes: int = MAX_VALUE_BYTES,
     ) -> None:
         self._clock = clock
         self._send = send
         self._max_batch = max_batch
+        self._max_bytes = max_bytes
         self._master_takes_groups = master_takes_groups
         self._pending: list[_Pending] = []
         self._scheduled: Any = None
@@ -285,7 +293,6 @@ class OrderBatcher:
     def _flush(self) -> None:
         self._scheduled = None
         waiting, self._pending = self._pending, []
-        groups: list[OrderGroup] = []
         segments: list[_Segment] = []
         size = 0
         for pending in waiting:
@@ -293,29 +300,40 @@ class OrderBatcher:
             start = 0
             while start < len(orders):
                 count = min(len(orders) - start, self._max_batch - size)
-                if count == len(orders):
-                    groups.append(pending.group)
-                else:
-                    groups.append(attr.evolve(pending.group, orders=orders[start : start + count]))
                 segments.append((pending, start, count))
                 start += count
                 size += count
                 if size == self._max_batch:
-                    self._send_batch(groups, segments)
-                    groups, segments, size = [], [], 0
-        if groups:
-            self._send_batch(groups, segments)
+                    self._send_batch(segments, size)
+                    segments, size = [], 0
+        if segments:
+            self._send_batch(segments, size)
 
-    def _send_batch(self, groups: list[OrderGroup], segments: list[_Segment]) -> None:
+    def _send_batch(self, segments: list[_Segment], size: int) -> None:
+        """Send the ``size`` orders of ``segments`` as one SubmitOrders, or as two halves if it would be too long."""
+        groups = [
+            pending.group
+            if count == len(pending.group.orders)
+            else attr.evolve(pending.group, orders=pending.group.orders[start : start + count])
+            for pending, start, count in segments
+        ]
         if self._master_takes_groups():
-            d = maybeDeferred(self._send, SubmitOrders, orders=[], groups=groups)
+            value = pack_order_groups(groups)
+            arguments = {"orders": [], "groups": value}
         else:
             rows = [
                 OrderRequest(o.side, g.token, o.symbol, o.quantity, g.received_at, g.client_address, o.client_order_id)
                 for g in groups
                 for o in g.orders
             ]
-            d = maybeDeferred(self._send, SubmitOrders, orders=rows)
+            value = pack_order_requests(rows)
+            arguments = {"orders": value}
+        if len(value) > self._max_bytes and size > 1:
+            first, second = _cut(segments, size // 2)
+            self._send_batch(first, size // 2)
+            self._send_batch(second, size - size // 2)
+            return
+        d = maybeDeferred(self._send, SubmitOrders, **arguments)
         d.addCallbacks(self._answer, self._fail, callbackArgs=(segments,), errbackArgs=(segments,))
 
     @staticmethod
@@ -337,3 +355,15 @@ class OrderBatcher:
         )
         for pending, start, count in segments:
             pending.answer(start, [failure.value] * count)
+
+
+def _cut(segments: list[_Segment], at: int) -> tuple[list[_Segment], list[_Segment]]:
+    """``segments`` cut after their first ``at`` orders; a segment that straddles the cut, in two."""
+    for index, (pending, start, count) in enumerate(segments):
+        if at < count:
+            rest = [(pending, start + at, count - at), *segments[index + 1 :]]
+            return [*segments[:index], (pending, start, at)], rest
+        at -= count
+        if at == 0:
+            return segments[: index + 1], segments[index + 1 :]
+    return segments, []
