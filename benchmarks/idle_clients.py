@@ -48,7 +48,9 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import child_of  # noqa: E402  (benchmarks/common.py, beside this script)
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, inlineCallbacks  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
@@ -173,19 +175,6 @@ def _reports(log_path: str) -> list[tuple[int, float, int]]:
     return [(int(t), float(ms), int(c)) for t, ms, c in _REPORT.findall(_read(log_path))]
 
 
-def _child_of(parent: int) -> int | None:
-    """The pid of a child process of ``parent`` (the master's local worker), if one is found."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii") as f:
-                    if int(f.read().rpartition(")")[2].split()[1]) == parent:
-                        return int(entry)
-            except (OSError, ValueError, IndexError):
-                continue
-    return None
-
-
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -247,7 +236,7 @@ def _one_run(options: argparse.Namespace, number: int) -> dict[str, float]:
         address_file = os.path.join(data, "worker-local-1.address")
         address = _wait("the worker's address", lambda: _read(address_file).strip(), processes, STARTUP_TIMEOUT)
         host, port = address.rsplit(":", 1)
-        worker = _wait("the worker process", lambda: _child_of(master.pid), processes, STARTUP_TIMEOUT)
+        worker = _wait("the worker process", lambda: child_of(master.pid), processes, STARTUP_TIMEOUT)
 
         # Baseline: no clients.
         _wait("the first updates", lambda: len(_reports(worker_log)) >= WARM_UP_TICKS, processes, STARTUP_TIMEOUT)
