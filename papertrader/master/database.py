@@ -53,6 +53,8 @@ from papertrader.paging import Page, encode_cursor, page_count
 # NNN_name.sql serves every database; NNN_name.sqlite.sql or NNN_name.postgresql.sql one of them
 # (where one script cannot serve both: each then has its own file of that version).
 _SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+(?:\.(sqlite|postgresql))?\.sql$")
+# The PostgreSQL advisory lock registrations take turns under (any number no other lock uses).
+_REGISTRATION_LOCK = 0x70745F7573657273  # "pt_users"
 # Retries of a transaction that lost a serialization conflict (PostgreSQL).
 MAX_RETRIES = 10
 # Before retry n a transaction waits a random time of up to RETRY_BACKOFF * 2 ** (n - 1) seconds, at most
@@ -108,6 +110,8 @@ class Dialect:
     ``{identity}`` for generated keys and ``{real}`` for floating columns.
     ``order_writers_lock`` are the statements that open a transaction writing
     orders (queueing, settlement) so that such transactions run one at a time.
+    ``registration_settings`` open a transaction that inserts a user (a
+    registration).
     ``settlement_settings`` open each settlement chunk's transaction;
     ``outcome_settings`` precede the statement that stores a chunk's outcomes,
     the chunk's last.
@@ -123,6 +127,7 @@ class Dialect:
     integrity_errors: tuple[type[Exception], ...]
     retry_errors: tuple[type[Exception], ...] = ()
     order_writers_lock: tuple[str, ...] = ()
+    registration_settings: tuple[str, ...] = ()
     arrays: bool = False
     settlement_settings: tuple[str, ...] = ()
     outcome_settings: tuple[str, ...] = ()
@@ -164,6 +169,24 @@ def _postgresql_dialect() -> Dialect:
         # snapshot, so the transaction's snapshot is taken once the lock is held
         # and sees everything the previous holder committed.
         order_writers_lock=("LOCK TABLE orders IN SHARE ROW EXCLUSIVE MODE",),
+        # Serializable registrations each read the users' name and email indexes and
+        # insert into them, so concurrent ones conflicted with each other (and with
+        # settlement chunks, which read users and update their cash): in a storm of
+        # registrations some lost every retry, and chunks were settled again.  A
+        # lock taken first (as for orders) left a few: PostgreSQL releases a
+        # transaction's locks before it counts it as committed for serializability,
+        # so the next holder could still count as its contemporary.  A registration
+        # needs none of it: it inserts one row that nothing else refers to yet, and
+        # the unique indexes keep names and emails unique at any isolation level.  So
+        # it runs READ COMMITTED, outside the serializability checks: it can lose no
+        # conflict and makes no other transaction lose one.  Registrations take
+        # turns under a lock of their own (blocking nothing else), so the check
+        # before the insert sees every earlier one and names what is taken; each
+        # statement's snapshot is taken after it, once the lock is held.
+        registration_settings=(
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            f"SELECT pg_advisory_xact_lock({_REGISTRATION_LOCK})",
+        ),
         arrays=True,
         # A chunk joins a few thousand of its rows with whole tables (positions: one row per user
         # and symbol held).  PostgreSQL's default costs choose to hash the whole table, scanning all
@@ -590,8 +613,14 @@ class Database:
     def create_user(
         self, username: str, email: str, password_hash: str, cash_cents: int, now: str
     ) -> Deferred[int]:
-        """Insert a user; RegisterFailed if the username or email is taken."""
-        return self._run(self._create_user, username, email, password_hash, cash_cents, now)
+        """Insert a user; RegisterFailed if the username or email is taken.
+
+        On PostgreSQL registrations take turns and run outside the serializability
+        checks (``registration_settings``): they never conflict with any transaction.
+        """
+        return self._run_locked(
+            self.dialect.registration_settings, self._create_user, username, email, password_hash, cash_cents, now
+        )
 
     @staticmethod
     def _create_user(txn: Cursor, username: str, email: str, password_hash: str, cash: int, now: str) -> int:
