@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from papertrader.errors import DataFailed, PurchaseFailed, RegisterFailed
@@ -16,6 +16,12 @@ from papertrader.master.market import PriceBoard
 from papertrader.master.trading import NewOrder, refuse_reason, settle_orders
 from tests.databases import fresh_database_url, query
 from tests.support import ASSETS, PASSWORD, FixedPrices
+
+# A storm of registrations: as many at once, with logins and a settlement in small chunks alongside.
+STORM_REGISTRATIONS = 48
+STORM_TRADERS = 16
+STORM_ORDERS_EACH = 10
+STORM_CHUNK = 8
 
 
 class BackendFixture:
@@ -229,6 +235,76 @@ class BackendTestsMixin(BackendFixture):
         self.assertEqual(query(self.url, "SELECT COUNT(*) FROM transactions"), [(0,)])
 
 
+    def count_attempts(self, name: str) -> list[int]:
+        """Count each run of ``Database.name`` (a transaction's body): retries run it again."""
+        attempts = [0]
+        real = getattr(Database, name)
+
+        def counted(*args: Any) -> Any:
+            attempts[0] += 1
+            return real(*args)
+
+        self.patch(self.database, name, counted)
+        return attempts
+
+    @inlineCallbacks
+    def test_registration_storm(self) -> Any:
+        """Registrations all at once, with logins and a settlement in chunks alongside, through the
+        real pool (several connections on PostgreSQL): every one succeeds, and none of them, nor
+        any settlement chunk, loses a serialization conflict and runs again."""
+        traders = []
+        for n in range(STORM_TRADERS):
+            user_id = yield self.database.create_user(f"trader{n}", f"trader{n}@example.com", "h", 10**9, "t")
+            traders.append(user_id)
+        prices = {"KO": 6_000}
+        orders = [
+            NewOrder(user_id, f"trader{n}", "buy", "KO", 1, "t", "a", "w")
+            for n, user_id in enumerate(traders)
+            for _ in range(STORM_ORDERS_EACH)
+        ]
+        yield self.database.queue_orders(orders, prices, refuse_reason, "t")
+        tick = yield self.database.begin_tick(prices, "u")
+        registrations = self.count_attempts("_create_user")
+        logins = self.count_attempts("_create_session")
+        chunk_runs = self.count_attempts("_settle_chunk")
+        chunks = []
+        settled = self.database.settle_queue(tick, settle_orders, STORM_CHUNK, chunks.append)
+        registered = [
+            self.database.create_user(f"Newcomer{n}", f"newcomer{n}@example.com", "h", 100_000, "t")
+            for n in range(STORM_REGISTRATIONS)
+        ]
+        sessions = [
+            self.database.create_session(f"token{n}", user_id, 1.0, 2.0, False, "h")
+            for n, user_id in enumerate(traders)
+        ]
+        results = yield DeferredList(registered + sessions + [settled], consumeErrors=True)
+        self.assertEqual([r for ok, r in results if not ok], [])
+        new_ids = [r for _, r in results[:STORM_REGISTRATIONS]]
+        self.assertEqual(len(set(new_ids)), STORM_REGISTRATIONS)
+        self.assertEqual([r for _, r in results[STORM_REGISTRATIONS:-1]], [True] * STORM_TRADERS)
+        self.assertEqual(len(results[-1][1]), len(orders))
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM users"), [(STORM_TRADERS + STORM_REGISTRATIONS,)])
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM orders WHERE status = 'filled'"), [(len(orders),)])
+        self.assertEqual(
+            (registrations[0], logins[0], chunk_runs[0]), (STORM_REGISTRATIONS, STORM_TRADERS, len(chunks))
+        )
+
+    @inlineCallbacks
+    def test_same_name_registered_at_once(self) -> Any:
+        """Registrations of one name (in any letter case) or one email, all at once: exactly one succeeds."""
+        names = ["Carol", "carol", "CAROL", "cArOl"]
+        attempts = [
+            self.database.create_user(name, f"{n}@example.com", "h", 100_000, "t") for n, name in enumerate(names)
+        ] + [self.database.create_user(f"other{n}", "carol@example.com", "h", 100_000, "t") for n in range(4)]
+        results = yield DeferredList(attempts, consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.trap(RegisterFailed)
+        self.assertEqual([ok for ok, _ in results[:4]].count(True), 1)
+        self.assertEqual([ok for ok, _ in results[4:]].count(True), 1)
+        self.assertEqual(query(self.url, "SELECT COUNT(*) FROM users"), [(2,)])
+
+
 class SQLiteTests(BackendTestsMixin, TestCase):
     """The backend tests on SQLite."""
 
@@ -256,3 +332,21 @@ class PostgreSQLTests(BackendTestsMixin, TestCase):
                 ("sessions", "sessions_user_id_fkey"),
             ],
         )
+
+    @inlineCallbacks
+    def test_registration_read_committed(self) -> Any:
+        """A registration runs read committed (outside the serializability checks), and the
+        connection's next transaction is serializable again."""
+        database = Database.postgresql(self.url, connections=1)
+        self.addCleanup(database.close)
+        seen = []
+        real = Database._create_user
+
+        def observed(txn: Any, *args: Any) -> Any:
+            seen.append(txn.execute("SHOW transaction_isolation").fetchone()[0])
+            return real(txn, *args)
+
+        self.patch(database, "_create_user", observed)
+        yield database.create_user("dora", "dora@example.com", "h", 100_000, "t")
+        after = yield database._run(lambda txn: txn.execute("SHOW transaction_isolation").fetchone()[0])
+        self.assertEqual((seen, after), (["read committed"], "serializable"))

@@ -8,10 +8,20 @@ from typing import Any
 
 import attr
 from twisted.internet.defer import fail, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from papertrader.master import database as database_module
-from papertrader.master.database import MAX_RETRIES, SQLITE, Database, SchemaTooNew, schema_files
+from papertrader.master.database import (
+    MAX_RETRIES,
+    RETRY_BACKOFF,
+    RETRY_BACKOFF_MAX,
+    SQLITE,
+    Database,
+    SchemaTooNew,
+    retry_delay,
+    schema_files,
+)
 from papertrader.master.trading import AccountState, NewOrder, refuse_reason
 from tests.support import SynchronousPool, make_database
 
@@ -194,24 +204,53 @@ class _FlakyPool:
 
 
 class RetryTests(TestCase):
-    """Transactions that lose a serialization conflict are run again, a bounded number of times."""
+    """Transactions that lose a serialization conflict are run again, a bounded number of times,
+    each after a short random pause on the injected clock."""
 
     def database(self, conflicts: int) -> tuple[Database, _FlakyPool]:
         pool = _FlakyPool(os.path.join(os.path.abspath(self.mktemp()) + ".sqlite"), conflicts)
         dialect = attr.evolve(SQLITE, retry_errors=(_Conflict,))
-        return Database(pool, dialect), pool
+        self.clock = Clock()
+        return Database(pool, dialect, self.clock), pool
+
+    def settled(self, d: Any) -> Any:
+        """``d`` once every pause it waits for has passed."""
+        for _ in range(MAX_RETRIES):
+            self.clock.advance(RETRY_BACKOFF_MAX)
+        return d
 
     def test_retried_until_it_succeeds(self) -> None:
         """A transaction that conflicts twice is run a third time and its result delivered."""
         database, pool = self.database(conflicts=2)
-        version = self.successResultOf(database.migrate())
+        version = self.successResultOf(self.settled(database.migrate()))
         self.assertEqual((version, pool.attempts), (schema_files()[-1][0], 3))
 
     def test_gives_up(self) -> None:
         """Endless conflicts end in the failure after MAX_RETRIES attempts."""
         database, pool = self.database(conflicts=10_000)
-        self.failureResultOf(database.migrate(), _Conflict)
+        self.failureResultOf(self.settled(database.migrate()), _Conflict)
         self.assertEqual(pool.attempts, MAX_RETRIES)
+
+    def test_retry_waits(self) -> None:
+        """A retry is not run at once (transactions that just conflicted would meet again) but after
+        a pause on the clock, with no thread waiting meanwhile."""
+        database, pool = self.database(conflicts=1)
+        d = database.migrate()
+        self.assertNoResult(d)
+        self.assertEqual(pool.attempts, 1)
+        [pause] = self.clock.getDelayedCalls()
+        self.assertLessEqual(pause.getTime(), RETRY_BACKOFF)
+        self.clock.advance(RETRY_BACKOFF)
+        self.assertEqual(pool.attempts, 2)
+        self.successResultOf(d)
+
+    def test_pauses_random_and_bounded(self) -> None:
+        """Pauses are random below a bound that doubles with each conflict lost, up to RETRY_BACKOFF_MAX."""
+        for tries in range(1, MAX_RETRIES):
+            bound = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF * 2 ** (tries - 1))
+            pauses = {retry_delay(tries) for _ in range(50)}
+            self.assertTrue(all(0 <= pause <= bound for pause in pauses), (tries, pauses))
+            self.assertGreater(len(pauses), 1)
 
     def test_retry_starts_from_clean_account_states(self) -> None:
         """A retried order commit does not count the reservations of its rolled-back attempt."""
@@ -222,7 +261,7 @@ class RetryTests(TestCase):
         order = NewOrder(user, "alice", "buy", "AAPL", 6, "t", "a", "w")
         pool.conflicts, pool.attempts = pool.attempts + 1, pool.attempts  # the next attempt conflicts
         results, states = self.successResultOf(
-            database.queue_orders([order], {"AAPL": 1_000}, refuse_reason, "t", known)
+            self.settled(database.queue_orders([order], {"AAPL": 1_000}, refuse_reason, "t", known))
         )
         self.assertIsInstance(results[0], int)
         self.assertEqual(states[user].queued_buy_cents, 6_000)

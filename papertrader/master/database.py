@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import os
+import random
 import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,8 @@ from typing import Any
 import attr
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from papertrader.errors import DataFailed, RegisterFailed
@@ -50,8 +53,14 @@ from papertrader.paging import Page, encode_cursor, page_count
 # NNN_name.sql serves every database; NNN_name.sqlite.sql or NNN_name.postgresql.sql one of them
 # (where one script cannot serve both: each then has its own file of that version).
 _SCHEMA_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+(?:\.(sqlite|postgresql))?\.sql$")
+# The PostgreSQL advisory lock registrations take turns under (any number no other lock uses).
+_REGISTRATION_LOCK = 0x70745F7573657273  # "pt_users"
 # Retries of a transaction that lost a serialization conflict (PostgreSQL).
 MAX_RETRIES = 10
+# Before retry n a transaction waits a random time of up to RETRY_BACKOFF * 2 ** (n - 1) seconds, at most
+# RETRY_BACKOFF_MAX: run again at once, transactions that conflicted kept meeting each other again.
+RETRY_BACKOFF = 0.002
+RETRY_BACKOFF_MAX = 0.1
 # Orders settled per transaction: order inserts wait at most about one chunk.
 CHUNK_ORDERS = 10_000
 # SQLite's page cache per connection (the default, 2 MiB, makes settling a
@@ -101,6 +110,8 @@ class Dialect:
     ``{identity}`` for generated keys and ``{real}`` for floating columns.
     ``order_writers_lock`` are the statements that open a transaction writing
     orders (queueing, settlement) so that such transactions run one at a time.
+    ``registration_settings`` open a transaction that inserts a user (a
+    registration).
     ``settlement_settings`` open each settlement chunk's transaction;
     ``outcome_settings`` precede the statement that stores a chunk's outcomes,
     the chunk's last.
@@ -116,6 +127,7 @@ class Dialect:
     integrity_errors: tuple[type[Exception], ...]
     retry_errors: tuple[type[Exception], ...] = ()
     order_writers_lock: tuple[str, ...] = ()
+    registration_settings: tuple[str, ...] = ()
     arrays: bool = False
     settlement_settings: tuple[str, ...] = ()
     outcome_settings: tuple[str, ...] = ()
@@ -157,6 +169,24 @@ def _postgresql_dialect() -> Dialect:
         # snapshot, so the transaction's snapshot is taken once the lock is held
         # and sees everything the previous holder committed.
         order_writers_lock=("LOCK TABLE orders IN SHARE ROW EXCLUSIVE MODE",),
+        # Serializable registrations each read the users' name and email indexes and
+        # insert into them, so concurrent ones conflicted with each other (and with
+        # settlement chunks, which read users and update their cash): in a storm of
+        # registrations some lost every retry, and chunks were settled again.  A
+        # lock taken first (as for orders) left a few: PostgreSQL releases a
+        # transaction's locks before it counts it as committed for serializability,
+        # so the next holder could still count as its contemporary.  A registration
+        # needs none of it: it inserts one row that nothing else refers to yet, and
+        # the unique indexes keep names and emails unique at any isolation level.  So
+        # it runs READ COMMITTED, outside the serializability checks: it can lose no
+        # conflict and makes no other transaction lose one.  Registrations take
+        # turns under a lock of their own (blocking nothing else), so the check
+        # before the insert sees every earlier one and names what is taken; each
+        # statement's snapshot is taken after it, once the lock is held.
+        registration_settings=(
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            f"SELECT pg_advisory_xact_lock({_REGISTRATION_LOCK})",
+        ),
         arrays=True,
         # A chunk joins a few thousand of its rows with whole tables (positions: one row per user
         # and symbol held).  PostgreSQL's default costs choose to hash the whole table, scanning all
@@ -458,9 +488,10 @@ def describe(url: str) -> str:
 class Database:
     """The master's store: accounts, sessions, prices, orders and history."""
 
-    def __init__(self, pool: Any, dialect: Dialect = SQLITE) -> None:
+    def __init__(self, pool: Any, dialect: Dialect = SQLITE, clock: IReactorTime | None = None) -> None:
         self._pool = pool
         self.dialect = dialect
+        self._clock = clock
 
     @classmethod
     def open(
@@ -469,9 +500,11 @@ class Database:
         data_dir: str,
         sqlite_cache_mib: int = SQLITE_CACHE_MIB,
         sqlite_wal_autocheckpoint: int = SQLITE_WAL_AUTOCHECKPOINT,
+        clock: IReactorTime | None = None,
     ) -> Database:
         """The database named by ``url``: empty for SQLite in ``data_dir``, ``sqlite:///NAME`` (in
-        ``data_dir``), ``sqlite:////ABSOLUTE/PATH`` or ``postgresql://...``."""
+        ``data_dir``), ``sqlite:////ABSOLUTE/PATH`` or ``postgresql://...``; ``clock`` times the
+        pauses between retries (the global reactor if None)."""
         if not url or url.startswith("sqlite:"):
             path = "papertrader.sqlite"
             if url:
@@ -481,7 +514,7 @@ class Database:
                     raise DatabaseURLError("sqlite: URL without a file path")
             return cls.sqlite(os.path.join(data_dir, path), sqlite_cache_mib, sqlite_wal_autocheckpoint)
         if url.startswith(("postgresql://", "postgres://")):
-            return cls.postgresql(url)
+            return cls.postgresql(url, clock=clock)
         raise DatabaseURLError(f"unsupported database {describe(url)!r}: use sqlite:///PATH or postgresql://...")
 
     @classmethod
@@ -505,8 +538,9 @@ class Database:
         return cls(pool, SQLITE)
 
     @classmethod
-    def postgresql(cls, url: str, connections: int = 4) -> Database:
-        """A PostgreSQL database; transactions are serializable and retried on conflicts."""
+    def postgresql(cls, url: str, connections: int = 4, clock: IReactorTime | None = None) -> Database:
+        """A PostgreSQL database; transactions are serializable and retried on conflicts, after a
+        pause timed by ``clock`` (the global reactor if None)."""
         pool = adbapi.ConnectionPool(
             "psycopg",
             url,
@@ -516,34 +550,47 @@ class Database:
             cp_openfun=_postgresql_connected,
             cp_noisy=False,
         )
-        return cls(pool, _postgresql_dialect())
+        return cls(pool, _postgresql_dialect(), clock)
 
     def close(self) -> None:
         """Stop the pool's threads and close its connections."""
         self._pool.close()
 
     def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
-        """Run ``interaction(cursor, *args)`` as one transaction, retrying serialization conflicts."""
+        """Run ``interaction(cursor, *args)`` as one transaction, retrying serialization conflicts
+        after a short random pause (`retry_delay`), on the reactor's clock: no thread waits."""
 
         def attempt(transaction: Any) -> Any:
             return interaction(Cursor(transaction, self.dialect), *args)
 
         def retry(failure: Failure, tries: int) -> Any:
             if self.dialect.retry_errors and failure.check(*self.dialect.retry_errors) and tries < MAX_RETRIES:
-                return self._pool.runInteraction(attempt).addErrback(retry, tries + 1)
+                again = deferLater(self._reactor(), retry_delay(tries), self._pool.runInteraction, attempt)
+                return again.addErrback(retry, tries + 1)
             return failure
 
         return self._pool.runInteraction(attempt).addErrback(retry, 1)
 
-    def _run_writing_orders(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
-        """`_run` for a transaction that writes orders: it first waits for every other one to finish."""
+    def _reactor(self) -> IReactorTime:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock  # type: ignore[return-value]
+
+    def _run_locked(self, opening: Sequence[str], interaction: Callable[..., Any], *args: Any) -> Deferred:
+        """`_run` for a transaction that first runs the statements ``opening`` (a dialect's locks or settings)."""
 
         def locked(cursor: Cursor, *args: Any) -> Any:
-            for statement in cursor.dialect.order_writers_lock:
+            for statement in opening:
                 cursor.execute(statement)
             return interaction(cursor, *args)
 
         return self._run(locked, *args)
+
+    def _run_writing_orders(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
+        """`_run` for a transaction that writes orders: it first waits for every other one to finish."""
+        return self._run_locked(self.dialect.order_writers_lock, interaction, *args)
 
     # ------------------------------------------------------------ schema
 
@@ -578,8 +625,14 @@ class Database:
     def create_user(
         self, username: str, email: str, password_hash: str, cash_cents: int, now: str
     ) -> Deferred[int]:
-        """Insert a user; RegisterFailed if the username or email is taken."""
-        return self._run(self._create_user, username, email, password_hash, cash_cents, now)
+        """Insert a user; RegisterFailed if the username or email is taken.
+
+        On PostgreSQL registrations take turns and run outside the serializability
+        checks (``registration_settings``): they never conflict with any transaction.
+        """
+        return self._run_locked(
+            self.dialect.registration_settings, self._create_user, username, email, password_hash, cash_cents, now
+        )
 
     @staticmethod
     def _create_user(txn: Cursor, username: str, email: str, password_hash: str, cash: int, now: str) -> int:
@@ -1149,6 +1202,12 @@ class Database:
             return None
         txn.execute("SELECT symbol, price_cents FROM prices WHERE tick_id = ?", (row[0],))
         return row[0], row[1], dict(txn.fetchall())
+
+
+def retry_delay(tries: int) -> float:
+    """How long to wait, in seconds, before running again a transaction that lost ``tries`` conflicts:
+    random (full jitter), so that the ones that met do not meet again, and growing with ``tries``."""
+    return random.uniform(0, min(RETRY_BACKOFF_MAX, RETRY_BACKOFF * 2 ** (tries - 1)))
 
 
 def _execute(cursor: Cursor, statement: str, parameters: Sequence[Any]) -> None:

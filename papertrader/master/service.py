@@ -102,7 +102,11 @@ class MasterService(service.MultiService):
         """Build the domain objects (no I/O here: the pool connects in its own threads)."""
         config = self.config
         self.database = Database.open(
-            config.database, config.data_dir, config.sqlite_cache_mib, config.sqlite_wal_autocheckpoint
+            config.database,
+            config.data_dir,
+            config.sqlite_cache_mib,
+            config.sqlite_wal_autocheckpoint,
+            clock=self.reactor,
         )
         self.hashing = HashingPool(
             self.reactor, config.hashing_processes or None, config.hashing_queue, nice=config.hashing_nice
