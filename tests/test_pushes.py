@@ -222,6 +222,19 @@ class ClientRegistryPushTests(SynchronousTestCase):
         self.assertEqual([u["order_id"] for u in pushed["updates"]], [3])
 
 
+def slow_reader_lines(test: SynchronousTestCase) -> list[str]:
+    """The log lines about a peer cut off for not reading, as they are logged while ``test`` runs."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "does not read" in event.get("log_format", ""):
+            lines.append(event["log_format"])
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
 class SlowClientTests(SynchronousTestCase):
     """A client that does not read costs the worker a bounded amount of memory."""
 
@@ -241,14 +254,7 @@ class SlowClientTests(SynchronousTestCase):
         self.connection.makeConnection(self.transport)
         self.clients.subscribe(self.connection, ALL_PRICES)
         self.clients.attach(self.connection, "alice")
-        self.lines: list[str] = []
-
-        def observe(event: dict[str, Any]) -> None:
-            if "does not read" in event.get("log_format", ""):
-                self.lines.append(event["log_format"])
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.lines = slow_reader_lines(self)
 
     def update(self, order_id: int) -> dict[str, Any]:
         """An update whose push is always of the same size (for ``order_id`` below 10,000)."""
@@ -441,14 +447,7 @@ class SlowWorkerTests(SynchronousTestCase):
         PEER_LOG.__init__()  # a fresh log budget: lines other tests caused must not hide this one's
         self.clock = Clock()
         self.registry = WorkerRegistry(self.clock, slice_size=1000)
-        self.lines: list[str] = []
-
-        def observe(event: dict[str, Any]) -> None:
-            if "does not read" in event.get("log_format", ""):
-                self.lines.append(event["log_format"])
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.lines = slow_reader_lines(self)
 
     def worker(self, name: str, max_unsent_bytes: int) -> tuple[WorkerAMP, StringTransport]:
         """A real worker connection at the master, serving alice, written into a StringTransport."""
