@@ -56,7 +56,7 @@ class SchemaTests(TestCase):
         self.assertEqual(versions, list(range(1, len(versions) + 1)))
         self.assertEqual([version for version, _ in postgresql], versions)
         self.assertIn("DROP CONSTRAINT transactions_order_id_fkey", dict(postgresql)[6])
-        self.assertNotIn("DROP CONSTRAINT", dict(sqlite)[6])
+        self.assertIn("ALTER TABLE orders_rebuilt RENAME TO orders", dict(sqlite)[6])
         self.assertEqual(dict(sqlite)[5], dict(postgresql)[5])
 
     @inlineCallbacks
@@ -109,6 +109,59 @@ class SchemaTests(TestCase):
             )
             connection.execute(trade)
             self.assertRaises(sqlite3.IntegrityError, connection.execute, trade)
+
+
+    @inlineCallbacks
+    def test_version_6_keeps_every_row(self) -> Any:
+        """Schema 6 rebuilds orders and transactions on SQLite without the foreign keys settlement
+        writes: every row, id and index stays, the CHECK constraints still hold, and only an
+        order's user is still checked."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "pt.sqlite")
+        older = [(version, script) for version, script in schema_files() if version <= 5]
+        tables = ("orders", "transactions")
+        self.patch(database_module, "schema_files", lambda dialect: older)
+        yield self.open(path).migrate()
+        with sqlite3.connect(path) as connection:
+            connection.execute(
+                "INSERT INTO users (id, username, email, password_hash, cash_cents, created_at) "
+                "VALUES (7, 'alice', 'a@example.com', 'h', 100, 't')"
+            )
+            connection.execute("INSERT INTO ticks (id, retrieved_at) VALUES (3, 't')")
+            connection.execute(
+                "INSERT INTO orders (id, user_id, side, symbol, quantity, status, created_at, received_at, "
+                "client_address, worker, tick_id, price_cents, settled_at, client_order_id) VALUES "
+                "(41, 7, 'buy', 'KO', 2, 'filled', 't', 't', 'a', 'w', 3, 50, 't', 'c-1'), "
+                "(42, 7, 'sell', 'KO', 1, 'queued', 't', 't', 'a', 'w', NULL, NULL, NULL, NULL)"
+            )
+            connection.execute(
+                "INSERT INTO transactions (id, user_id, order_id, side, symbol, quantity, price_cents, total_cents, "
+                "cash_after_cents, settled_at) VALUES (5, 7, 41, 'buy', 'KO', 2, 50, 100, 0, 't')"
+            )
+            before = [connection.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables]
+        self.patch(database_module, "schema_files", schema_files)
+        version = yield self.open(path).migrate()
+        self.assertEqual(version, 6)
+        with sqlite3.connect(path) as connection:
+            after = [connection.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables]
+            self.assertEqual(after, before)
+            indexes = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            self.assertLessEqual(
+                {"orders_queued", "orders_user", "orders_client_order_id", "transactions_user"}, indexes
+            )
+            keys = [(row[2], row[3]) for row in connection.execute("PRAGMA foreign_key_list(orders)")]
+            self.assertEqual(keys, [("users", "user_id")])
+            self.assertEqual(connection.execute("PRAGMA foreign_key_list(transactions)").fetchall(), [])
+            self.assertEqual(connection.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+            for statement in (
+                "UPDATE orders SET status = 'filled' WHERE id = 42",  # settled without a time
+                "INSERT INTO orders (user_id, side, symbol, quantity, status, created_at, received_at, "
+                "client_address, worker, client_order_id) "
+                "VALUES (7, 'buy', 'KO', 1, 'queued', 't', 't', 'a', 'w', 'c-1')",  # a name taken
+                "INSERT INTO transactions (user_id, order_id, side, symbol, quantity, price_cents, total_cents, "
+                "cash_after_cents, settled_at) VALUES (7, 41, 'buy', 'KO', 1, 1, 1, 1, 't')",  # a second trade
+                "UPDATE transactions SET cash_after_cents = -1",
+            ):
+                self.assertRaises(sqlite3.IntegrityError, connection.execute, statement)
 
 
 class SQLitePragmaTests(TestCase):
