@@ -350,3 +350,11 @@ class PostgreSQLTests(BackendTestsMixin, TestCase):
         yield database.create_user("dora", "dora@example.com", "h", 100_000, "t")
         after = yield database._run(lambda txn: txn.execute("SHOW transaction_isolation").fetchone()[0])
         self.assertEqual((seen, after), (["read committed"], "serializable"))
+
+    def test_room_for_settled_versions(self) -> None:
+        """Users and positions leave 30 % of each page free (schema 7), so the cash and holdings a
+        settlement rewrites stay on their pages without new index entries."""
+        found = query(
+            self.url, "SELECT relname, reloptions FROM pg_class WHERE relname IN ('users', 'positions') ORDER BY 1"
+        )
+        self.assertEqual(found, [("positions", ["fillfactor=70"]), ("users", ["fillfactor=70"])])

@@ -1,0 +1,4 @@
+-- PaperTrader schema version 7 (SQLite): nothing changes.  On PostgreSQL this
+-- version leaves room on the pages of users and positions for their rows' next
+-- versions (see 007_settlement_fillfactor.postgresql.sql); SQLite rewrites a
+-- row in place and has no such setting.
