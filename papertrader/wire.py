@@ -68,24 +68,33 @@ class AnswersHeartbeats(amp.CommandLocator):
 
 
 class LogLimiter:
-    """At most ``burst`` lines every ``interval`` seconds; the rest are counted and reported later."""
+    """At most ``burst`` lines every ``interval`` seconds, and at most ``per_peer`` of them for one
+    peer (so one noisy peer cannot use up the lines others' mistakes would have had); the rest
+    are counted and reported later."""
 
-    def __init__(self, burst: int = 20, interval: float = 60.0) -> None:
+    def __init__(self, burst: int = 20, interval: float = 60.0, per_peer: int = 5) -> None:
         self.burst = burst
         self.interval = interval
+        self.per_peer = per_peer
         self._window_start = float("-inf")
         self._used = 0
+        # Lines each peer logged in this window: only peers that did log are kept, so at most ``burst``.
+        self._by_peer: dict[str, int] = {}
         self.suppressed = 0
 
-    def allow(self, now: float) -> tuple[bool, int]:
-        """Whether a line may be logged at ``now``, and how many were suppressed before it."""
+    def allow(self, now: float, peer: str | None = None) -> tuple[bool, int]:
+        """Whether a line (caused by ``peer``, if known) may be logged at ``now``, and how many were
+        suppressed before it."""
         if now - self._window_start >= self.interval:
             self._window_start = now
             self._used = 0
-        if self._used >= self.burst:
+            self._by_peer.clear()
+        if self._used >= self.burst or (peer is not None and self._by_peer.get(peer, 0) >= self.per_peer):
             self.suppressed += 1
             return False, 0
         self._used += 1
+        if peer is not None:
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         suppressed, self.suppressed = self.suppressed, 0
         return True, suppressed
 
@@ -107,13 +116,22 @@ class Timeouts:
 
 
 def note(log: EventLogger, budget: LogLimiter, clock: IReactorTime, level: str, format: str, **fields: Any) -> None:
-    """Log a line that a peer caused, if ``budget`` allows it now, with a count of the lines it held back."""
-    allowed, suppressed = budget.allow(clock.seconds())
+    """Log a line that a peer caused, if ``budget`` allows it now, with a count of the lines it held back.
+
+    A ``peer`` field (``HOST:PORT``) counts against that host's share of the budget.
+    """
+    peer = fields.get("peer")
+    allowed, suppressed = budget.allow(clock.seconds(), _host(peer) if isinstance(peer, str) else None)
     if not allowed:
         return
     if suppressed:
         format += " ({suppressed} similar lines were suppressed before this one)"
     getattr(log, level)(format, suppressed=suppressed, **fields)
+
+
+def _host(peer: str) -> str:
+    """The host part of ``HOST:PORT`` or ``[V6]:PORT``."""
+    return peer.rpartition(":")[0] or peer
 
 
 def describe_address(address: Any) -> str:

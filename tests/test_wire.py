@@ -17,6 +17,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.errors import BadRequest, ServiceUnavailable, WorkerRefused
+from papertrader.eventlog import EventLogger
 from papertrader.protocol import (
     MAX_ORDER_BATCH,
     ClientOrder,
@@ -27,7 +28,7 @@ from papertrader.protocol import (
     SubmitOrders,
     WorkerHello,
 )
-from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, GuardedAMP, LogLimiter
+from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, GuardedAMP, LogLimiter, note
 from tests.support import Deployment
 
 
@@ -469,4 +470,26 @@ class LogLimiterTests(SynchronousTestCase):
         limiter = LogLimiter(burst=2, interval=10)
         self.assertEqual([limiter.allow(0) for _ in range(4)], [(True, 0), (True, 0), (False, 0), (False, 0)])
         self.assertEqual(limiter.allow(10), (True, 2))
+
+    def test_one_peer_cannot_use_up_the_budget(self) -> None:
+        """A peer gets at most ``per_peer`` of the lines in a window, so another peer's first mistake
+        is still logged; lines caused by no particular peer share only the whole budget."""
+        limiter = LogLimiter(burst=4, interval=10, per_peer=2)
+        noisy = [limiter.allow(0, "10.0.0.1")[0] for _ in range(5)]
+        self.assertEqual(noisy, [True, True, False, False, False])
+        self.assertEqual(limiter.allow(1, "10.0.0.2"), (True, 3))
+        self.assertEqual(limiter.allow(1, None), (True, 0))
+        self.assertEqual(limiter.allow(1, "10.0.0.3"), (False, 0))  # the whole budget is used
+        self.assertEqual(limiter.allow(10, "10.0.0.1"), (True, 1))
+
+    def test_peer_counted_by_host(self) -> None:
+        """Lines noted for one host count against one share, whatever port each connection came from."""
+        limiter = LogLimiter(burst=20, interval=60, per_peer=2)
+        clock = Clock()
+        log = EventLogger()
+        logged = LoggedEvents(self)
+        for port in range(5):
+            note(log, limiter, clock, "info", "{peer} misbehaved", peer=f"[::1]:{port}")
+        note(log, limiter, clock, "info", "{peer} misbehaved", peer="10.0.0.9:1")
+        self.assertEqual([e["peer"] for e in logged.about("misbehaved")], ["[::1]:0", "[::1]:1", "10.0.0.9:1"])
 

@@ -141,7 +141,8 @@ class MasterService(service.MultiService):
     @inlineCallbacks
     def _prepare(self) -> Any:
         config = self.config
-        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        # File work off the reactor thread, like everything else here.
+        yield threads.deferToThread(os.makedirs, config.data_dir, mode=0o700, exist_ok=True)
         master_identity, worker_identities = yield threads.deferToThread(prepare_identities, config)
         version = yield self.database.migrate()
         yield self.accounts.start()
