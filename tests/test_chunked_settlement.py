@@ -20,8 +20,15 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from papertrader.client.library import connect
-from papertrader.master.database import QUEUED_CLAIMS, TickUnsettled, _column_arrays, outcomes_statement
-from papertrader.master.trading import ClientOrderIdReused, NewOrder, Settlement, refuse_reason, settle_orders
+from papertrader.master.database import QUEUED_CLAIMS, Database, TickUnsettled, _column_arrays, outcomes_statement
+from papertrader.master.trading import (
+    AccountState,
+    ClientOrderIdReused,
+    NewOrder,
+    Settlement,
+    refuse_reason,
+    settle_orders,
+)
 from papertrader.timestamps import iso
 from tests.databases import fresh_database_url, query
 from tests.processes import RunningDeployment
@@ -319,6 +326,32 @@ class PostgreSQLChunkedSettlementTests(ChunkedSettlementMixin, TestCase):
         [(plan,)] = query(self.url, "EXPLAIN (FORMAT JSON) " + QUEUED_CLAIMS, user_id, oldest)
         indexes = {node.get("Index Name") for node in _plan_nodes(plan[0]["Plan"])} - {None}
         self.assertEqual(indexes, {"orders_user"})
+
+
+    @inlineCallbacks
+    def test_batch_account_states_equal_one_by_one(self) -> Any:
+        """The funds check reads a batch's accounts in two statements; each state equals the one read
+        on its own: cash, holdings, queued buys (at the given prices) and queued sells."""
+        (alice, _), (bob, _) = self.users
+        query(self.url, "INSERT INTO positions (user_id, symbol, quantity) VALUES (?, 'AAPL', 10)", bob)
+        query(self.url, "INSERT INTO positions (user_id, symbol, quantity) VALUES (?, 'KO', 4)", bob)
+        sells = [NewOrder(bob, "bob", "sell", "AAPL", 3, at(1), "127.0.0.1:1", "w")] * 2
+        yield self.queue(self.orders(6) + sells, 2)
+        carol = yield self.database.create_user("carol", "carol@example.com", "h", 5_000, at(0))
+
+        def both(txn: Any) -> tuple[dict, dict]:
+            oldest = Database._oldest_queued(txn)
+            users = [alice, bob, carol]
+            together = Database._account_states(txn, users, PRICES, oldest)
+            alone = {user: Database._account_state(txn, user, PRICES, oldest) for user in users}
+            return together, alone
+
+        together, alone = yield self.database._run(both)
+        self.assertEqual(together, alone)
+        self.assertEqual(together[bob].queued_sell_shares, {"AAPL": 6})
+        self.assertEqual(together[bob].holdings, {"AAPL": 10, "KO": 4})
+        self.assertEqual(together[alice].queued_buy_cents, 3 * PRICES["KO"])
+        self.assertEqual(together[carol], AccountState(cash_cents=5_000, holdings={}))
 
 
 def _plan_nodes(node: dict) -> list[dict]:

@@ -825,6 +825,11 @@ class Database:
         before = {user_id: state.copy() for user_id, state in known.items()}
         named = Database._orders_named(txn, [o for o in orders if o.client_order_id is not None])
         oldest_queued = Database._oldest_queued(txn)
+        if txn.dialect.arrays:
+            # Every account of the batch in two statements, not two per account: each is a
+            # round trip, made with the order writers' lock held (settlement chunks wait).
+            missing = sorted({order.user_id for order in orders} - before.keys())
+            before.update(Database._account_states(txn, missing, prices, oldest_queued))
         for _attempt in range(2):
             results, accounts, rows = Database._plan_orders(
                 txn, orders, prices, refuse_reason, now, before, named, oldest_queued
@@ -931,12 +936,42 @@ class Database:
             return state
         txn.execute(QUEUED_CLAIMS, (user_id, oldest_queued))
         for side, symbol, total in txn.fetchall():
-            quantity = int(total)  # PostgreSQL sums BIGINT as NUMERIC
-            if side == BUY:
-                state.queued_buy_cents += quantity * prices.get(symbol, 0)
-            else:
-                state.queued_sell_shares[symbol] = quantity
+            _claim(state, side, symbol, total, prices)
         return state
+
+    @staticmethod
+    def _account_states(
+        txn: Cursor, user_ids: list[int], prices: Mapping[str, int], oldest_queued: int | None
+    ) -> dict[int, AccountState]:
+        """`_account_state` of each of ``user_ids`` in two statements (PostgreSQL): each user's rows
+        are looked up by index, one user after the other (LATERAL), whatever the statistics say."""
+        states: dict[int, AccountState] = {}
+        user = (("user_id", "bigint"),)
+        keys = [(user_id,) for user_id in user_ids]
+        for user_id, cash, symbol, quantity in txn.select_joined(
+            "SELECT k.user_id, (SELECT cash_cents FROM users WHERE id = k.user_id), p.symbol, p.quantity "
+            "FROM {keys} LEFT JOIN LATERAL (SELECT symbol, quantity FROM positions WHERE user_id = k.user_id) p "
+            "ON true",
+            user,
+            keys,
+        ):
+            if cash is None:
+                continue  # no such user: left to `_account_state`, which fails as it always did
+            state = states.setdefault(user_id, AccountState(cash_cents=cash, holdings={}))
+            if symbol is not None:
+                state.holdings[symbol] = quantity
+        if oldest_queued is not None and states:
+            # OFFSET 0 keeps the status test out of the index scan, as QUEUED_CLAIMS's materialized part does.
+            for user_id, side, symbol, total in txn.select_joined(
+                "SELECT k.user_id, c.side, c.symbol, c.total FROM {keys} CROSS JOIN LATERAL ("
+                "SELECT side, symbol, SUM(quantity) AS total FROM (SELECT side, symbol, quantity, status FROM orders "
+                f"WHERE user_id = k.user_id AND id >= {int(oldest_queued)} OFFSET 0) mine "
+                "WHERE status = 'queued' GROUP BY side, symbol) c",
+                user,
+                keys,
+            ):
+                _claim(states[user_id], side, symbol, total, prices)
+        return states
 
     # ------------------------------------------------------------ ticks and settlement
 
@@ -1208,6 +1243,15 @@ def retry_delay(tries: int) -> float:
     """How long to wait, in seconds, before running again a transaction that lost ``tries`` conflicts:
     random (full jitter), so that the ones that met do not meet again, and growing with ``tries``."""
     return random.uniform(0, min(RETRY_BACKOFF_MAX, RETRY_BACKOFF * 2 ** (tries - 1)))
+
+
+def _claim(state: AccountState, side: str, symbol: str, total: Any, prices: Mapping[str, int]) -> None:
+    """Add to ``state`` what a user's queued orders of one side and symbol (``total`` shares) claim."""
+    quantity = int(total)  # PostgreSQL sums BIGINT as NUMERIC
+    if side == BUY:
+        state.queued_buy_cents += quantity * prices.get(symbol, 0)
+    else:
+        state.queued_sell_shares[symbol] = quantity
 
 
 def _execute(cursor: Cursor, statement: str, parameters: Sequence[Any]) -> None:
