@@ -20,7 +20,14 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from papertrader.client.library import connect
-from papertrader.master.database import QUEUED_CLAIMS, Database, TickUnsettled, _column_arrays, outcomes_statement
+from papertrader.master.database import (
+    Database,
+    TickUnsettled,
+    _column_arrays,
+    _unnest,
+    outcomes_statement,
+    queued_claims_statement,
+)
 from papertrader.master.trading import (
     AccountState,
     ClientOrderIdReused,
@@ -323,7 +330,8 @@ class PostgreSQLChunkedSettlementTests(ChunkedSettlementMixin, TestCase):
         yield self.queue(self.orders(2_000), 2)
         [(oldest,)] = query(self.url, "SELECT MIN(id) FROM orders WHERE status = 'queued'")
         user_id = self.users[0][0]
-        [(plan,)] = query(self.url, "EXPLAIN (FORMAT JSON) " + QUEUED_CLAIMS, user_id, oldest)
+        statement = queued_claims_statement(oldest).format(keys=_unnest((("user_id", "bigint"),)))
+        [(plan,)] = query(self.url, "EXPLAIN (FORMAT JSON) " + statement, [user_id])
         indexes = {node.get("Index Name") for node in _plan_nodes(plan[0]["Plan"])} - {None}
         self.assertEqual(indexes, {"orders_user"})
 

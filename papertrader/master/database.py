@@ -379,16 +379,26 @@ def _column_arrays(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows)]
 
 
-# What a user's queued orders claim, by side and symbol: their orders from the oldest queued one
-# (orders_user), then the queued ones among them.  Asked directly ("user_id = ? AND id >= ? AND
-# status = 'queued'"), PostgreSQL with statistics taken before the queue grew chose the index of
-# queued orders and read the whole queue for each user (100,000 queued: 11.6 ms instead of
-# 0.4 ms, with the order writers' lock held); the status test outside the materialized part
-# leaves it only the user's index.
+# What a user's queued orders claim, by side and symbol (SQLite: one user at a time, in-process).
 QUEUED_CLAIMS = (
-    "WITH mine AS MATERIALIZED (SELECT side, symbol, quantity, status FROM orders WHERE user_id = ? AND id >= ?) "
-    "SELECT side, symbol, SUM(quantity) FROM mine WHERE status = 'queued' GROUP BY side, symbol"
+    "SELECT side, symbol, SUM(quantity) FROM orders WHERE user_id = ? AND id >= ? AND status = 'queued' "
+    "GROUP BY side, symbol"
 )
+
+
+def queued_claims_statement(oldest_queued: int) -> str:
+    """PostgreSQL's statement for what the queued orders of the users of ``{keys}`` claim, by user,
+    side and symbol: each user's orders from ``oldest_queued`` on (orders_user), one user after the
+    other (LATERAL), then the queued ones among them.  Asked with the status test beside the others,
+    PostgreSQL with statistics taken before the queue grew chose the index of queued orders and read
+    the whole queue for each user (100,000 queued: 11.6 ms instead of 0.4 ms, with the order
+    writers' lock held); OFFSET 0 keeps that test out of the index scan."""
+    return (
+        "SELECT k.user_id, c.side, c.symbol, c.total FROM {keys} CROSS JOIN LATERAL ("
+        "SELECT side, symbol, SUM(quantity) AS total FROM (SELECT side, symbol, quantity, status FROM orders "
+        f"WHERE user_id = k.user_id AND id >= {int(oldest_queued)} OFFSET 0) mine "
+        "WHERE status = 'queued' GROUP BY side, symbol) c"
+    )
 
 
 def outcomes_statement(first: int, last: int) -> str:
@@ -825,11 +835,8 @@ class Database:
         before = {user_id: state.copy() for user_id, state in known.items()}
         named = Database._orders_named(txn, [o for o in orders if o.client_order_id is not None])
         oldest_queued = Database._oldest_queued(txn)
-        if txn.dialect.arrays:
-            # Every account of the batch in two statements, not two per account: each is a
-            # round trip, made with the order writers' lock held (settlement chunks wait).
-            missing = sorted({order.user_id for order in orders} - before.keys())
-            before.update(Database._account_states(txn, missing, prices, oldest_queued))
+        missing = sorted({order.user_id for order in orders} - before.keys())
+        before.update(Database._account_states(txn, missing, prices, oldest_queued))
         for _attempt in range(2):
             results, accounts, rows = Database._plan_orders(
                 txn, orders, prices, refuse_reason, now, before, named, oldest_queued
@@ -857,7 +864,7 @@ class Database:
     ) -> tuple[list[QueueOutcome], dict[int, AccountState], list[tuple]]:
         """Each order's outcome in batch order, the account states after them, and the rows to insert.
 
-        ``before`` gets the state of every account read from the database.
+        ``before`` holds the state of every account of the batch before it.
         """
         ids = iter(txn.new_ids("orders", len(orders)))
         named = dict(named)
@@ -871,8 +878,6 @@ class Database:
                 continue
             account = accounts.get(order.user_id)
             if account is None:
-                if order.user_id not in before:
-                    before[order.user_id] = Database._account_state(txn, order.user_id, prices, oldest_queued)
                 account = accounts[order.user_id] = before[order.user_id].copy()
             reason = refuse_reason(account, order, prices[order.symbol])
             if reason is not None:
@@ -943,8 +948,12 @@ class Database:
     def _account_states(
         txn: Cursor, user_ids: list[int], prices: Mapping[str, int], oldest_queued: int | None
     ) -> dict[int, AccountState]:
-        """`_account_state` of each of ``user_ids`` in two statements (PostgreSQL): each user's rows
-        are looked up by index, one user after the other (LATERAL), whatever the statistics say."""
+        """`_account_state` of each of ``user_ids``.  On PostgreSQL in two statements, not two per
+        user: each is a round trip, made with the order writers' lock held (settlement chunks wait);
+        each user's rows are looked up by index, one user after the other (LATERAL), whatever the
+        statistics say.  SQLite reads them one user at a time, in-process."""
+        if not txn.dialect.arrays:
+            return {user_id: Database._account_state(txn, user_id, prices, oldest_queued) for user_id in user_ids}
         states: dict[int, AccountState] = {}
         user = (("user_id", "bigint"),)
         keys = [(user_id,) for user_id in user_ids]
@@ -956,20 +965,12 @@ class Database:
             keys,
         ):
             if cash is None:
-                continue  # no such user: left to `_account_state`, which fails as it always did
+                raise LookupError(f"no user {user_id}")  # as `_account_state` fails (orders come with a session)
             state = states.setdefault(user_id, AccountState(cash_cents=cash, holdings={}))
             if symbol is not None:
                 state.holdings[symbol] = quantity
         if oldest_queued is not None and states:
-            # OFFSET 0 keeps the status test out of the index scan, as QUEUED_CLAIMS's materialized part does.
-            for user_id, side, symbol, total in txn.select_joined(
-                "SELECT k.user_id, c.side, c.symbol, c.total FROM {keys} CROSS JOIN LATERAL ("
-                "SELECT side, symbol, SUM(quantity) AS total FROM (SELECT side, symbol, quantity, status FROM orders "
-                f"WHERE user_id = k.user_id AND id >= {int(oldest_queued)} OFFSET 0) mine "
-                "WHERE status = 'queued' GROUP BY side, symbol) c",
-                user,
-                keys,
-            ):
+            for user_id, side, symbol, total in txn.select_joined(queued_claims_statement(oldest_queued), user, keys):
                 _claim(states[user_id], side, symbol, total, prices)
         return states
 
