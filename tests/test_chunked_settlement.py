@@ -190,9 +190,11 @@ class ChunkedSettlementMixin(BackendFixture):
         first, _ = yield exchange.submit_order("buy", session.token, "KO", "1", "t", "127.0.0.1:1", "w")
         second, _ = yield exchange.submit_order("buy", session.token, "KO", "2", "t", "127.0.0.1:1", "w")
         pushed: list[tuple[int, list[int]]] = []
-        exchange.on_tick(lambda tick, as_of, prices, settlements: pushed.append(
-            (tick, [s.order.order_id for s in settlements])
+        settled_by_tick: dict[int, list[int]] = {}
+        exchange.on_settled(lambda tick, as_of, settlements: settled_by_tick.setdefault(tick, []).extend(
+            s.order.order_id for s in settlements
         ))
+        exchange.on_tick(lambda tick, as_of, prices: pushed.append((tick, settled_by_tick.pop(tick, []))))
         real = self.database.settle_chunk
         held: list[Deferred] = []
 

@@ -359,7 +359,8 @@ class MasterRoutingTests(SynchronousTestCase):
         registry.serves(w2, "bob")
         registry.serves(w2, "alice")
         settlements = [settlement(1, "alice"), settlement(2, "bob", "not enough"), settlement(3, "carol")]
-        registry.broadcast_tick(4, "t4", PRICES, settlements)
+        registry.broadcast_tick(4, "t4", PRICES)
+        registry.push_updates(4, "t4", settlements)
         self.clock.advance(0)
         self.assertEqual(self.encoder.counts["PriceTick"], 1)
         [(command, tick)] = w3.pushes()
@@ -399,7 +400,8 @@ class MasterRoutingTests(SynchronousTestCase):
         settlements = [
             settlement(i, ("alice", "bob", "carol")[i % 3], "r" * 300 if i % 7 == 0 else None) for i in range(5000)
         ]
-        registry.broadcast_tick(9, "t9", PRICES, settlements)
+        registry.broadcast_tick(9, "t9", PRICES)
+        registry.push_updates(9, "t9", settlements)
         run_one_turn(self.clock)  # the tick, then the first slice of orders
         routed_in_first_turn = sum(len(p["updates"]) for c, p in w1.pushes() if c is OrderUpdates)
         self.assertLessEqual(routed_in_first_turn, 1000)
@@ -425,7 +427,8 @@ class MasterRoutingTests(SynchronousTestCase):
         for name in users:
             registry.serves(w1, name)
         settlements = [settlement(i, users[i % 50], "r" * 100) for i in range(5000)]
-        registry.broadcast_tick(9, "t9", PRICES, settlements)
+        registry.broadcast_tick(9, "t9", PRICES)
+        registry.push_updates(9, "t9", settlements)
         self.clock.advance(0)
         boxes = [p["updates"] for c, p in w1.pushes() if c is OrderUpdates]
         self.assertGreater(len(boxes), 10)
@@ -471,7 +474,8 @@ class SlowWorkerTests(SynchronousTestCase):
         _, fast_transport = self.worker("fast", 100_000)
         slow.pauseProducing()
         settlements = [settlement(i, "alice", "r" * 200) for i in range(2_000)]
-        self.registry.broadcast_tick(5, "t5", PRICES, settlements)
+        self.registry.broadcast_tick(5, "t5", PRICES)
+        self.registry.push_updates(5, "t5", settlements)
         self.clock.advance(0)
         self.clock.advance(0)
         self.assertTrue(slow_transport.disconnected)  # aborted: what is waiting will never be read
@@ -486,7 +490,8 @@ class SlowWorkerTests(SynchronousTestCase):
         connection, transport = self.worker("w1", 100_000)
         for tick in range(5):
             connection.pauseProducing()
-            self.registry.broadcast_tick(tick, "t", PRICES, [settlement(i, "alice", "r" * 200) for i in range(300)])
+            self.registry.broadcast_tick(tick, "t", PRICES)
+            self.registry.push_updates(tick, "t", [settlement(i, "alice", "r" * 200) for i in range(300)])
             self.clock.advance(0)
             self.clock.advance(0)
             connection.resumeProducing()

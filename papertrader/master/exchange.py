@@ -52,7 +52,7 @@ from papertrader.protocol import (
 )
 from papertrader.timestamps import iso
 
-TickListener = Callable[[int, str, dict[str, int], list[Settlement]], None]
+TickListener = Callable[[int, str, dict[str, int]], None]
 SettledListener = Callable[[int, str, list[Settlement]], None]
 
 
@@ -88,11 +88,8 @@ class Exchange:
         self._settled_listeners: list[SettledListener] = []
 
     def on_tick(self, listener: TickListener) -> None:
-        """Call ``listener(tick, as_of, prices, settlements)`` after every settled update.
-
-        ``settlements`` are the tick's `Settlement` objects, built in the
-        database's threads chunk by chunk: the reactor only joins the lists.
-        """
+        """Call ``listener(tick, as_of, prices)`` after every settled update (its orders' outcomes
+        went to the `on_settled` listeners chunk by chunk)."""
         self._tick_listeners.append(listener)
 
     def on_settled(self, listener: SettledListener) -> None:
@@ -417,7 +414,7 @@ class Exchange:
         )
         for listener in self._tick_listeners:
             try:
-                listener(tick.tick_id, tick.as_of, tick.prices, settlements)
+                listener(tick.tick_id, tick.as_of, tick.prices)
             except Exception:
                 self.log.failure("tick listener failed")
 

@@ -130,18 +130,11 @@ class WorkerRegistry:
         """Push the order outcomes of ``exchange`` as each chunk of a settlement is committed, and
         its prices once the update has settled."""
         exchange.on_settled(self.push_updates)
-        exchange.on_tick(lambda tick, as_of, prices, _settlements: self.broadcast_tick(tick, as_of, prices))
+        exchange.on_tick(self.broadcast_tick)
 
-    def broadcast_tick(
-        self, tick: int, as_of: str, prices: dict[str, int], settlements: Sequence[Settlement] = ()
-    ) -> None:
-        """Push the new prices to every worker, then each order outcome of ``settlements`` to the
-        workers serving its user (`push_updates`).
-
-        The price tick is encoded once for all workers.
-        """
+    def broadcast_tick(self, tick: int, as_of: str, prices: dict[str, int]) -> None:
+        """Push the new prices to every worker, encoded once for all of them."""
         self.work.add(self._tick_writes(tick, as_of, prices))
-        self.push_updates(tick, as_of, settlements)
 
     def push_updates(self, tick: int, as_of: str, settlements: Sequence[Settlement]) -> None:
         """Push each order outcome to the workers serving its user: packed into compact boxes, each
