@@ -265,11 +265,10 @@ class MasterLocator(AnswersHeartbeats):
     @_guarded
     def submit_orders(self, orders: list[OrderRequest], groups: list[OrderGroup] | None = None) -> Any:
         worker = self._worker_name()
-        if orders:
-            groups = [*(group_of_one(request) for request in orders), *(groups or ())]
-        if sum(len(group.orders) for group in groups or ()) > MAX_ORDER_BATCH:
+        groups = [*(group_of_one(request) for request in orders), *(groups or ())]
+        if sum(len(group.orders) for group in groups) > MAX_ORDER_BATCH:
             raise BadRequest(f"a SubmitOrders batch holds at most {MAX_ORDER_BATCH} orders in all")
-        return self.exchange.submit_groups(groups or [], worker).addCallback(self._order_results)
+        return self.exchange.submit_groups(groups, worker).addCallback(self._order_results)
 
     def _order_results(self, results: list[Any]) -> dict[str, Any]:
         rows = [_result(result) for result in results]
