@@ -12,7 +12,7 @@ from twisted.internet import protocol, stdio, threads
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
-from papertrader import tls
+from papertrader import gpg, tls
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.stalls import StallMonitor, interval_from_environment
@@ -31,15 +31,21 @@ class WorkerConfig:
     master_port: int
     listen: str
     identity: tls.Identity
+    gnupg_home: str
+    key_fingerprint: str | None = None
+    public_address: str | None = None
     address_file: str | None = None
     exit_with_stdin: bool = False
     timeouts: Timeouts = attr.Factory(Timeouts)
 
 
-def _tls_options(identity: tls.Identity, master_host: str) -> tuple[Any, Any]:
+def _prepare(config: WorkerConfig) -> tuple[Any, Any, str]:
+    """The TLS options (serving clients, connecting to the master) and the fingerprint of the key to sign with."""
+    identity = config.identity
     return (
         tls.server_options(identity),
-        tls.client_options(master_host, identity.ca, identity),
+        tls.client_options(config.master_host, identity.ca, identity),
+        gpg.signing_key(config.gnupg_home, config.key_fingerprint),
     )
 
 
@@ -75,7 +81,10 @@ class WorkerService(service.MultiService):
             MasterPushes(self.cache, self.clients, on_tick=None if self.stalls is None else self.stalls.update_arrived),
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
+            sign=self._sign,
+            client_address=self._client_address,
         )
+        self.key_fingerprint: str | None = None
         self.batcher = OrderBatcher(reactor, self.link.call, master_takes_groups=lambda: self.link.order_groups)
 
     def startService(self) -> None:
@@ -84,10 +93,27 @@ class WorkerService(service.MultiService):
             self.stalls.start()
         if self.config.exit_with_stdin:
             stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
-        config = self.config
-        threads.deferToThread(_tls_options, config.identity, config.master_host).addCallbacks(
+        threads.deferToThread(_prepare, self.config).addCallback(self._prepared).addCallbacks(
             self.startup.succeeded, self.startup.failed
         )
+
+    def _prepared(self, prepared: tuple[Any, Any, str]) -> tuple[Any, Any, str]:
+        self.key_fingerprint = prepared[2]
+        self.log.info("signing the master's handshakes with key {fingerprint}", fingerprint=self.key_fingerprint)
+        return prepared
+
+    def _sign(self, statement: bytes) -> Deferred[str]:
+        """Sign the master's handshake statement with this worker's key, in a thread."""
+        return threads.deferToThread(gpg.sign, self.config.gnupg_home, self.key_fingerprint, statement)
+
+    def _client_address(self) -> str | None:
+        """Where clients reach this worker: ``--public-address``, else the address it listens on (once it does)."""
+        if self.config.public_address:
+            return self.config.public_address
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        return f"{host.host}:{host.port}"
 
     # ------------------------------------------------------------ what the children use
 

@@ -28,6 +28,9 @@ class Options(usage.Options):
         ["ca", None, None, "The deployment's CA certificate (PEM)."],
         ["cert", None, None, "This worker's certificate (PEM), issued by the CA."],
         ["key", None, None, "This worker's private key (PEM)."],
+        ["gnupg-home", None, None, "GnuPG home with this worker's OpenPGP key (default: $GNUPGHOME, ~/.gnupg)."],
+        ["key-fingerprint", None, None, "Fingerprint of the key to sign with (default: the home's only secret key)."],
+        ["public-address", None, None, "The HOST:PORT clients reach this worker on (default: where it listens)."],
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
         ["event-log", None, "papertrader-worker-events.log", "The event log file."],
         ["log-memory-entries", None, "1000", "Event log entries held in memory before they are written."],
@@ -51,6 +54,14 @@ class Options(usage.Options):
             check_endpoint(self["listen"])
         except ValueError as e:
             problems.append(f"--listen: {e}")
+        if self["public-address"]:
+            try:
+                tls.split_address(self["public-address"], 2049)
+            except ValueError as e:
+                problems.append(f"--public-address: {e}")
+        gnupg_home = self["gnupg-home"] or os.environ.get("GNUPGHOME") or os.path.expanduser("~/.gnupg")
+        if not os.path.isdir(gnupg_home):
+            problems.append(f"--gnupg-home: no directory {gnupg_home}")
         for option in ("ca", "cert", "key"):
             if not self[option]:
                 problems.append(f"--{option} is required")
@@ -82,6 +93,9 @@ class Options(usage.Options):
             master_port=port,
             listen=self["listen"],
             identity=tls.Identity(certificate=self["cert"], key=self["key"], ca=self["ca"]),
+            gnupg_home=gnupg_home,
+            key_fingerprint=self["key-fingerprint"] or None,
+            public_address=self["public-address"] or None,
             address_file=self["address-file"],
             exit_with_stdin=bool(self["exit-with-stdin"]),
             timeouts=Timeouts(
