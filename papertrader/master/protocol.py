@@ -112,7 +112,7 @@ class MasterLocator(AnswersHeartbeats):
 
     @WorkerHello.responder
     @inlineCallbacks
-    def hello(self, name: str, version: str) -> Any:
+    def hello(self, name: str, version: str, client_address: str | None = None) -> Any:
         # The TLS layer already required a certificate issued by this deployment's
         # CA; its common name must be the worker's name.  GPG verification of the
         # worker's key belongs here too.
@@ -132,6 +132,7 @@ class MasterLocator(AnswersHeartbeats):
             self._hello_running = False
         self.worker = name
         self.connection.start_heartbeats(self.heartbeat_interval)
+        self.registry.publish(name, self.connection, client_address)
         self.log.info(
             "worker {name} (version {version}) connected from {address}",
             name=name,

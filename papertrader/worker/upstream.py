@@ -90,9 +90,11 @@ class MasterLink:
         pushes: amp.CommandLocator,
         timeouts: Timeouts | None = None,
         served_users: Callable[[], Iterable[str]] = tuple,
+        client_address: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._clock = clock
         self._served_users = served_users
+        self._client_address = client_address
         self._timeouts = timeouts
         self.name = name
         self.cache = cache
@@ -132,7 +134,9 @@ class MasterLink:
 
     @inlineCallbacks
     def _greet(self, connection: _MasterAMP) -> Any:
-        answer = yield connection.callRemote(WorkerHello, name=self.name, version=__version__)
+        answer = yield connection.callRemote(
+            WorkerHello, name=self.name, version=__version__, client_address=self._client_address()
+        )
         self.update_interval = answer["update_interval"]
         self.order_groups = bool(answer.get("order_groups"))
         connection.start_heartbeats(answer.get("heartbeat_interval") or DEFAULT_HEARTBEAT_INTERVAL)
@@ -201,6 +205,15 @@ class MasterLink:
                 return assets, ticks
             if len(assets) >= MAX_ASSETS:
                 raise ServiceUnavailable(f"the master lists more than {MAX_ASSETS} assets")
+
+    def booted_off(self, reason: str) -> None:
+        """The master kicked this worker (it closes the link next): reconnect only after the refusal back-off."""
+        self._refusals += 1
+        self.log.warn(
+            "the master booted this worker off ({reason}); reconnecting in {delay:.0f} s",
+            reason=reason,
+            delay=self._retry_after_refusal(self._refusals - 1),
+        )
 
     def _lost(self, connection: _MasterAMP) -> None:
         if self.connection is connection:
