@@ -309,8 +309,10 @@ class Session:
 
     def _switch(self, client: PaperTraderClient) -> None:
         """Leave ``client``'s worker (it cannot serve the session now): the next request goes elsewhere."""
-        if client is self.client and self.address is not None:
-            self._avoid.add(self.address)
+        if client is self.client:
+            self.client = None
+            if self.address is not None:
+                self._avoid.add(self.address)
         client.close()
 
     # ------------------------------------------------------------ requests
@@ -327,6 +329,8 @@ class Session:
                 last = e
                 if isinstance(e, ServiceUnavailable):
                     self._switch(client)
+                elif client is self.client:
+                    self.client = None  # lost: the next attempt connects afresh
                 continue
             returnValue(result)
         raise last
