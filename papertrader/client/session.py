@@ -144,7 +144,7 @@ class Session:
         self._settled: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._in_flight = 0
         self._keep_alive: LoopingCall | None = None
-        self._given_up: list[Deferred[Failure]] = []
+        self._given_up: list[Deferred[BaseException]] = []
         self._on_order_update: Callable[[dict[str, Any]], None] | None = None
         self._on_price_tick: Callable[[dict[str, Any]], None] | None = None
         self._on_worker: Callable[[str], None] | None = None
@@ -305,7 +305,7 @@ class Session:
                 d.errback(failure)
         given_up, self._given_up = self._given_up, []
         for d in given_up:
-            d.callback(failure)
+            d.callback(failure.value)
 
     def _switch(self, client: PaperTraderClient) -> None:
         """Leave ``client``'s worker (it cannot serve the session now): the next request goes elsewhere."""
@@ -486,9 +486,10 @@ class Session:
         if self.client is not None and self.client.connection.transport is not None:
             self.client.heartbeat()
 
-    def when_given_up(self) -> Deferred[Failure]:
-        """Fires with the reason (NoWorkerReachable, most likely) once the session could reach no worker."""
-        d: Deferred[Failure] = Deferred()
+    def when_given_up(self) -> Deferred[BaseException]:
+        """Fires with the reason, an exception (NoWorkerReachable, most likely), once the session could
+        reach no worker."""
+        d: Deferred[BaseException] = Deferred()
         self._given_up.append(d)
         return d
 
