@@ -163,3 +163,19 @@ class SessionTests(SynchronousTestCase):
         d.result(session.logout())
         self.assertRaises(SessionInvalid, d.result, other.portfolio())
         self.assertIsNone(other.token)
+
+    def test_close_while_connecting(self) -> None:
+        """Closing the session stops a connection attempt or a wait between rounds; nothing is left scheduled."""
+        d = self.deployment
+        session = self.logged_in()
+        session.keep_alive(60)
+        self.w2.up = False
+        self.w1.crash()  # the session waits to try again
+        due = d.clock.seconds() + FIRST_RETRY_DELAY
+        [wait] = [call for call in d.clock.getDelayedCalls() if call.getTime() == due]
+        given_up: list[Any] = []
+        session.when_given_up().addBoth(given_up.append)
+        session.close()
+        self.assertFalse(wait.active())
+        self.assertEqual(len(given_up), 1)
+        self.assertFalse(session._connecting)

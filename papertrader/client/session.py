@@ -137,6 +137,7 @@ class Session:
         self.failovers = 0  # times the session moved on after losing its worker
         self._avoid: set[str] = set()
         self._connecting = False
+        self._attempt: Deferred[Any] | None = None  # a connection being made, or a wait between rounds
         self._connect_waiters: list[Deferred[PaperTraderClient]] = []
         self._closed = False
         self._wanted: str | tuple[str, ...] = ()
@@ -195,6 +196,7 @@ class Session:
 
     def _established(self, result: Any) -> None:
         self._connecting = False
+        self._attempt = None
         waiters, self._connect_waiters = self._connect_waiters, []
         for d in waiters:
             if isinstance(result, Failure):
@@ -215,7 +217,8 @@ class Session:
                 if self._closed:
                     raise ConnectionClosed("the session is closed")
                 try:
-                    client = yield self._connector(address)
+                    self._attempt = self._connector(address)
+                    client = yield self._attempt
                 except WORKER_TROUBLE as e:
                     problems[address] = _reason(e)
                     continue
@@ -230,7 +233,8 @@ class Session:
                     raise
                 returnValue(client)
             if round_number + 1 < self.rounds:
-                yield deferLater(self._clock, delay, lambda: None)
+                self._attempt = deferLater(self._clock, delay, lambda: None)
+                yield self._attempt
                 delay = min(2 * delay, MAX_RETRY_DELAY)
         tried = "; ".join(f"{address}: {reason}" for address, reason in problems.items())
         raise NoWorkerReachable(f"no worker could be reached ({tried})")
@@ -496,6 +500,8 @@ class Session:
     def close(self) -> None:
         """End the connection and stop moving between workers (the session token stays valid)."""
         self._closed = True
+        if self._attempt is not None and not self._attempt.called:
+            self._attempt.cancel()
         if self._keep_alive is not None and self._keep_alive.running:
             self._keep_alive.stop()
         if self.client is not None:
