@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from papertrader.client.library import ClientAMP
 from papertrader.errors import BadRequest, DataFailed, WorkerNotConnected
 from papertrader.master.directory import Directory, DirectoryFactory, DirectoryLocator
+from papertrader.master.service import _nth_listen
 from papertrader.protocol import (
     MAX_LISTED_WORKERS,
     WORKERS_PER_PAGE,
@@ -209,3 +210,17 @@ class WorkerListTests(SynchronousTestCase):
             self.assertEqual(check_worker_address(good), good)
         for bad in ("::1:2049", "host name:1", "host", ":2049", "h:0", "h:x"):
             self.assertRaises(ValueError, check_worker_address, bad)
+
+
+class LocalWorkerPortsTests(SynchronousTestCase):
+    """Local workers listen on consecutive ports, passing over the master's own listeners."""
+
+    def test_ports(self) -> None:
+        """From 2049 with the directory on 2050: 2049, 2051, 2052; port 0 stays 0 for every worker."""
+        reserved = ("tcp:2048:interface=127.0.0.1", "tcp:2050:interface=127.0.0.1")
+        self.assertEqual(
+            [_nth_listen("tcp:2049:interface=127.0.0.1", i, reserved) for i in range(3)],
+            ["tcp:2049:interface=127.0.0.1", "tcp:2051:interface=127.0.0.1", "tcp:2052:interface=127.0.0.1"],
+        )
+        self.assertEqual(_nth_listen("tcp:2047", 2, reserved), "tcp:2051")
+        self.assertEqual([_nth_listen("tcp:0", i, reserved) for i in range(2)], ["tcp:0", "tcp:0"])

@@ -442,7 +442,7 @@ class Session:
         else:
             wanted = tuple(prices)
         self._wanted = wanted
-        return self._request(lambda c: c.subscribe(prices if wanted else None))
+        return self._request(lambda c: c.subscribe(wanted or None))
 
     def _tick(self, tick: dict[str, Any]) -> None:
         if self._wanted and self._on_price_tick is not None:

@@ -42,12 +42,25 @@ def local_worker_name(index: int) -> str:
     return f"local-{index + 1}"
 
 
-def _nth_listen(description: str, index: int) -> str:
-    """The listen endpoint of local worker ``index``: the configured port plus ``index``."""
+def _port_of(description: str) -> int | None:
+    """The TCP port of an endpoint description (None for port 0, a UNIX socket or anything else)."""
+    match = re.match(r"^tcp6?:(?:port=)?(\d+)", description)
+    return int(match.group(1)) or None if match is not None else None
+
+
+def _nth_listen(description: str, index: int, reserved: tuple[str, ...] = ()) -> str:
+    """The listen endpoint of local worker ``index``: the configured port plus ``index``, passing over
+    the ports of ``reserved`` endpoints (the master's own listeners)."""
     match = re.match(r"^(tcp6?:(?:port=)?)(\d+)(.*)$", description)
     if index == 0 or match is None or match.group(2) == "0":
         return description
-    return f"{match.group(1)}{int(match.group(2)) + index}{match.group(3)}"
+    taken = {port for port in map(_port_of, reserved) if port is not None}
+    port = int(match.group(2))
+    for _ in range(index):
+        port += 1
+        while port in taken:
+            port += 1
+    return f"{match.group(1)}{port}{match.group(3)}"
 
 
 def prepare_identities(config: MasterConfig) -> tuple[tls.Identity, list[tls.Identity]]:
@@ -246,7 +259,7 @@ class MasterService(service.MultiService):
                         "papertrader-worker",
                         "--name", name,
                         "--master", master_address,
-                        "--listen", _nth_listen(config.worker_listen, index),
+                        "--listen", _nth_listen(config.worker_listen, index, (config.listen, config.directory_listen)),
                         "--ca", identity.ca,
                         "--cert", identity.certificate,
                         "--key", identity.key,
