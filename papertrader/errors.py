@@ -59,6 +59,10 @@ class WorkerRefused(PaperTraderError):
     """The master refused a worker's handshake."""
 
 
+class WorkerNotConnected(PaperTraderError):
+    """No worker of that name is connected to the master (say, to be kicked)."""
+
+
 class Busy(PaperTraderError):
     """The server cannot take this request right now (e.g. too many passwords being checked); retry shortly."""
 

@@ -16,6 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from papertrader import tls
 from papertrader.config import KEYS, MasterConfig
 from papertrader.master import tap as master_tap
+from papertrader.master.directory import DirectoryFactory
+from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import MasterService
 from papertrader.worker import tap as worker_tap
 from papertrader.worker.service import WorkerConfig, WorkerService
@@ -157,11 +159,20 @@ class MasterOptionsTests(SynchronousTestCase):
 
 
     def test_connectionCap(self) -> None:
-        """The master's listener takes its cap from C{max_connections}, and passes it on to local workers."""
+        """The master's listeners (for workers, for the directory) take their cap from C{max_connections},
+        which is passed on to local workers."""
         options = self.parse("--config", SAMPLE_CONFIG, "--max-connections", "9")
         service = master_tap.makeService(options)
-        [listener] = [s for s in service if isinstance(s, StreamServerEndpointService)]
-        self.assertEqual(listener.factory.max_connections, 9)
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual([type(s.factory) for s in listeners], [MasterFactory, DirectoryFactory])
+        self.assertEqual([s.factory.max_connections for s in listeners], [9, 9])
+
+    def test_directoryListen(self) -> None:
+        """The directory listener is set by C{directory_listen} (default port 2050, loopback only)."""
+        self.assertEqual(self.parse().config.directory_listen, "tcp:2050:interface=127.0.0.1")
+        options = self.parse("--directory-listen", "tcp:0")
+        self.assertEqual(options.config.directory_listen, "tcp:0")
+        self.assertRaises(usage.UsageError, self.parse, "--directory-listen", "ssl:2050")
 
 
 class WorkerOptionsTests(SynchronousTestCase):

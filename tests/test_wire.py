@@ -26,6 +26,7 @@ from papertrader.protocol import (
     OrderGroup,
     OrderRequest,
     SubmitOrders,
+    WorkerDirectory,
 )
 from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, GuardedAMP, LogLimiter, note
 from tests.support import Deployment
@@ -46,10 +47,18 @@ class LoggedEvents:
         return [e for e in self.events if "log_failure" in e]
 
 
+class BareAMP(amp.AMP):
+    """A bare AMP peer that takes the master's WorkerDirectory pushes (and ignores them), as a worker must."""
+
+    @WorkerDirectory.responder
+    def directory(self, workers: list[dict[str, str]]) -> dict:
+        return {}
+
+
 class RawPeer:
     """A bare AMP connection to one of the deployment's listeners, for sending what no real peer would."""
 
-    def __init__(self, deployment: Deployment, factory: Any, port: int, protocol: type = amp.AMP) -> None:
+    def __init__(self, deployment: Deployment, factory: Any, port: int, protocol: type = BareAMP) -> None:
         address = IPv4Address("TCP", "10.9.8.7", port)
         self.protocol, self.server, pump = iosim.connectedServerAndClient(
             lambda: factory.buildProtocol(address),
@@ -74,7 +83,7 @@ class RawPeer:
         return bool(self.server_transport.disconnecting or self.server_transport.disconnected)
 
 
-class BeatingPeer(amp.AMP):
+class BeatingPeer(BareAMP):
     """A bare worker-side connection that answers the master's heartbeats, as a real worker does."""
 
     @Heartbeat.responder

@@ -157,6 +157,7 @@ class MasterLocator(AnswersHeartbeats):
             self._refused(name, e)
         self.worker = name
         self.connection.start_heartbeats(self.heartbeat_interval)
+        self.registry.publish(name, self.connection, self.client_address)
         self.log.info(
             "worker {name} (version {version}, key {fingerprint}) connected from {address}; clients reach it at "
             "{client_address}",

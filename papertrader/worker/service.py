@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +34,9 @@ class WorkerConfig:
     identity: tls.Identity
     gnupg_home: str
     key_fingerprint: str | None = None
-    public_address: str | None = None
     address_file: str | None = None
+    # The HOST:PORT clients reach this worker on, for the directory (None: the address it listens on).
+    public_address: str | None = None
     exit_with_stdin: bool = False
     timeouts: Timeouts = attr.Factory(Timeouts)
 
@@ -71,6 +73,7 @@ class WorkerService(service.MultiService):
         if interval is not None:
             self.stalls = StallMonitor(reactor, interval, lambda: len(self.clients.connections))
         self.port: Any = None
+        self._listening: list[Deferred[Any]] = []
         self.startup = StartUp(reactor, "worker")
         self.ready = self.startup.ready
         self.link = MasterLink(
@@ -78,11 +81,16 @@ class WorkerService(service.MultiService):
             _WhenReady(self, self._connect_to_master),
             config.name,
             self.cache,
-            MasterPushes(self.cache, self.clients, on_tick=None if self.stalls is None else self.stalls.update_arrived),
+            MasterPushes(
+                self.cache,
+                self.clients,
+                on_tick=None if self.stalls is None else self.stalls.update_arrived,
+                on_boot_off=lambda reason: self.link.booted_off(reason),
+            ),
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
             sign=self._sign,
-            client_address=self._client_address,
+            client_address=self.client_address,
         )
         self.key_fingerprint: str | None = None
         self.batcher = OrderBatcher(reactor, self.link.call, master_takes_groups=lambda: self.link.order_groups)
@@ -106,15 +114,6 @@ class WorkerService(service.MultiService):
         """Sign the master's handshake statement with this worker's key, in a thread."""
         return threads.deferToThread(gpg.sign, self.config.gnupg_home, self.key_fingerprint, statement)
 
-    def _client_address(self) -> str | None:
-        """Where clients reach this worker: ``--public-address``, else the address it listens on (once it does)."""
-        if self.config.public_address:
-            return self.config.public_address
-        if self.port is None:
-            return None
-        host = self.port.getHost()
-        return f"{host.host}:{host.port}"
-
     # ------------------------------------------------------------ what the children use
 
     def client_endpoint(self) -> _WhenReady:
@@ -125,10 +124,27 @@ class WorkerService(service.MultiService):
         """The responders for one new client connection."""
         return ClientLocator(self.reactor, self.link, self.batcher, self.cache, self.clients)
 
-    def _connect_to_master(self, options: tuple[Any, Any], factory: Any) -> Deferred:
+    def client_address(self) -> str | None:
+        """The HOST:PORT clients reach this worker on (for the master's directory), once it listens."""
+        if self.config.public_address:
+            return self.config.public_address
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        name = host.host if host.host not in ("0.0.0.0", "::") else socket.getfqdn()
+        return f"[{name}]:{host.port}" if ":" in name else f"{name}:{host.port}"
+
+    @inlineCallbacks
+    def _connect_to_master(self, options: tuple[Any, Any], factory: Any) -> Any:
+        # Once listening for clients: the handshake tells the master where clients reach this worker.
+        if self.port is None:
+            waiting: Deferred[Any] = Deferred()
+            self._listening.append(waiting)
+            yield waiting
         config = self.config
         endpoint = tls.tls_client_endpoint(self.reactor, config.master_host, config.master_port, options[1])
-        return endpoint.connect(factory)
+        connection = yield endpoint.connect(factory)
+        return connection
 
     @inlineCallbacks
     def _listen_for_clients(self, options: tuple[Any, Any], factory: Any) -> Any:
@@ -136,6 +152,9 @@ class WorkerService(service.MultiService):
             self.port = yield tls.tls_server_endpoint(self.reactor, self.config.listen, options[0]).listen(factory)
             host = self.port.getHost()
             self.log.info("listening for clients on {address}", address=host)
+            waiting, self._listening = self._listening, []
+            for d in waiting:
+                d.callback(self.port)
             if self.config.address_file:
                 yield threads.deferToThread(_write_address, self.config.address_file, f"{host.host}:{host.port}")
         except Exception:

@@ -97,8 +97,8 @@ class MasterLink:
     ) -> None:
         self._clock = clock
         self._sign = sign
-        self._client_address = client_address
         self._served_users = served_users
+        self._client_address = client_address
         self._timeouts = timeouts
         self.name = name
         self.cache = cache
@@ -138,9 +138,9 @@ class MasterLink:
 
     @inlineCallbacks
     def _greet(self, connection: _MasterAMP) -> Any:
-        address = self._client_address()
-        hello = {"client_address": address} if address else {}
-        answer = yield connection.callRemote(WorkerHello, name=self.name, version=__version__, **hello)
+        answer = yield connection.callRemote(
+            WorkerHello, name=self.name, version=__version__, client_address=self._client_address()
+        )
         if self._sign is None:
             raise GPGError("this worker has no OpenPGP key to sign the master's nonce with")
         signature = yield self._sign(proof_statement(self.name, answer["nonce"]))
@@ -216,6 +216,15 @@ class MasterLink:
                 return assets, ticks
             if len(assets) >= MAX_ASSETS:
                 raise ServiceUnavailable(f"the master lists more than {MAX_ASSETS} assets")
+
+    def booted_off(self, reason: str) -> None:
+        """The master kicked this worker (it closes the link next): reconnect only after the refusal back-off."""
+        self._refusals += 1
+        self.log.warn(
+            "the master booted this worker off ({reason}); reconnecting in {delay:.0f} s",
+            reason=reason,
+            delay=self._retry_after_refusal(self._refusals - 1),
+        )
 
     def _lost(self, connection: _MasterAMP) -> None:
         if self.connection is connection:
