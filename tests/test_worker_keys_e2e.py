@@ -16,6 +16,7 @@ import re
 import sys
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -144,7 +145,7 @@ class WorkerKeyEndToEndTests(TestCase):
         )
         self.addCleanup(lambda: connection.transport and connection.transport.abortConnection())
         yield self.assertFailure(
-            connection.callRemote(WorkerHello, name="remote-1", version="0"), ConnectionDone, ConnectionLost, Exception
+            connection.callRemote(WorkerHello, name="remote-1", version="0"), SSL.Error, ConnectionDone, ConnectionLost
         )
         code, out, err = yield d.cli("quote", "AAPL", "--server", address)
         self.assertEqual(code, 0, err)

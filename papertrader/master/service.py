@@ -331,8 +331,10 @@ class MasterService(service.MultiService):
         # update; the event log writes each later entry at once); the pool last.
         yield super().stopService()
         if self._prepared is not None:
-            # The local workers have ended: so should the gpg-agents their signing started.
-            for home, _ in self._prepared.worker_keys:
+            # The local workers have ended: so should the gpg-agents their signing started (and the
+            # short aliases of long homes, the master's keyring's included).
+            homes = [home for home, _ in self._prepared.worker_keys] + [self.registrations.gnupg_home]
+            for home in homes:
                 yield threads.deferToThread(gpg.stop_agent, home)
         if self.directory_port is not None:
             try:
