@@ -8,8 +8,9 @@ The worker names itself in WorkerHello; if that name is registered, enabled
 and the connection comes from one of its networks, the master answers a fresh
 random nonce, good once and for ``nonce_lifetime`` seconds.  The worker signs
 a statement of its name and the nonce with its OpenPGP key (WorkerProof); the
-master verifies it in a thread against its keyring and accepts it only from
-the registered key, neither expired nor revoked, over this very nonce.  The
+master verifies it in a thread against its keyring (where a signature by an
+expired or revoked key is not good) and accepts it only from the registered
+key, over this very nonce.  The
 caller (`MasterLocator`) then claims the name in the `WorkerRegistry`.  A
 refusal (WorkerRefused, with the reason) clears the nonce: nothing is kept.
 """
@@ -124,7 +125,6 @@ class Handshake:
             self.refuse(f"the proof is not a good signature by a key this master knows: {check.problem}")
         if check.verified.fingerprint != worker.fingerprint:
             self.refuse(f"the proof is signed by key {check.verified.fingerprint}, not by worker {name!r}'s key")
-        self._check_key(check.key, worker.fingerprint)
         statement = gpg.parse_proof_statement(check.verified.data)
         if statement is None:
             self.refuse("the signed text is not a handshake statement")
@@ -136,14 +136,6 @@ class Handshake:
         self.worker = worker
         self.stage = Stage.PROVED
         return worker
-
-    def _check_key(self, key: gpg.KeyState | None, fingerprint: str) -> None:
-        if key is None:
-            self.refuse(f"key {fingerprint} is not in the master's keyring")
-        if key.revoked:
-            self.refuse(f"key {fingerprint} is revoked")
-        if key.expired:
-            self.refuse(f"key {fingerprint} has expired")
 
     def abandon(self) -> None:
         """The connection ended: forget the nonce; nothing later may complete this handshake."""

@@ -92,12 +92,11 @@ def parse_networks(networks: Iterable[str]) -> tuple[str, ...]:
 
 @attr.s(frozen=True, auto_attribs=True)
 class ProofCheck:
-    """What the master's keyring says of a handshake signature: the verified signature (or why it is
-    not good) and the state of the key that made it."""
+    """What the master's keyring says of a handshake signature: the verified signature, or why it is
+    not good (gpg counts a signature by an expired or revoked key as not good, and says which)."""
 
     verified: gpg.Verified | None
     problem: str | None
-    key: gpg.KeyState | None
 
 
 class WorkerRegistrations:
@@ -252,7 +251,6 @@ def _forget_key(home: str, fingerprint: str) -> None:
 
 def _check_proof(home: str, signed: str) -> ProofCheck:
     try:
-        verified = gpg.verify(home, signed)
+        return ProofCheck(gpg.verify(home, signed), None)
     except gpg.GPGError as e:
-        return ProofCheck(None, str(e), None)
-    return ProofCheck(verified, None, gpg.key_state(home, verified.fingerprint))
+        return ProofCheck(None, str(e))
