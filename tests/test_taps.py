@@ -270,6 +270,15 @@ class WorkerOptionsTests(SynchronousTestCase):
         message = self.usageError("--listen", "ssl:2049", *self.tlsArgs)
         self.assertIn("--listen", message)
 
+    def test_publicAddress(self) -> None:
+        """C{--public-address} is the HOST:PORT the directory gives clients (default: none, the listening
+        address); one that is not a HOST:PORT is refused."""
+        self.assertIsNone(self.parse(*self.tlsArgs).config.public_address)
+        config = self.parse("--public-address", "eu1.example.org:2049", *self.tlsArgs).config
+        self.assertEqual(config.public_address, "eu1.example.org:2049")
+        message = self.usageError("--public-address", "eu1.example.org", *self.tlsArgs)
+        self.assertIn("--public-address: expected HOST:PORT", message)
+
     def test_everyProblemListed(self) -> None:
         """All problems are reported in one error."""
         message = self.usageError("--master", "x:y", "--listen", "2049", "--key", self.identity.key)
