@@ -47,6 +47,7 @@ class MasterConfig:
     update_interval: float = 60.0
     listen: str = "tcp:2048:interface=127.0.0.1"
     worker_listen: str = "tcp:2049:interface=127.0.0.1"
+    directory_listen: str = "tcp:2050:interface=127.0.0.1"
     data_dir: str = attr.Factory(default_data_dir)
     database: str = ""
     hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
@@ -67,6 +68,7 @@ class MasterConfig:
     idle_timeout: float = 300.0
     logged_in_idle_timeout: float = 3600.0
     heartbeat_interval: float = 10.0
+    nonce_lifetime: float = 30.0
     max_connections: int = 10_000
     hashing_processes: int = 0
     hashing_queue: int = 32
@@ -134,6 +136,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "update_interval": ("update_interval", positive_seconds),
     "listen": ("listen", check_endpoint),
     "worker_listen": ("worker_listen", check_endpoint),
+    "directory_listen": ("directory_listen", check_endpoint),
     "data_dir": ("data_dir", str),
     "database": ("database", _database),
     "hostnames": ("hostnames", _hostnames),
@@ -154,6 +157,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "idle_timeout": ("idle_timeout", positive_seconds),
     "logged_in_idle_timeout": ("logged_in_idle_timeout", positive_seconds),
     "heartbeat_interval": ("heartbeat_interval", positive_seconds),
+    "nonce_lifetime": ("nonce_lifetime", positive_seconds),
     "max_connections": ("max_connections", _int_in(1, 1_000_000)),
     "hashing_processes": ("hashing_processes", _int_in(0, 256)),
     "hashing_queue": ("hashing_queue", _int_in(1, 100_000)),

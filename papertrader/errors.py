@@ -59,6 +59,10 @@ class WorkerRefused(PaperTraderError):
     """The master refused a worker's handshake."""
 
 
+class WorkerNotConnected(PaperTraderError):
+    """No worker of that name is connected to the master (say, to be kicked)."""
+
+
 class Busy(PaperTraderError):
     """The server cannot take this request right now (e.g. too many passwords being checked); retry shortly."""
 
@@ -91,3 +95,15 @@ class ConfigError(PaperTraderError):
 
 class OrderConflict(PaperTraderError):
     """A client order id was reused for a different order."""
+
+
+class WorkerExists(PaperTraderError):
+    """A worker registration was refused: its name, or its key, is registered already."""
+
+
+class UnknownWorker(PaperTraderError):
+    """No worker of that name is registered."""
+
+
+class WorkerKeyRejected(PaperTraderError):
+    """A worker's OpenPGP key (or its update) cannot be used: not one signing key, expired, revoked, unreadable."""

@@ -12,15 +12,19 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionClosed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.client import cli
 from papertrader.client.library import ClientAMP, client_from_connection
+from papertrader.client.session import FIRST_RETRY_DELAY, NoWorkerReachable
 
-COMMANDS = ("register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history", "watch")
+COMMANDS = (
+    "register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history", "watch", "workers"
+)
 
 
 class ParserTests(SynchronousTestCase):
@@ -154,6 +158,20 @@ class FilesTests(SynchronousTestCase):
         args = argparse.Namespace(server=None, ca=None, data_dir=None)
         self.assertEqual(cli.resolve_server(args, cli.load_session()), ("127.0.0.1", 40001, old_ca))
 
+    def test_resolve_workers(self) -> None:
+        """The worker list: every local worker; the saved session's worker first, then the workers its
+        login listed; with --server that worker alone."""
+        data, ca = self.make_deployment("papertrader", "127.0.0.1:40001")
+        with open(os.path.join(data, "worker-local-2.address"), "w") as f:
+            f.write("127.0.0.1:40002\n")
+        args = argparse.Namespace(server=None, ca=None, data_dir=data)
+        self.assertEqual(cli.resolve_workers(args, None), (["127.0.0.1:40001", "127.0.0.1:40002"], ca))
+        saved = {"token": "t", "server": "127.0.0.1:40002", "workers": ["127.0.0.1:40001", "127.0.0.1:40002"]}
+        args = argparse.Namespace(server=None, ca=None, data_dir=None)
+        self.assertEqual(cli.resolve_workers(args, saved)[0], ["127.0.0.1:40002", "127.0.0.1:40001"])
+        args = argparse.Namespace(server="[::1]:9", ca=None, data_dir=None)
+        self.assertEqual(cli.resolve_workers(args, saved)[0], ["[::1]:9"])
+
     def test_resolve_nothing_found(self) -> None:
         """With no server and no local deployment, the error says how to proceed."""
         args = argparse.Namespace(server=None, ca=None, data_dir=os.path.join(self.home, "none"))
@@ -219,10 +237,10 @@ class _Watcher:
         self.subscribed.append(prices)
         return succeed({})
 
-    def keep_alive(self, clock: Any, interval: float) -> None:
+    def keep_alive(self, interval: float) -> None:
         self.heartbeats.append(interval)
 
-    def when_closed(self) -> Deferred[Any]:
+    def when_given_up(self) -> Deferred[Any]:
         return self.closed
 
 
@@ -252,14 +270,15 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual([p["symbol"] for p in lines[0]["prices"]], ["AAPL", "KO"])
 
     def test_text_and_all(self) -> None:
-        """``watch --all`` asks for every price; each update is one line; a closed connection ends it."""
+        """``watch --all`` asks for every price; each update is one line; a session that can reach no
+        worker ends it, with the reason."""
         client, d, out = self.watch("--all")
         self.assertEqual(client.subscribed, ["all"])
         with redirect_stdout(out):
             client.on_tick({"tick": 3, "as_of": "t3", "prices": [{"symbol": "KO", "price_cents": 6000}]})
         self.assertEqual(out.getvalue(), "update 3 as of t3: KO 60.00\n")
-        client.closed.callback(None)
-        self.failureResultOf(d, ConnectionClosed)
+        client.closed.callback(NoWorkerReachable("no worker could be reached"))
+        self.failureResultOf(d, NoWorkerReachable)
 
     def test_symbols_or_all(self) -> None:
         """Neither symbols nor ``--all``, or both, is a usage error."""
@@ -314,6 +333,51 @@ class RunFailureTests(SynchronousTestCase):
         code, err = self.run_cli("quote", "AAPL")
         self.assertEqual(code, 1)
         self.assertEqual(err, "papertrader: error: the server could not answer: Unknown Error\n")
+
+    def test_workers(self) -> None:
+        """``workers`` prints the directory read from the local deployment's directory listener (or
+        --directory); a directory that cannot be reached is one error line with exit code 2."""
+        with open(os.path.join(self.data, "directory.address"), "w") as f:
+            f.write("127.0.0.1:40200\n")
+        asked: list[str] = []
+
+        def read(reactor: Any, address: str, ca: str) -> Any:
+            asked.append(address)
+            return succeed([{"name": "local-1", "address": "127.0.0.1:40123"}])
+
+        self.patch(cli, "read_directory", read)
+        args = cli.build_parser().parse_args(["workers", "--json", "--data-dir", self.data])
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.successResultOf(cli.run(None, args))
+        self.assertEqual(json.loads(out.getvalue()), [{"name": "local-1", "address": "127.0.0.1:40123"}])
+        args = cli.build_parser().parse_args(["workers", "--directory", "pt.example:2050", "--data-dir", self.data])
+        with redirect_stdout(out):
+            self.successResultOf(cli.run(None, args))
+        self.assertEqual(asked, ["127.0.0.1:40200", "pt.example:2050"])
+
+        self.patch(cli, "read_directory", lambda *a: fail(cli.DirectoryUnavailable("cannot reach it")))
+        code, err = self.run_cli("workers")
+        self.assertEqual((code, err), (2, "papertrader: error: cannot reach it\n"))
+
+    def test_no_worker_reachable(self) -> None:
+        """When no worker in the list answers, after the rounds of attempts the error names each and
+        says why (exit code 2)."""
+        self.patch(cli, "connect", lambda reactor, host, port, ca: fail(ConnectionRefusedError()))
+        args = cli.build_parser().parse_args(["quote", "AAPL", "--data-dir", self.data])
+        clock = Clock()
+        err = io.StringIO()
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            d = cli.run(clock, args)
+            self.assertNoResult(d)
+            clock.advance(FIRST_RETRY_DELAY)
+            clock.advance(2 * FIRST_RETRY_DELAY)
+            failure = self.failureResultOf(d, SystemExit)
+        self.assertEqual(failure.value.code, 2)
+        self.assertRegex(
+            err.getvalue(),
+            r"^papertrader: error: cannot connect: no worker could be reached \(127.0.0.1:40123: .*refused",
+        )
 
     def test_unexpected_exception(self) -> None:
         """Even an unforeseen exception is one line naming it, not a traceback."""

@@ -9,6 +9,7 @@ import socket
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,6 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from papertrader import tls
 from papertrader.config import KEYS, MasterConfig
 from papertrader.master import tap as master_tap
+from papertrader.master.directory import DirectoryFactory
+from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import MasterService
 from papertrader.worker import tap as worker_tap
 from papertrader.worker.service import WorkerConfig, WorkerService
@@ -157,11 +160,20 @@ class MasterOptionsTests(SynchronousTestCase):
 
 
     def test_connectionCap(self) -> None:
-        """The master's listener takes its cap from C{max_connections}, and passes it on to local workers."""
+        """The master's listeners (for workers, for the directory) take their cap from C{max_connections},
+        which is passed on to local workers."""
         options = self.parse("--config", SAMPLE_CONFIG, "--max-connections", "9")
         service = master_tap.makeService(options)
-        [listener] = [s for s in service if isinstance(s, StreamServerEndpointService)]
-        self.assertEqual(listener.factory.max_connections, 9)
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual([type(s.factory) for s in listeners], [MasterFactory, DirectoryFactory])
+        self.assertEqual([s.factory.max_connections for s in listeners], [9, 9])
+
+    def test_directoryListen(self) -> None:
+        """The directory listener is set by C{directory_listen} (default port 2050, loopback only)."""
+        self.assertEqual(self.parse().config.directory_listen, "tcp:2050:interface=127.0.0.1")
+        options = self.parse("--directory-listen", "tcp:0")
+        self.assertEqual(options.config.directory_listen, "tcp:0")
+        self.assertRaises(usage.UsageError, self.parse, "--directory-listen", "ssl:2050")
 
 
 class WorkerOptionsTests(SynchronousTestCase):
@@ -172,7 +184,12 @@ class WorkerOptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         directory = os.path.abspath(self.mktemp())
         self.identity = tls.ensure_identity(directory, "worker", "papertrader-worker", ["localhost"])
-        self.tlsArgs = ["--ca", self.identity.ca, "--cert", self.identity.certificate, "--key", self.identity.key]
+        self.gnupg_home = os.path.join(directory, "gnupg")
+        os.makedirs(self.gnupg_home)
+        self.tlsArgs = [
+            "--ca", self.identity.ca, "--cert", self.identity.certificate, "--key", self.identity.key,
+            "--gnupg-home", self.gnupg_home,
+        ]
         # makeService tunes this process's garbage collector; the test process keeps its own.
         self.addCleanup(gc.set_threshold, *gc.get_threshold())
 
@@ -206,9 +223,22 @@ class WorkerOptionsTests(SynchronousTestCase):
                 master_port=3000,
                 listen="tcp:0",
                 identity=self.identity,
+                gnupg_home=self.gnupg_home,
                 address_file=address_file,
             ),
         )
+
+    def test_gpg_options(self) -> None:
+        """--gnupg-home must be a directory; --key-fingerprint and --public-address (HOST:PORT) are optional."""
+        config = self.parse("--key-fingerprint", "ABCD", "--public-address", "w1.example:2049", *self.tlsArgs).config
+        self.assertEqual(
+            (config.gnupg_home, config.key_fingerprint, config.public_address),
+            (self.gnupg_home, "ABCD", "w1.example:2049"),
+        )
+        self.assertIsNone(self.parse(*self.tlsArgs).config.key_fingerprint)
+        message = self.usageError(*self.tlsArgs, "--gnupg-home", "/nonexistent/gnupg", "--public-address", "w1:x")
+        self.assertIn("--gnupg-home: no directory /nonexistent/gnupg", message)
+        self.assertIn("--public-address: expected HOST:PORT", message)
 
     def test_defaults(self) -> None:
         """By default a worker is named after the host and talks to C{localhost:2048}."""
@@ -259,13 +289,39 @@ class WorkerOptionsTests(SynchronousTestCase):
         message = self.usageError("--listen", "ssl:2049", *self.tlsArgs)
         self.assertIn("--listen", message)
 
+    def test_publicAddress(self) -> None:
+        """C{--public-address} is the HOST:PORT the directory gives clients (default: none, the listening
+        address); one that is not a HOST:PORT is refused."""
+        self.assertIsNone(self.parse(*self.tlsArgs).config.public_address)
+        config = self.parse("--public-address", "eu1.example.org:2049", *self.tlsArgs).config
+        self.assertEqual(config.public_address, "eu1.example.org:2049")
+        message = self.usageError("--public-address", "eu1.example.org", *self.tlsArgs)
+        self.assertIn("--public-address: expected HOST:PORT", message)
+
+    def test_clientAddress(self) -> None:
+        """The address a worker gives the directory: C{--public-address}, else where it listens (a
+        wildcard interface replaced by the machine's name), and nothing before it listens."""
+        service = WorkerService(self.parse(*self.tlsArgs).config, reactor)
+        self.assertIsNone(service.client_address())
+        for host, expected in (
+            ("127.0.0.1", "127.0.0.1:2049"),
+            ("::1", "[::1]:2049"),
+            ("0.0.0.0", f"{socket.getfqdn()}:2049"),
+        ):
+            service.port = _Listening(IPv4Address("TCP", host, 2049))
+            self.assertEqual(service.client_address(), expected)
+        public = WorkerService(self.parse("--public-address", "w.example:1", *self.tlsArgs).config, reactor)
+        self.assertEqual(public.client_address(), "w.example:1")
+
     def test_everyProblemListed(self) -> None:
         """All problems are reported in one error."""
-        message = self.usageError("--master", "x:y", "--listen", "2049", "--key", self.identity.key)
+        message = self.usageError(
+            "--master", "x:y", "--listen", "2049", "--key", self.identity.key, "--gnupg-home", "/nonexistent"
+        )
         self.assertTrue(message.startswith("invalid options:"), message)
-        for part in ("--master: ", "--listen: ", "--ca is required", "--cert is required"):
+        for part in ("--master: ", "--listen: ", "--gnupg-home: ", "--ca is required", "--cert is required"):
             self.assertIn(part, message)
-        self.assertEqual(len(message.splitlines()), 5, message)
+        self.assertEqual(len(message.splitlines()), 6, message)
 
     def test_connectionCap(self) -> None:
         """C{--max-connections} (10,000 by default) caps the client listener; it must be a whole number >= 1."""
@@ -288,3 +344,13 @@ class WorkerOptionsTests(SynchronousTestCase):
         self.assertIs(service.config, options.config)
         self.assertIs(service.reactor, reactor)
         self.assertFalse(service.running)
+
+
+class _Listening:
+    """A listening port that says where it listens."""
+
+    def __init__(self, address: IPv4Address) -> None:
+        self.address = address
+
+    def getHost(self) -> IPv4Address:
+        return self.address

@@ -1,8 +1,10 @@
 """The master's main module (spec 3.1.1): what its services share, and start-up in order.
 
 Start-up: certificates (created on first start) -> database and schema ->
-latest prices; then the listener for workers opens, the price update loop
-starts and the local workers are started (they need the listener's port).
+the local workers' OpenPGP keys (made and registered on first start) ->
+latest prices; then the listeners for workers and for the worker directory
+open, the price update loop starts and the local workers are started (they
+need the listener's port).
 Any failure stops the process with the reason in the log.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attr
@@ -17,32 +20,61 @@ from twisted.application import service
 from twisted.internet import threads
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 
-from papertrader import tls
+from papertrader import gpg, tls
 from papertrader.config import MasterConfig
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database, describe
+from papertrader.master.directory import DirectoryLocator
 from papertrader.master.exchange import Exchange
 from papertrader.master.hashing import HashingPool
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
 from papertrader.master.protocol import MasterLocator
+from papertrader.master.registration import WorkerRegistrations
 from papertrader.master.workers import WorkerRegistry
 from papertrader.wire import Timeouts
 
 SESSION_SWEEP_INTERVAL = 3600.0
+# In the data directory: the HOST:PORT of the directory listener, for clients of a local deployment.
+DIRECTORY_ADDRESS_FILE = "directory.address"
 
 
 def local_worker_name(index: int) -> str:
     return f"local-{index + 1}"
 
 
-def _nth_listen(description: str, index: int) -> str:
-    """The listen endpoint of local worker ``index``: the configured port plus ``index``."""
+def _port_of(description: str) -> int | None:
+    """The TCP port of an endpoint description (None for port 0, a UNIX socket or anything else)."""
+    match = re.match(r"^tcp6?:(?:port=)?(\d+)", description)
+    return int(match.group(1)) or None if match is not None else None
+
+
+def _nth_listen(description: str, index: int, reserved: tuple[str, ...] = ()) -> str:
+    """The listen endpoint of local worker ``index``: the configured port plus ``index``, passing over
+    the ports of ``reserved`` endpoints (the master's own listeners)."""
     match = re.match(r"^(tcp6?:(?:port=)?)(\d+)(.*)$", description)
     if index == 0 or match is None or match.group(2) == "0":
         return description
-    return f"{match.group(1)}{int(match.group(2)) + index}{match.group(3)}"
+    taken = {port for port in map(_port_of, reserved) if port is not None}
+    port = int(match.group(2))
+    for _ in range(index):
+        port += 1
+        while port in taken:
+            port += 1
+    return f"{match.group(1)}{port}{match.group(3)}"
+
+
+def local_worker_gnupg_home(config: MasterConfig, index: int) -> str:
+    """The GnuPG home holding local worker ``index``'s key."""
+    return os.path.join(config.data_dir, "workers", local_worker_name(index), "gnupg")
+
+
+def prepare_local_worker_key(home: str, name: str) -> tuple[str, str]:
+    """The fingerprint and armored public key of the worker key in ``home``, made on first start."""
+    keys = gpg.secret_keys(home)
+    fingerprint = keys[0] if keys else gpg.generate_key(home, f"PaperTrader local worker {name}")
+    return fingerprint, gpg.export_public_key(home, fingerprint)
 
 
 def prepare_identities(config: MasterConfig) -> tuple[tls.Identity, list[tls.Identity]]:
@@ -85,7 +117,9 @@ class MasterService(service.MultiService):
         self.hashing: HashingPool | None = None
         self.exchange: Exchange | None = None
         self.registry = WorkerRegistry(reactor)
+        self.registrations: WorkerRegistrations | None = None
         self.port: Any = None
+        self.directory_port: Any = None
         self.startup = StartUp(reactor, "master")
         self.ready = self.startup.ready
         self._prepared: _Prepared | None = None
@@ -137,6 +171,7 @@ class MasterService(service.MultiService):
             config.settlement_chunk_orders,
         )
         self.registry.follow(self.exchange)
+        self.registrations = WorkerRegistrations(self.database, os.path.join(config.data_dir, "gnupg"), self.reactor)
 
     @inlineCallbacks
     def _prepare(self) -> Any:
@@ -145,6 +180,7 @@ class MasterService(service.MultiService):
         yield threads.deferToThread(os.makedirs, config.data_dir, mode=0o700, exist_ok=True)
         master_identity, worker_identities = yield threads.deferToThread(prepare_identities, config)
         version = yield self.database.migrate()
+        worker_keys = yield self._register_local_workers()
         yield self.accounts.start()
         self.log.info(
             "{backend} database {where}, schema version {version}",
@@ -154,8 +190,32 @@ class MasterService(service.MultiService):
         )
         yield self.exchange.resume()
         options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
-        self._prepared = _Prepared(options, worker_identities)
+        # Clients of the directory have no certificate; they check the master's against the deployment's CA.
+        directory_options = yield threads.deferToThread(tls.server_options, master_identity)
+        self._prepared = _Prepared(options, worker_identities, worker_keys, directory_options)
         return self._prepared
+
+    @inlineCallbacks
+    def _register_local_workers(self) -> Any:
+        """Make (on first start) each local worker's OpenPGP key and register it: enabled, from anywhere.
+
+        A registration the operator disabled stays disabled; one whose key was
+        made again (its home deleted) gets the new key.
+        """
+        fingerprints = []
+        for index in range(self.config.workers):
+            name = local_worker_name(index)
+            home = local_worker_gnupg_home(self.config, index)
+            fingerprint, public_key = yield threads.deferToThread(prepare_local_worker_key, home, name)
+            registered = yield self.registrations.find(name)
+            if registered is None:
+                yield self.registrations.add(name, public_key)
+                self.log.info("registered local worker {name}, key {fingerprint}", name=name, fingerprint=fingerprint)
+            elif registered.fingerprint != fingerprint:
+                yield self.registrations.update_key(name, public_key)
+                self.log.info("local worker {name} has a new key {fingerprint}", name=name, fingerprint=fingerprint)
+            fingerprints.append((home, fingerprint))
+        return fingerprints
 
     def when_ready(self) -> Deferred[_Prepared]:
         """Fires once start-up has prepared everything (fails with CancelledError if it could not)."""
@@ -165,7 +225,18 @@ class MasterService(service.MultiService):
 
     def worker_endpoint(self) -> _ListenWhenReady:
         """Where workers connect: the configured endpoint with TLS, listening once start-up is done."""
-        return _ListenWhenReady(self)
+        return _ListenWhenReady(self, lambda config: config.listen, lambda p: p.options, self._listening_on)
+
+    def directory_endpoint(self) -> _ListenWhenReady:
+        """Where clients ask for the worker directory: ``directory_listen`` with TLS (no client
+        certificate), listening once start-up is done."""
+        return _ListenWhenReady(
+            self, lambda config: config.directory_listen, lambda p: p.directory_options, self._directory_listening_on
+        )
+
+    def new_directory_locator(self) -> DirectoryLocator:
+        """The responder for one connection to the directory listener."""
+        return DirectoryLocator(self.registry.directory)
 
     def new_locator(self) -> MasterLocator:
         """The responders for one new worker connection."""
@@ -174,6 +245,9 @@ class MasterService(service.MultiService):
             self.registry,
             self.config.update_interval,
             heartbeat_interval=self.config.heartbeat_interval,
+            registrations=self.registrations,
+            clock=self.reactor,
+            nonce_lifetime=self.config.nonce_lifetime,
         )
 
     def _listening_on(self, port: Any) -> Any:
@@ -182,6 +256,15 @@ class MasterService(service.MultiService):
         waiting, self._listening = self._listening, []
         for d in waiting:
             d.callback(port)
+        return port
+
+    @inlineCallbacks
+    def _directory_listening_on(self, port: Any) -> Any:
+        self.directory_port = port
+        host = port.getHost()
+        self.log.info("listening for worker directory requests on {address}", address=host)
+        path = os.path.join(self.config.data_dir, DIRECTORY_ADDRESS_FILE)
+        yield threads.deferToThread(_write_address, path, f"{host.host}:{host.port}")
         return port
 
     def tick(self) -> Deferred:
@@ -206,7 +289,10 @@ class MasterService(service.MultiService):
         os.makedirs(log_dir, exist_ok=True)
         master_address = f"{config.hostnames[0]}:{self.port.getHost().port}"
         commands = []
-        for index, identity in enumerate(self._prepared.worker_identities):
+        prepared = self._prepared
+        for index, (identity, (home, fingerprint)) in enumerate(
+            zip(prepared.worker_identities, prepared.worker_keys)
+        ):
             name = local_worker_name(index)
             commands.append(
                 (
@@ -218,10 +304,12 @@ class MasterService(service.MultiService):
                         "papertrader-worker",
                         "--name", name,
                         "--master", master_address,
-                        "--listen", _nth_listen(config.worker_listen, index),
+                        "--listen", _nth_listen(config.worker_listen, index, (config.listen, config.directory_listen)),
                         "--ca", identity.ca,
                         "--cert", identity.certificate,
                         "--key", identity.key,
+                        "--gnupg-home", home,
+                        "--key-fingerprint", fingerprint,
                         "--address-file", os.path.join(config.data_dir, f"worker-{name}.address"),
                         "--exit-with-stdin",
                         "--event-log", os.path.join(log_dir, f"worker-{name}-events.log"),
@@ -242,6 +330,17 @@ class MasterService(service.MultiService):
         # The children stop together (the update loop waits for a running
         # update; the event log writes each later entry at once); the pool last.
         yield super().stopService()
+        if self._prepared is not None:
+            # The local workers have ended: so should the gpg-agents their signing started (and the
+            # short aliases of long homes, the master's keyring's included).
+            homes = [home for home, _ in self._prepared.worker_keys] + [self.registrations.gnupg_home]
+            for home in homes:
+                yield threads.deferToThread(gpg.stop_agent, home)
+        if self.directory_port is not None:
+            try:
+                os.unlink(os.path.join(self.config.data_dir, DIRECTORY_ADDRESS_FILE))
+            except OSError:
+                pass
         if self.hashing is not None:
             self.hashing.close()
         if self.database is not None:
@@ -250,27 +349,47 @@ class MasterService(service.MultiService):
 
 @attr.s(frozen=True, auto_attribs=True)
 class _Prepared:
-    """What start-up prepared: the listener's TLS options and the local workers' certificates."""
+    """What start-up prepared: the listener's TLS options and the local workers' certificates and
+    OpenPGP keys (GnuPG home, fingerprint)."""
 
     options: Any
     worker_identities: list[tls.Identity]
+    worker_keys: list[tuple[str, str]]
+    directory_options: Any = None
 
 
 def _quietly_cancelled(failure: Any) -> None:
     failure.trap(CancelledError)  # start-up failed; the process is stopping
 
 
-class _ListenWhenReady:
-    """The master's listening endpoint: TLS over the configured endpoint, once start-up is done."""
+def _write_address(path: str, address: str) -> None:
+    with open(path + ".tmp", "w", encoding="ascii") as f:
+        f.write(address + "\n")
+    os.replace(path + ".tmp", path)
 
-    def __init__(self, master: MasterService) -> None:
+
+class _ListenWhenReady:
+    """One of the master's listening endpoints: TLS over a configured endpoint, once start-up is done."""
+
+    def __init__(
+        self,
+        master: MasterService,
+        description: Callable[[MasterConfig], str],
+        options: Callable[[_Prepared], Any],
+        listening: Callable[[Any], Any],
+    ) -> None:
         self.master = master
+        self.description = description
+        self.options = options
+        self.listening = listening
 
     def listen(self, factory: Any) -> Deferred:
         master = self.master
 
         def listen(prepared: _Prepared) -> Deferred:
-            endpoint = tls.tls_server_endpoint(master.reactor, master.config.listen, prepared.options)
-            return endpoint.listen(factory).addCallback(master._listening_on).addErrback(master.startup.failed)
+            endpoint = tls.tls_server_endpoint(
+                master.reactor, self.description(master.config), self.options(prepared)
+            )
+            return endpoint.listen(factory).addCallback(self.listening).addErrback(master.startup.failed)
 
         return master.when_ready().addCallback(listen)

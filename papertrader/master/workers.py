@@ -3,7 +3,9 @@
 The registry keys connections by worker name; a second connection under a
 name that is already connected is refused while the old one answers a ping.
 It also knows which users each connection serves, so that an order update
-goes only to the workers that can have a client waiting for it.
+goes only to the workers that can have a client waiting for it, keeps the
+worker directory (`papertrader.master.directory`) and pushes it to every
+worker when it changes, and kicks a worker (`WorkerRegistry.kick`).
 `LocalWorkers` runs ``twistd papertrader-worker`` child processes so that one
 command starts a whole single-machine deployment.
 """
@@ -18,18 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
-from papertrader.errors import WorkerRefused
+from papertrader.errors import WorkerNotConnected, WorkerRefused
 from papertrader.eventlog import EventLogger
+from papertrader.master.directory import Directory
 from papertrader.master.trading import Settlement
 from papertrader.protocol import (
     MAX_UPDATE_BYTES,
     MAX_UPDATES_PER_BOX,
+    BootOff,
     OrderUpdates,
     Ping,
     PriceTick,
+    WorkerDirectory,
     pack_update,
     pack_updates,
     push_bytes,
@@ -42,6 +47,8 @@ if TYPE_CHECKING:
 
 # Settled orders routed (and their updates packed) in one reactor turn.
 ROUTE_SLICE = 2000
+# Seconds a kicked worker has to tell its clients before the master closes its connection anyway.
+BOOT_OFF_TIMEOUT = 10.0
 
 class WorkerRegistry:
     """Connected workers by name, and what the master pushes to them.
@@ -63,6 +70,11 @@ class WorkerRegistry:
         self._serving: dict[str, set[BoundedWrites]] = {}
         self._users_of: dict[BoundedWrites, set[str]] = {}
         self.work = SlicedWork(clock, slice_size)
+        self.directory = Directory()
+        self.directory.on_change(self._push_directory)
+        # The connections that take WorkerDirectory pushes: those whose hello gave a client address
+        # (a worker from before the directory would count each push as a bad request).
+        self._directory_readers: set[BoundedWrites] = set()
 
     @inlineCallbacks
     def claim(self, name: str, connection: BoundedWrites, ping_timeout: float) -> Any:
@@ -100,6 +112,7 @@ class WorkerRegistry:
 
     def remove(self, name: str, connection: BoundedWrites) -> None:
         """Forget ``connection`` (it ended): its name, if it still holds it, and the users it served."""
+        self._directory_readers.discard(connection)
         for username in self._users_of.pop(connection, ()):
             connections = self._serving.get(username)
             if connections is not None:
@@ -108,7 +121,57 @@ class WorkerRegistry:
                     del self._serving[username]
         if self.workers.get(name) is connection:
             del self.workers[name]
+            self.directory.discard(name)
             self.log.info("worker {name} disconnected", name=name)
+
+    # ------------------------------------------------------------ the directory, and kicking
+
+    def publish(self, name: str, connection: BoundedWrites, client_address: str | None) -> None:
+        """List worker ``name`` (just accepted on ``connection``) in the directory at ``client_address``,
+        and send it the directory, now and whenever it changes.  A worker without a usable client
+        address is not listed; one that gave none (from before the directory) is sent nothing."""
+        if self.workers.get(name) is not connection or client_address is None:
+            return
+        self._directory_readers.add(connection)
+        try:
+            self.directory.set(name, client_address)
+        except ValueError as e:
+            self.log.warn("worker {name} is not listed for clients: {reason}", name=name, reason=e)
+        connection.write(self._directory_push())  # the others got it if the list changed; this one now
+
+    def _directory_push(self) -> bytes:
+        return push_bytes(WorkerDirectory, workers=self.directory.sample())
+
+    def _push_directory(self) -> None:
+        data = self._directory_push()
+        for connection in list(self._directory_readers):
+            connection.write(data)
+
+    def kick(self, name: str, reason: str, timeout: float = BOOT_OFF_TIMEOUT) -> Deferred[int | None]:
+        """Boot worker ``name`` off now: unlist it, have it tell its clients to go to the other workers
+        (BootOff, then GoAway to each client), then close its connection.
+
+        Fires with how many clients the worker told (None if it did not answer
+        within ``timeout``: it is closed anyway), or fails with
+        WorkerNotConnected.  The worker reconnects after its refusal back-off.
+        """
+        connection = self.workers.get(name)
+        if connection is None:
+            return fail(WorkerNotConnected(f"no worker named {name!r} is connected"))
+        self.log.info("kicking worker {name}: {reason}", name=name, reason=reason)
+        self.directory.discard(name)
+        d = connection.callRemote(BootOff, reason=reason[:1000], workers=self.directory.sample(without=name))
+        d.addTimeout(timeout, self._clock)
+
+        def told(answer: Any) -> int | None:
+            clients = answer.get("clients") if isinstance(answer, dict) else None
+            if clients is None:
+                self.log.warn("worker {name} did not confirm its boot-off; closing it anyway", name=name)
+            if connection.transport is not None:
+                connection.close()
+            return clients
+
+        return d.addBoth(told)
 
     def serves(self, connection: BoundedWrites, username: str) -> None:
         """Note that ``connection`` (a worker) has a client acting for ``username``.

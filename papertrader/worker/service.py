@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from twisted.internet import protocol, stdio, threads
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
-from papertrader import tls
+from papertrader import gpg, tls
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.stalls import StallMonitor, interval_from_environment
@@ -31,15 +32,22 @@ class WorkerConfig:
     master_port: int
     listen: str
     identity: tls.Identity
+    gnupg_home: str
+    key_fingerprint: str | None = None
     address_file: str | None = None
+    # The HOST:PORT clients reach this worker on, for the directory (None: the address it listens on).
+    public_address: str | None = None
     exit_with_stdin: bool = False
     timeouts: Timeouts = attr.Factory(Timeouts)
 
 
-def _tls_options(identity: tls.Identity, master_host: str) -> tuple[Any, Any]:
+def _prepare(config: WorkerConfig) -> tuple[Any, Any, str]:
+    """The TLS options (serving clients, connecting to the master) and the fingerprint of the key to sign with."""
+    identity = config.identity
     return (
         tls.server_options(identity),
-        tls.client_options(master_host, identity.ca, identity),
+        tls.client_options(config.master_host, identity.ca, identity),
+        gpg.signing_key(config.gnupg_home, config.key_fingerprint),
     )
 
 
@@ -65,6 +73,7 @@ class WorkerService(service.MultiService):
         if interval is not None:
             self.stalls = StallMonitor(reactor, interval, lambda: len(self.clients.connections))
         self.port: Any = None
+        self._listening: list[Deferred[Any]] = []
         self.startup = StartUp(reactor, "worker")
         self.ready = self.startup.ready
         self.link = MasterLink(
@@ -72,10 +81,18 @@ class WorkerService(service.MultiService):
             _WhenReady(self, self._connect_to_master),
             config.name,
             self.cache,
-            MasterPushes(self.cache, self.clients, on_tick=None if self.stalls is None else self.stalls.update_arrived),
+            MasterPushes(
+                self.cache,
+                self.clients,
+                on_tick=None if self.stalls is None else self.stalls.update_arrived,
+                on_boot_off=lambda reason: self.link.booted_off(reason),
+            ),
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
+            sign=self._sign,
+            client_address=self.client_address,
         )
+        self.key_fingerprint: str | None = None
         self.batcher = OrderBatcher(reactor, self.link.call, master_takes_groups=lambda: self.link.order_groups)
 
     def startService(self) -> None:
@@ -84,10 +101,18 @@ class WorkerService(service.MultiService):
             self.stalls.start()
         if self.config.exit_with_stdin:
             stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
-        config = self.config
-        threads.deferToThread(_tls_options, config.identity, config.master_host).addCallbacks(
+        threads.deferToThread(_prepare, self.config).addCallback(self._prepared).addCallbacks(
             self.startup.succeeded, self.startup.failed
         )
+
+    def _prepared(self, prepared: tuple[Any, Any, str]) -> tuple[Any, Any, str]:
+        self.key_fingerprint = prepared[2]
+        self.log.info("signing the master's handshakes with key {fingerprint}", fingerprint=self.key_fingerprint)
+        return prepared
+
+    def _sign(self, statement: bytes) -> Deferred[str]:
+        """Sign the master's handshake statement with this worker's key, in a thread."""
+        return threads.deferToThread(gpg.sign, self.config.gnupg_home, self.key_fingerprint, statement)
 
     # ------------------------------------------------------------ what the children use
 
@@ -99,10 +124,27 @@ class WorkerService(service.MultiService):
         """The responders for one new client connection."""
         return ClientLocator(self.reactor, self.link, self.batcher, self.cache, self.clients)
 
-    def _connect_to_master(self, options: tuple[Any, Any], factory: Any) -> Deferred:
+    def client_address(self) -> str | None:
+        """The HOST:PORT clients reach this worker on (for the master's directory), once it listens."""
+        if self.config.public_address:
+            return self.config.public_address
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        name = host.host if host.host not in ("0.0.0.0", "::") else socket.getfqdn()
+        return f"[{name}]:{host.port}" if ":" in name else f"{name}:{host.port}"
+
+    @inlineCallbacks
+    def _connect_to_master(self, options: tuple[Any, Any], factory: Any) -> Any:
+        # Once listening for clients: the handshake tells the master where clients reach this worker.
+        if self.port is None:
+            waiting: Deferred[Any] = Deferred()
+            self._listening.append(waiting)
+            yield waiting
         config = self.config
         endpoint = tls.tls_client_endpoint(self.reactor, config.master_host, config.master_port, options[1])
-        return endpoint.connect(factory)
+        connection = yield endpoint.connect(factory)
+        return connection
 
     @inlineCallbacks
     def _listen_for_clients(self, options: tuple[Any, Any], factory: Any) -> Any:
@@ -110,6 +152,9 @@ class WorkerService(service.MultiService):
             self.port = yield tls.tls_server_endpoint(self.reactor, self.config.listen, options[0]).listen(factory)
             host = self.port.getHost()
             self.log.info("listening for clients on {address}", address=host)
+            waiting, self._listening = self._listening, []
+            for d in waiting:
+                d.callback(self.port)
             if self.config.address_file:
                 yield threads.deferToThread(_write_address, self.config.address_file, f"{host.host}:{host.port}")
         except Exception:

@@ -13,6 +13,7 @@ from twisted.python import usage
 from papertrader import tls
 from papertrader.config import check_endpoint, positive_seconds
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
+from papertrader.protocol import check_worker_address
 from papertrader.wire import Timeouts
 from papertrader.worker.clients import ClientFactory
 from papertrader.worker.service import WorkerConfig, WorkerService
@@ -28,7 +29,16 @@ class Options(usage.Options):
         ["ca", None, None, "The deployment's CA certificate (PEM)."],
         ["cert", None, None, "This worker's certificate (PEM), issued by the CA."],
         ["key", None, None, "This worker's private key (PEM)."],
+        ["gnupg-home", None, None, "GnuPG home with this worker's OpenPGP key (default: $GNUPGHOME, ~/.gnupg)."],
+        ["key-fingerprint", None, None, "Fingerprint of the key to sign with (default: the home's only secret key)."],
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
+        [
+            "public-address",
+            None,
+            None,
+            "The HOST:PORT clients reach this worker on, for the master's worker directory "
+            "(default: the address it listens on; set it when that is not reachable as it is).",
+        ],
         ["event-log", None, "papertrader-worker-events.log", "The event log file."],
         ["log-memory-entries", None, "1000", "Event log entries held in memory before they are written."],
         ["handshake-timeout", None, "30", "Seconds for the TLS handshake, then for the first command."],
@@ -51,6 +61,14 @@ class Options(usage.Options):
             check_endpoint(self["listen"])
         except ValueError as e:
             problems.append(f"--listen: {e}")
+        if self["public-address"] is not None:
+            try:
+                check_worker_address(self["public-address"])
+            except ValueError as e:
+                problems.append(f"--public-address: {e}")
+        gnupg_home = self["gnupg-home"] or os.environ.get("GNUPGHOME") or os.path.expanduser("~/.gnupg")
+        if not os.path.isdir(gnupg_home):
+            problems.append(f"--gnupg-home: no directory {gnupg_home}")
         for option in ("ca", "cert", "key"):
             if not self[option]:
                 problems.append(f"--{option} is required")
@@ -82,7 +100,10 @@ class Options(usage.Options):
             master_port=port,
             listen=self["listen"],
             identity=tls.Identity(certificate=self["cert"], key=self["key"], ca=self["ca"]),
+            gnupg_home=gnupg_home,
+            key_fingerprint=self["key-fingerprint"] or None,
             address_file=self["address-file"],
+            public_address=self["public-address"],
             exit_with_stdin=bool(self["exit-with-stdin"]),
             timeouts=Timeouts(
                 handshake=seconds["handshake-timeout"],
