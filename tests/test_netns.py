@@ -119,7 +119,8 @@ class NetworkDeployment:
         commands an operator runs (README); fires with the exported file's path."""
         gpg = shutil.which("gpg") or "gpg"
         for argv in (
-            ["--batch", "--passphrase", "", "--quick-gen-key", f"PaperTrader worker {name}", "ed25519", "sign", "never"],
+            ["--batch", "--passphrase", "", "--quick-gen-key", f"PaperTrader worker {name}"]
+            + ["ed25519", "sign", "never"],
             ["--armor", "--output", os.path.join(self.base, f"{name}.asc"), "--export", f"PaperTrader worker {name}"],
         ):
             out, err, code = yield getProcessOutputAndValue(gpg, ["--homedir", home, *argv], env=self.env)
