@@ -95,3 +95,15 @@ class ConfigError(PaperTraderError):
 
 class OrderConflict(PaperTraderError):
     """A client order id was reused for a different order."""
+
+
+class WorkerExists(PaperTraderError):
+    """A worker registration was refused: its name, or its key, is registered already."""
+
+
+class UnknownWorker(PaperTraderError):
+    """No worker of that name is registered."""
+
+
+class WorkerKeyRejected(PaperTraderError):
+    """A worker's OpenPGP key (or its update) cannot be used: not one signing key, expired, revoked, unreadable."""
