@@ -25,7 +25,8 @@ Traffic in each direction:
   closes the connection because it was kicked.  A push is encoded once and the same bytes written to
   every connection that gets it (`push_bytes`).
 - both ways on the worker-master link, and client -> worker: Heartbeat, so a
-  silent link is noticed and closed (see `papertrader.wire`).
+  silent link is noticed and closed (see `papertrader.wire`); client -> worker:
+  Ping, answered by the worker itself, so a client notices a worker it can no longer reach.
 
 Money is integer cents (``*_cents``); instants are ISO 8601 UTC text.
 Every expected failure is declared, from the one table `WIRE_CODES`:
@@ -498,7 +499,8 @@ class WorkerProof(amp.Command):
 
 
 class Ping(amp.Command):
-    """Master -> worker: answer if alive.  Decides whether a second connection may take a worker's name."""
+    """Answer if alive.  Master -> worker: decides whether a second connection may take a worker's name.
+    Client -> worker: the worker answers it itself, so a client learns that the worker and the way to it are up."""
 
     arguments: list = []
     response: list = []
