@@ -15,12 +15,14 @@ Traffic in each direction:
   ServedUsers after the handshake names the users the worker has sessions of.
 - master -> worker: PriceTick after every price update and OrderUpdates when
   queued orders settle or are rejected (only to the workers that serve the
-  order's user); Ping when another connection claims the worker's name.
+  order's user); Ping when another connection claims the worker's name;
+  WorkerStatus when an administrator asks for the worker's live figures.
 - worker -> client: PriceTick (the subscribed prices) and OrderUpdates (the
   user's own), pushed.  A push is encoded once and the same bytes written to
   every connection that gets it (`push_bytes`).
 - both ways on the worker-master link, and client -> worker: Heartbeat, so a
-  silent link is noticed and closed (see `papertrader.wire`).
+  silent link is noticed and closed (see `papertrader.wire`); a worker's
+  Heartbeat to the master says how many clients it has.
 
 Money is integer cents (``*_cents``); instants are ISO 8601 UTC text.
 Every expected failure is declared, from the one table `WIRE_CODES`:
@@ -394,10 +396,22 @@ RelayedGetUserPortfolio = RELAYED[GetUserPortfolio]
 RelayedGetUserTransactionHistory = RELAYED[GetUserTransactionHistory]
 
 
-class WorkerHello(amp.Command):
-    """The worker's handshake: the first command on a worker's connection."""
+# Longest ``HOST:PORT`` a worker may give as the address its clients reach it on.
+MAX_CLIENT_ADDRESS_LENGTH = 300
 
-    arguments = [(b"name", amp.Unicode()), (b"version", amp.Unicode())]
+
+class WorkerHello(amp.Command):
+    """The worker's handshake: the first command on a worker's connection.
+
+    ``client_address`` is the ``HOST:PORT`` clients reach the worker on (a
+    worker from before it does not say).
+    """
+
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"version", amp.Unicode()),
+        (b"client_address", amp.Unicode(optional=True)),
+    ]
     response = [
         (b"update_interval", amp.Float()),
         # Seconds between the Heartbeats each side sends; a link silent for two is closed.
@@ -413,6 +427,26 @@ class Ping(amp.Command):
 
     arguments: list = []
     response: list = []
+    errors = declared()
+
+
+class WorkerStatus(amp.Command):
+    """Master -> worker: the worker's live figures (for ``papertrader-admin worker info``).
+
+    ``commands_relayed`` counts client commands and orders passed on to the
+    master since the worker started; ``uptime`` is in seconds; ``tick`` and
+    ``as_of`` are those of the cached quotes (tick 0, no ``as_of``: none yet).
+    """
+
+    arguments: list = []
+    response = [
+        (b"clients", amp.Integer()),
+        (b"sessions", amp.Integer()),
+        (b"commands_relayed", amp.Integer()),
+        (b"uptime", amp.Float()),
+        (b"tick", amp.Integer()),
+        (b"as_of", amp.Unicode(optional=True)),
+    ]
     errors = declared()
 
 

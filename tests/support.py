@@ -126,8 +126,10 @@ class Deployment:
             None,
             "test-worker",
             self.cache,
-            MasterPushes(self.cache, self.clients),
+            MasterPushes(self.cache, self.clients, clock=self.clock),
             served_users=lambda: list(self.clients.by_user),
+            client_address=lambda: "192.0.2.10:2049",
+            client_count=lambda: len(self.clients.connections),
         )
         self.batcher = OrderBatcher(self.clock, self.link.call, master_takes_groups=lambda: self.link.order_groups)
         self.client_factory = ClientFactory(

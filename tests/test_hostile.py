@@ -64,7 +64,7 @@ class ListeningPeer(amp.AMP):
         return {}
 
     @Heartbeat.responder
-    def heartbeat(self) -> dict:
+    def heartbeat(self, clients: int | None = None) -> dict:
         return {}
 
 

@@ -4,7 +4,9 @@ Each responder translates a worker's command into a call on the `Exchange`
 and back; errors raised by the domain are declared on the commands, so they
 reach the worker (and from there the client) intact.  Nothing but WorkerHello
 is answered before the handshake; after it, both sides send Heartbeats and a
-link silent for two intervals is closed.
+link silent for two intervals is closed.  The worker's `ConnectedWorker`
+record counts the relayed commands and orders answered for it, and notes each
+Heartbeat (with the clients the worker reports).
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from papertrader.errors import (
 )
 from papertrader.eventlog import EventLogger
 from papertrader.master.exchange import Exchange, group_of_one
-from papertrader.master.workers import WorkerRegistry
+from papertrader.master.workers import ConnectedWorker, WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
+    MAX_CLIENT_ADDRESS_LENGTH,
     MAX_ORDER_BATCH,
+    Heartbeat,
     ListAssets,
     OrderGroup,
     OrderRequest,
@@ -51,7 +55,7 @@ from papertrader.protocol import (
     WorkerHello,
 )
 from papertrader.timestamps import iso
-from papertrader.tls import peer_common_name
+from papertrader.tls import peer_common_name, split_address
 from papertrader.wire import AnswersHeartbeats, BoundedWrites, GuardedFactory
 
 # What a worker may leave unread past its full buffer before it is cut off: far
@@ -74,6 +78,16 @@ def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
         )
 
     return guarded
+
+
+def _forwarded(responder: Callable[..., Any]) -> Callable[..., Any]:
+    """Count a relayed client command in the worker's record once it is answered (either way)."""
+
+    @functools.wraps(responder)
+    def counted(self: MasterLocator, *args: Any, **kwargs: Any) -> Deferred:
+        return responder(self, *args, **kwargs).addBoth(self._count_forwarded, 1)
+
+    return counted
 
 
 def _after_handshake(locator: MasterLocator, responder: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -101,6 +115,8 @@ class MasterLocator(AnswersHeartbeats):
         self.certified_name = certified_name
         self.connection: WorkerAMP | None = None
         self.worker: str | None = None
+        # What the registry tracks about this worker, once its handshake is done.
+        self.record: ConnectedWorker | None = None
         self._hello_running = False
 
     def _worker_name(self) -> str:
@@ -108,11 +124,23 @@ class MasterLocator(AnswersHeartbeats):
             raise ServiceUnavailable("this worker has not completed its handshake")
         return self.worker
 
+    def _count_forwarded(self, result: Any, count: int) -> Any:
+        if self.record is not None:
+            self.record.forwarded(count)
+        return result
+
+    @Heartbeat.responder
+    def heartbeat(self, clients: int | None = None) -> dict:
+        """Note when the worker was last heard from, and how many clients it says it has."""
+        if self.record is not None:
+            self.record.heard(self.registry.now(), clients)
+        return {}
+
     # ------------------------------------------------------------ handshake
 
     @WorkerHello.responder
     @inlineCallbacks
-    def hello(self, name: str, version: str) -> Any:
+    def hello(self, name: str, version: str, client_address: str | None = None) -> Any:
         # The TLS layer already required a certificate issued by this deployment's
         # CA; its common name must be the worker's name.  GPG verification of the
         # worker's key belongs here too.
@@ -123,9 +151,13 @@ class MasterLocator(AnswersHeartbeats):
         certified = self.certified_name(self.connection.transport)
         if certified != name:
             self._refuse(name, f"this certificate is not for a worker named {name!r}")
+        if client_address is not None and not _is_address(client_address):
+            self._refuse(name, f"the client address must be HOST:PORT, got {client_address[:64]!r}")
         self._hello_running = True
         try:
-            yield self.registry.claim(name, self.connection, self.heartbeat_interval)
+            self.record = yield self.registry.claim(
+                name, self.connection, self.heartbeat_interval, version=version, client_address=client_address
+            )
         except WorkerRefused as e:
             self._refuse(name, str(e))
         finally:
@@ -155,6 +187,7 @@ class MasterLocator(AnswersHeartbeats):
     # ------------------------------------------------------------ accounts
 
     @RelayedRegister.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def register(self, username: str, email: str, password: str, received_at: str, client_address: str) -> Any:
@@ -169,6 +202,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"username": name})
 
     @RelayedLogin.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def login(
@@ -191,6 +225,7 @@ class MasterLocator(AnswersHeartbeats):
         )
 
     @RelayedLogoutEverywhere.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def logout_everywhere(self, token: str, received_at: str, client_address: str) -> Any:
@@ -198,6 +233,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"sessions": ended})
 
     @RelayedChangePassword.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def change_password(
@@ -213,6 +249,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"sessions": ended})
 
     @RelayedLoginWithToken.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def login_with_token(self, token: str, received_at: str, client_address: str) -> Any:
@@ -221,6 +258,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"username": session.username, "expires_at": iso(session.expires_at)})
 
     @RelayedLogout.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def logout(self, token: str, received_at: str, client_address: str) -> Any:
@@ -255,6 +293,7 @@ class MasterLocator(AnswersHeartbeats):
         return answer
 
     @RelayedGetAssetValue.responder
+    @_forwarded
     @_guarded
     def asset_value(self, symbol: str, received_at: str, client_address: str) -> dict[str, Any]:
         return self.exchange.asset_value(symbol)
@@ -268,7 +307,10 @@ class MasterLocator(AnswersHeartbeats):
         groups = [*(group_of_one(request) for request in orders), *(groups or ())]
         if sum(len(group.orders) for group in groups) > MAX_ORDER_BATCH:
             raise BadRequest(f"a SubmitOrders batch holds at most {MAX_ORDER_BATCH} orders in all")
-        return self.exchange.submit_groups(groups, worker).addCallback(self._order_results)
+        count = sum(len(group.orders) for group in groups)
+        return self.exchange.submit_groups(groups, worker).addBoth(self._count_forwarded, count).addCallback(
+            self._order_results
+        )
 
     def _order_results(self, results: list[Any]) -> dict[str, Any]:
         rows = [_result(result) for result in results]
@@ -284,6 +326,7 @@ class MasterLocator(AnswersHeartbeats):
         return {}
 
     @RelayedListOrders.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def list_orders(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
@@ -291,16 +334,29 @@ class MasterLocator(AnswersHeartbeats):
         returnValue(page.answer("orders"))
 
     @RelayedGetUserPortfolio.responder
+    @_forwarded
     @_guarded
     def portfolio(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
         return self.exchange.portfolio(token, cursor)
 
     @RelayedGetUserTransactionHistory.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def history(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
         page = yield self.exchange.history(token, cursor)
         returnValue(page.answer("transactions"))
+
+
+def _is_address(text: str) -> bool:
+    """Whether ``text`` is a ``HOST:PORT`` (``[v6]:PORT``) of sensible length."""
+    if len(text) > MAX_CLIENT_ADDRESS_LENGTH or not text.isprintable() or ":" not in text:
+        return False
+    try:
+        split_address(text, 0)
+    except ValueError:
+        return False
+    return True
 
 
 def _result(result: Any) -> OrderResult:

@@ -72,9 +72,16 @@ class WorkerService(service.MultiService):
             _WhenReady(self, self._connect_to_master),
             config.name,
             self.cache,
-            MasterPushes(self.cache, self.clients, on_tick=None if self.stalls is None else self.stalls.update_arrived),
+            MasterPushes(
+                self.cache,
+                self.clients,
+                on_tick=None if self.stalls is None else self.stalls.update_arrived,
+                clock=reactor,
+            ),
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
+            client_address=self.client_address,
+            client_count=lambda: len(self.clients.connections),
         )
         self.batcher = OrderBatcher(reactor, self.link.call, master_takes_groups=lambda: self.link.order_groups)
 
@@ -90,6 +97,13 @@ class WorkerService(service.MultiService):
         )
 
     # ------------------------------------------------------------ what the children use
+
+    def client_address(self) -> str | None:
+        """The ``HOST:PORT`` clients reach this worker on (the one it listens on), once it listens."""
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
     def client_endpoint(self) -> _WhenReady:
         """Where clients connect: the configured endpoint with TLS, once the options are loaded."""

@@ -71,6 +71,10 @@ class _MasterAMP(GuardedAMP):
         self._interval = interval
         super().start_heartbeats(interval)
 
+    def heartbeat_arguments(self) -> dict[str, Any]:
+        """Each Heartbeat tells the master how many clients this worker holds."""
+        return {"clients": self.link.client_count()}
+
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         self.link._lost(self)
@@ -90,9 +94,13 @@ class MasterLink:
         pushes: amp.CommandLocator,
         timeouts: Timeouts | None = None,
         served_users: Callable[[], Iterable[str]] = tuple,
+        client_address: Callable[[], str | None] = lambda: None,
+        client_count: Callable[[], int] = lambda: 0,
     ) -> None:
         self._clock = clock
         self._served_users = served_users
+        self._client_address = client_address
+        self.client_count = client_count
         self._timeouts = timeouts
         self.name = name
         self.cache = cache
@@ -132,7 +140,9 @@ class MasterLink:
 
     @inlineCallbacks
     def _greet(self, connection: _MasterAMP) -> Any:
-        answer = yield connection.callRemote(WorkerHello, name=self.name, version=__version__)
+        answer = yield connection.callRemote(
+            WorkerHello, name=self.name, version=__version__, client_address=self._client_address()
+        )
         self.update_interval = answer["update_interval"]
         self.order_groups = bool(answer.get("order_groups"))
         connection.start_heartbeats(answer.get("heartbeat_interval") or DEFAULT_HEARTBEAT_INTERVAL)
