@@ -59,6 +59,14 @@ class WorkerRefused(PaperTraderError):
     """The master refused a worker's handshake."""
 
 
+class UnknownWorker(PaperTraderError):
+    """An administrator named a worker that is neither registered nor connected."""
+
+
+class AdminRefused(PaperTraderError):
+    """The master refused an administrator's request (a taken name, an unusable key, ...); the reason says why."""
+
+
 class Busy(PaperTraderError):
     """The server cannot take this request right now (e.g. too many passwords being checked); retry shortly."""
 

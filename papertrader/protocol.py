@@ -41,6 +41,7 @@ from twisted.protocols import amp
 
 from papertrader.assets import MAX_TEXT
 from papertrader.errors import (
+    AdminRefused,
     BadRequest,
     Busy,
     DataFailed,
@@ -53,6 +54,7 @@ from papertrader.errors import (
     SellFailed,
     ServiceUnavailable,
     SessionInvalid,
+    UnknownWorker,
     WorkerRefused,
 )
 from papertrader.paging import BoundedText, page_fields, rows_per_page
@@ -105,6 +107,8 @@ WIRE_CODES: dict[type[PaperTraderError], bytes] = {
     OrderConflict: b"ORDER_CONFLICT",
     PasswordChangeFailed: b"PASSWORD_CHANGE_FAILED",
     Busy: b"BUSY",
+    UnknownWorker: b"UNKNOWN_WORKER",
+    AdminRefused: b"ADMIN_REFUSED",
 }
 _ERRORS_BY_CODE = {code.decode("ascii"): error for error, code in WIRE_CODES.items()}
 

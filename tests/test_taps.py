@@ -16,6 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from papertrader import tls
 from papertrader.config import KEYS, MasterConfig
 from papertrader.master import tap as master_tap
+from papertrader.master.admin import MAX_ADMIN_CONNECTIONS, AdminFactory
+from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import MasterService
 from papertrader.worker import tap as worker_tap
 from papertrader.worker.service import WorkerConfig, WorkerService
@@ -160,8 +162,20 @@ class MasterOptionsTests(SynchronousTestCase):
         """The master's listener takes its cap from C{max_connections}, and passes it on to local workers."""
         options = self.parse("--config", SAMPLE_CONFIG, "--max-connections", "9")
         service = master_tap.makeService(options)
-        [listener] = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        [listener] = [
+            s for s in service if isinstance(s, StreamServerEndpointService) and isinstance(s.factory, MasterFactory)
+        ]
         self.assertEqual(listener.factory.max_connections, 9)
+
+    def test_adminSocket(self) -> None:
+        """The master also listens on its admin socket, bounded like its other listener."""
+        options = self.parse("--config", SAMPLE_CONFIG, "--handshake-timeout", "17")
+        service = master_tap.makeService(options)
+        [admin] = [
+            s for s in service if isinstance(s, StreamServerEndpointService) and isinstance(s.factory, AdminFactory)
+        ]
+        self.assertEqual(admin.factory.max_connections, MAX_ADMIN_CONNECTIONS)
+        self.assertEqual(admin.factory.timeouts.handshake, 17)
 
 
 class WorkerOptionsTests(SynchronousTestCase):

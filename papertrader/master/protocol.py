@@ -349,8 +349,8 @@ class MasterLocator(AnswersHeartbeats):
 
 
 def _is_address(text: str) -> bool:
-    """Whether ``text`` is a ``HOST:PORT`` (``[v6]:PORT``) of sensible length."""
-    if len(text) > MAX_CLIENT_ADDRESS_LENGTH or not text.isprintable() or ":" not in text:
+    """Whether ``text`` is an ASCII ``HOST:PORT`` (``[v6]:PORT``) of sensible length."""
+    if len(text) > MAX_CLIENT_ADDRESS_LENGTH or not (text.isascii() and text.isprintable()) or ":" not in text:
         return False
     try:
         split_address(text, 0)

@@ -1,8 +1,9 @@
 """The master's main module (spec 3.1.1): what its services share, and start-up in order.
 
 Start-up: certificates (created on first start) -> database and schema ->
-latest prices; then the listener for workers opens, the price update loop
-starts and the local workers are started (they need the listener's port).
+latest prices; then the listener for workers and the admin socket open, the
+price update loop starts and the local workers are started (they need the
+listener's port).
 Any failure stops the process with the reason in the log.
 """
 
@@ -18,10 +19,12 @@ from twisted.internet import threads
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 
 from papertrader import tls
+from papertrader.admin.unixsocket import PrivatePort, admin_socket_path, bind_private
 from papertrader.config import MasterConfig
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
+from papertrader.master.admin import AdminLocator, WorkerAdmin
 from papertrader.master.database import Database, describe
 from papertrader.master.exchange import Exchange
 from papertrader.master.hashing import HashingPool
@@ -85,7 +88,9 @@ class MasterService(service.MultiService):
         self.hashing: HashingPool | None = None
         self.exchange: Exchange | None = None
         self.registry = WorkerRegistry(reactor)
+        self.admin = WorkerAdmin(self.registry)
         self.port: Any = None
+        self.admin_port: Any = None
         self.startup = StartUp(reactor, "master")
         self.ready = self.startup.ready
         self._prepared: _Prepared | None = None
@@ -166,6 +171,14 @@ class MasterService(service.MultiService):
     def worker_endpoint(self) -> _ListenWhenReady:
         """Where workers connect: the configured endpoint with TLS, listening once start-up is done."""
         return _ListenWhenReady(self)
+
+    def admin_endpoint(self) -> _AdminSocketWhenReady:
+        """The admin socket (``DATA_DIR/admin.sock``, mode 0600), listening once start-up is done."""
+        return _AdminSocketWhenReady(self)
+
+    def new_admin_locator(self) -> AdminLocator:
+        """The responders for one new connection to the admin socket."""
+        return AdminLocator(self.admin)
 
     def new_locator(self) -> MasterLocator:
         """The responders for one new worker connection."""
@@ -254,6 +267,28 @@ class _Prepared:
 
     options: Any
     worker_identities: list[tls.Identity]
+
+
+class _AdminSocketWhenReady:
+    """The admin socket's endpoint: made privately (in a thread: file work) once start-up is done."""
+
+    def __init__(self, master: MasterService) -> None:
+        self.master = master
+
+    def listen(self, factory: Any) -> Deferred:
+        master = self.master
+        path = admin_socket_path(master.config.data_dir)
+
+        def adopt(made: Any) -> Any:
+            listening, identity = made
+            master.admin_port = PrivatePort.adopt(master.reactor, listening, identity, path, factory)
+            master.log.info("admin socket listening at {path}", path=path)
+            return master.admin_port
+
+        def listen(_: Any) -> Deferred:
+            return threads.deferToThread(bind_private, path).addCallback(adopt).addErrback(master.startup.failed)
+
+        return master.when_ready().addCallback(listen)
 
 
 def _quietly_cancelled(failure: Any) -> None:

@@ -12,6 +12,7 @@ from twisted.python import usage
 from papertrader.config import KEYS, load_master_config
 from papertrader.errors import ConfigError
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
+from papertrader.master.admin import MAX_ADMIN_CONNECTIONS, AdminFactory
 from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import SESSION_SWEEP_INTERVAL, MasterService, timeouts
 from papertrader.master.workers import LocalWorkers
@@ -43,7 +44,8 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Wire the master: event log first (it starts first and stops last), then listener, local workers, loops."""
+    """Wire the master: event log first (it starts first and stops last), then the listener for workers, the
+    admin socket, local workers, loops."""
     from twisted.internet import reactor
 
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
@@ -59,6 +61,12 @@ def makeService(options: Options) -> IService:
         master.worker_endpoint(),
         MasterFactory(
             master.new_locator, clock=reactor, timeouts=timeouts(config), max_connections=config.max_connections
+        ),
+    ).setServiceParent(master)
+    StreamServerEndpointService(
+        master.admin_endpoint(),
+        AdminFactory(
+            master.new_admin_locator, clock=reactor, timeouts=timeouts(config), max_connections=MAX_ADMIN_CONNECTIONS
         ),
     ).setServiceParent(master)
     if config.workers:

@@ -50,6 +50,13 @@ ROUTE_SLICE = 2000
 MAX_VERSION_LENGTH = 64
 # Seconds a worker has to answer WorkerStatus.
 STATUS_TIMEOUT = 10.0
+# Seconds a disconnected worker's connection has to send what was written to it before it is aborted.
+DISCONNECT_GRACE = 5.0
+
+
+def _abort(connection: BoundedWrites) -> None:
+    if connection.transport is not None:
+        connection.transport.abortConnection()
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -176,13 +183,17 @@ class WorkerRegistry:
         d.addTimeout(timeout, self._clock)
         return d.addErrback(expected_or_unavailable, f"worker {name!r} did not answer with its figures")
 
-    def disconnect(self, name: str) -> bool:
-        """Close the connection of worker ``name`` (it forgets the name as it ends); whether one was connected."""
+    def disconnect(self, name: str, grace: float = DISCONNECT_GRACE) -> bool:
+        """Close the connection of worker ``name`` (it forgets the name as it ends); whether one was connected.
+
+        What was already written goes first, for at most ``grace`` seconds; then the connection is aborted.
+        """
         record = self.workers.get(name)
         if record is None:
             return False
-        if record.connection.transport is not None:
-            record.connection.transport.loseConnection()
+        connection = record.connection
+        connection.close()
+        self._clock.callLater(grace, _abort, connection)
         return True
 
     def _answers_ping(self, connection: BoundedWrites, timeout: float) -> Deferred[bool]:
