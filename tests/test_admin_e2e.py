@@ -1,0 +1,118 @@
+"""``papertrader-admin`` against a real master process and its local worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from datetime import datetime
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks, returnValue
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from papertrader import __version__
+from papertrader.client.library import connect
+from tests.processes import RunningDeployment
+
+
+class AdminEndToEndTests(TestCase):
+    """A master with one local worker; the admin tool shows what the master tracks about it."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        # Heartbeats every second, so the test sees one soon.
+        self.deployment = RunningDeployment(self.mktemp(), "--heartbeat-interval", "1")
+        self.addCleanup(self.deployment.stop)
+        yield self.deployment.start()
+
+    @inlineCallbacks
+    def admin(self, *args: str) -> Any:
+        """Run ``papertrader-admin ARGS --data-dir DATA``; fires with (exit code, stdout, stderr)."""
+        d = self.deployment
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "papertrader.admin.cli", *args, "--data-dir", d.data], env=d.env, path=d.base
+        )
+        returnValue((code, out.decode("utf-8"), err.decode("utf-8")))
+
+    @inlineCallbacks
+    def admin_json(self, *args: str) -> Any:
+        code, out, err = yield self.admin(*args, "--json")
+        self.assertEqual(code, 0, err)
+        returnValue(json.loads(out))
+
+    @inlineCallbacks
+    def test_list_and_info_show_the_tracked_facts(self) -> None:
+        """``worker list`` and ``worker info local-1`` show address, client address, connected since, version,
+        clients, commands forwarded and last heartbeat; info adds the worker's live figures."""
+        d = self.deployment
+        socket_path = os.path.join(d.data, "admin.sock")
+        self.assertEqual(stat.S_IMODE(os.lstat(socket_path).st_mode), 0o600)
+        password = d.password_file("correct horse")
+        code, _, err = yield d.cli("register", "alice", "alice@example.com", "--password-file", password)
+        self.assertEqual(code, 0, err)
+        host, port = d.worker_address()
+        client = yield connect(reactor, host, port, os.path.join(d.data, "tls", "ca.pem"))
+        self.addCleanup(client.close)
+        yield client.quote("AAPL")  # a command, so the worker keeps the connection
+
+        row = None
+        for _ in range(100):  # until a heartbeat has counted the connected client
+            [row] = yield self.admin_json("worker", "list")
+            if row.get("clients") == 1:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(row["name"], "local-1")
+        self.assertEqual((row["connected"], row["registered"]), (True, False))
+        self.assertTrue(row["address"].startswith("127.0.0.1:"), row)
+        self.assertEqual(row["client_address"], f"{host}:{port}")
+        self.assertEqual(row["version"], __version__)
+        self.assertEqual(row["clients"], 1)
+        self.assertGreaterEqual(row["commands_forwarded"], 1)  # the registration at least
+        connected_since = datetime.fromisoformat(row["connected_since"])
+        last_heartbeat = datetime.fromisoformat(row["last_heartbeat"])
+        self.assertLessEqual(connected_since, last_heartbeat)
+
+        code, text, err = yield self.admin("worker", "list")
+        self.assertEqual(code, 0, err)
+        header, line = text.splitlines()
+        self.assertEqual(header.split()[:3], ["NAME", "STATE", "CONNECTED"])
+        self.assertEqual(line.split()[:5], ["local-1", "unregistered", "yes", row["address"], f"{host}:{port}"])
+
+        info = yield self.admin_json("worker", "info", "local-1")
+        for key in ("address", "client_address", "connected_since", "version"):
+            self.assertEqual(info[key], row[key])
+        self.assertGreaterEqual(info["commands_forwarded"], row["commands_forwarded"])
+        live = info["live"]
+        self.assertEqual((live["clients"], live["sessions"]), (1, 0))
+        self.assertGreaterEqual(live["commands_relayed"], 1)
+        self.assertGreater(live["uptime"], 0)
+        self.assertGreaterEqual(live["tick"], 1)
+        code, text, err = yield self.admin("worker", "info", "local-1")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"client address:      {host}:{port}", text)
+        self.assertIn("live figures (asked from the worker now):", text)
+        self.assertIn("clients connected:   1", text)
+
+        code, out, err = yield self.admin("worker", "info", "nobody", "--json")
+        self.assertEqual(code, 1)
+        self.assertIn("no worker named 'nobody'", err)
+        self.assertEqual(json.loads(out)["error"], "UNKNOWN_WORKER")
+
+    @inlineCallbacks
+    def test_socket_removed_at_stop(self) -> None:
+        """The master removes its admin socket when it stops; the admin tool then says no master listens."""
+        d = self.deployment
+        socket_path = os.path.join(d.data, "admin.sock")
+        self.assertTrue(stat.S_ISSOCK(os.lstat(socket_path).st_mode))
+        yield d.stop()
+        self.assertFalse(os.path.exists(socket_path))
+        code, _, err = yield self.admin("worker", "list")
+        self.assertEqual(code, 2)
+        self.assertIn("no master is listening at", err)
