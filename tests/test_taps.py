@@ -9,6 +9,7 @@ import socket
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -267,6 +268,18 @@ class WorkerOptionsTests(SynchronousTestCase):
             message = self.usageError("--master", address, *self.tlsArgs)
             self.assertIn("--master: ", message)
             self.assertIn(repr(address), message)
+
+    def test_publicAddress(self) -> None:
+        """C{--public-address} is what the worker tells the master clients reach it on; it must be HOST:PORT."""
+        options = self.parse("--public-address", "eu1.example.org:2049", *self.tlsArgs)
+        self.assertEqual(options.config.public_address, "eu1.example.org:2049")
+        self.assertEqual(WorkerService(options.config, Clock()).client_address(), "eu1.example.org:2049")
+        default = self.parse(*self.tlsArgs).config
+        self.assertIsNone(default.public_address)
+        self.assertIsNone(WorkerService(default, Clock()).client_address())  # until it listens
+        for bad in ("eu1.example.org", "eu1.example.org:http", "h\u00e9:1"):
+            message = self.usageError("--public-address", bad, *self.tlsArgs)
+            self.assertIn("--public-address: expected HOST:PORT", message)
 
     def test_badListen(self) -> None:
         """A listen description that is not a TCP or UNIX endpoint is refused."""

@@ -32,6 +32,8 @@ class WorkerConfig:
     listen: str
     identity: tls.Identity
     address_file: str | None = None
+    # The HOST:PORT clients reach this worker on, if not the one it listens on (behind NAT, on 0.0.0.0).
+    public_address: str | None = None
     exit_with_stdin: bool = False
     timeouts: Timeouts = attr.Factory(Timeouts)
 
@@ -99,7 +101,10 @@ class WorkerService(service.MultiService):
     # ------------------------------------------------------------ what the children use
 
     def client_address(self) -> str | None:
-        """The ``HOST:PORT`` clients reach this worker on (the one it listens on), once it listens."""
+        """The ``HOST:PORT`` clients reach this worker on: ``public_address``, else the one it listens on
+        (once it does)."""
+        if self.config.public_address is not None:
+            return self.config.public_address
         if self.port is None:
             return None
         host = self.port.getHost()

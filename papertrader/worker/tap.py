@@ -29,6 +29,8 @@ class Options(usage.Options):
         ["cert", None, None, "This worker's certificate (PEM), issued by the CA."],
         ["key", None, None, "This worker's private key (PEM)."],
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
+        ["public-address", None, None,
+         "The HOST:PORT clients reach this worker on, told to the master (default: the one it listens on)."],
         ["event-log", None, "papertrader-worker-events.log", "The event log file."],
         ["log-memory-entries", None, "1000", "Event log entries held in memory before they are written."],
         ["handshake-timeout", None, "30", "Seconds for the TLS handshake, then for the first command."],
@@ -51,6 +53,13 @@ class Options(usage.Options):
             check_endpoint(self["listen"])
         except ValueError as e:
             problems.append(f"--listen: {e}")
+        if self["public-address"] is not None:
+            try:
+                tls.split_address(self["public-address"], 0)
+                if ":" not in self["public-address"] or not self["public-address"].isascii():
+                    raise ValueError(f"expected HOST:PORT, got {self['public-address']!r}")
+            except ValueError as e:
+                problems.append(f"--public-address: {e}")
         for option in ("ca", "cert", "key"):
             if not self[option]:
                 problems.append(f"--{option} is required")
@@ -83,6 +92,7 @@ class Options(usage.Options):
             listen=self["listen"],
             identity=tls.Identity(certificate=self["cert"], key=self["key"], ca=self["ca"]),
             address_file=self["address-file"],
+            public_address=self["public-address"],
             exit_with_stdin=bool(self["exit-with-stdin"]),
             timeouts=Timeouts(
                 handshake=seconds["handshake-timeout"],
