@@ -47,6 +47,7 @@ class MasterConfig:
     update_interval: float = 60.0
     listen: str = "tcp:2048:interface=127.0.0.1"
     worker_listen: str = "tcp:2049:interface=127.0.0.1"
+    directory_listen: str = "tcp:2050:interface=127.0.0.1"
     data_dir: str = attr.Factory(default_data_dir)
     database: str = ""
     hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
@@ -134,6 +135,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "update_interval": ("update_interval", positive_seconds),
     "listen": ("listen", check_endpoint),
     "worker_listen": ("worker_listen", check_endpoint),
+    "directory_listen": ("directory_listen", check_endpoint),
     "data_dir": ("data_dir", str),
     "database": ("database", _database),
     "hostnames": ("hostnames", _hostnames),

@@ -59,6 +59,10 @@ class WorkerRefused(PaperTraderError):
     """The master refused a worker's handshake."""
 
 
+class WorkerNotConnected(PaperTraderError):
+    """No worker of that name is connected to the master (say, to be kicked)."""
+
+
 class UnknownWorker(PaperTraderError):
     """An administrator named a worker that is neither registered nor connected."""
 

@@ -16,9 +16,13 @@ Traffic in each direction:
 - master -> worker: PriceTick after every price update and OrderUpdates when
   queued orders settle or are rejected (only to the workers that serve the
   order's user); Ping when another connection claims the worker's name;
-  WorkerStatus when an administrator asks for the worker's live figures.
+  WorkerStatus when an administrator asks for the worker's live figures;
+  WorkerDirectory whenever the list of workers clients can use changes;
+  BootOff when the worker is kicked (it tells its clients GoAway).
+- client -> master's directory listener: ListWorkers, the only command there.
 - worker -> client: PriceTick (the subscribed prices) and OrderUpdates (the
-  user's own), pushed.  A push is encoded once and the same bytes written to
+  user's own), pushed; GoAway (with the other workers) before the worker
+  closes the connection because it was kicked.  A push is encoded once and the same bytes written to
   every connection that gets it (`push_bytes`).
 - both ways on the worker-master link, and client -> worker: Heartbeat, so a
   silent link is noticed and closed (see `papertrader.wire`); a worker's
@@ -131,6 +135,53 @@ def error_from_code(code: str, reason: str) -> PaperTraderError:
 _UNAVAILABLE = declared()
 _SESSION = declared(SessionInvalid)
 
+# The worker directory: each worker's name and the HOST:PORT its clients reach it on.
+MAX_WORKER_NAME_LENGTH = 64
+MAX_WORKER_ADDRESS_LENGTH = 260  # a DNS name (253) and a port
+# Workers carried in one WorkerDirectory push, Login answer or GoAway (about 34 KB at worst):
+# a client needs a few to fail over to; the directory listener lists every one, in pages.
+MAX_LISTED_WORKERS = 100
+
+
+def check_worker_address(text: str) -> str:
+    """``text`` if it is a ``HOST:PORT`` a client can connect to (``[v6]:PORT`` too); ValueError if not."""
+    host, sep, port = text.rpartition(":")
+    if (
+        not sep
+        or not host
+        or len(text) > MAX_WORKER_ADDRESS_LENGTH
+        or not text.isascii()
+        or not text.isprintable()
+        or " " in text
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or (":" in host and not (host.startswith("[") and host.endswith("]")))
+    ):
+        raise ValueError(f"expected HOST:PORT, got {text[:MAX_WORKER_ADDRESS_LENGTH]!r}")
+    return text
+
+
+class WorkerList(JSON):
+    """A JSON list of at most MAX_LISTED_WORKERS ``{"name", "address"}`` rows, checked as it is received."""
+
+    def fromString(self, inString: bytes) -> list[dict[str, str]]:
+        rows = super().fromString(inString)
+        if not isinstance(rows, list) or len(rows) > MAX_LISTED_WORKERS:
+            raise BadRequest(f"expected a list of at most {MAX_LISTED_WORKERS} workers")
+        workers = []
+        for row in rows:
+            if not isinstance(row, dict) or set(row) != {"name", "address"}:
+                raise BadRequest("each worker must be an object with a name and an address")
+            name, address = row["name"], row["address"]
+            if not isinstance(name, str) or not 0 < len(name) <= MAX_WORKER_NAME_LENGTH:
+                raise BadRequest(f"a worker's name must be text of 1-{MAX_WORKER_NAME_LENGTH} characters")
+            try:
+                check_worker_address(address if isinstance(address, str) else "")
+            except ValueError as e:
+                raise BadRequest(f"worker {name!r}: {e}") from None
+            workers.append({"name": name, "address": address})
+        return workers
+
 
 # ---------------------------------------------------------------- client -> worker
 
@@ -159,6 +210,8 @@ class Login(amp.Command):
         (b"token", amp.Unicode()),
         (b"username", amp.Unicode()),
         (b"expires_at", amp.Unicode()),
+        # The workers clients may use (added by the worker; the master's answer has none).
+        (b"workers", WorkerList(optional=True)),
     ]
     errors = declared(LoginFailed, Busy)
 
@@ -167,7 +220,11 @@ class LoginWithToken(amp.Command):
     """Log in with an existing session token (the spec's second login method)."""
 
     arguments = [(b"token", amp.Unicode())]
-    response = [(b"username", amp.Unicode()), (b"expires_at", amp.Unicode())]
+    response = [
+        (b"username", amp.Unicode()),
+        (b"expires_at", amp.Unicode()),
+        (b"workers", WorkerList(optional=True)),  # as in Login's answer
+    ]
     errors = dict(_SESSION)
 
 
@@ -400,20 +457,13 @@ RelayedGetUserPortfolio = RELAYED[GetUserPortfolio]
 RelayedGetUserTransactionHistory = RELAYED[GetUserTransactionHistory]
 
 
-# Longest ``HOST:PORT`` a worker may give as the address its clients reach it on.
-MAX_CLIENT_ADDRESS_LENGTH = 300
-
-
 class WorkerHello(amp.Command):
-    """The worker's handshake: the first command on a worker's connection.
-
-    ``client_address`` is the ``HOST:PORT`` clients reach the worker on (a
-    worker from before it does not say).
-    """
+    """The worker's handshake: the first command on a worker's connection."""
 
     arguments = [
         (b"name", amp.Unicode()),
         (b"version", amp.Unicode()),
+        # The HOST:PORT clients reach this worker on (none: the worker is not listed in the directory).
         (b"client_address", amp.Unicode(optional=True)),
     ]
     response = [
@@ -452,6 +502,55 @@ class WorkerStatus(amp.Command):
         (b"as_of", amp.Unicode(optional=True)),
     ]
     errors = declared()
+
+
+class WorkerDirectory(amp.Command):
+    """Master -> worker: the workers clients may use now (connected, enabled, with a client address).
+
+    Sent after the handshake and whenever the list changes; the worker passes
+    it on in its Login and LoginWithToken answers.
+    """
+
+    arguments = [(b"workers", WorkerList())]
+    requiresAnswer = False
+
+
+class BootOff(amp.Command):
+    """Master -> worker: you are kicked.  The worker tells each client GoAway (pointing it to ``workers``,
+    the others) and closes its connection, answers how many clients it told, and then the master
+    closes the link; the worker reconnects only after its refusal back-off."""
+
+    arguments = [(b"reason", amp.Unicode()), (b"workers", WorkerList())]
+    response = [(b"clients", amp.Integer())]
+    errors = declared()
+
+
+class GoAway(amp.Command):
+    """Worker -> client, pushed just before the worker closes the connection: resume on one of ``workers``."""
+
+    arguments = [(b"reason", amp.Unicode()), (b"workers", WorkerList())]
+    requiresAnswer = False
+
+
+# ---------------------------------------------------------------- client -> master's directory listener
+
+DIRECTORY_FIELDS = [
+    (b"name", BoundedText(MAX_WORKER_NAME_LENGTH)),
+    (b"address", BoundedText(MAX_WORKER_ADDRESS_LENGTH, ascii=True)),
+]
+WORKERS_PER_PAGE = rows_per_page(DIRECTORY_FIELDS)
+
+
+class ListWorkers(amp.Command):
+    """A page of the worker directory: connected, enabled workers and the HOST:PORT clients reach each on.
+
+    The only command the master's directory listener answers.  Paged like
+    ListOrders (a cursor from another listing, or stale: DataFailed).
+    """
+
+    arguments = [(b"cursor", amp.Unicode(optional=True))]
+    response = [(b"workers", amp.AmpList(DIRECTORY_FIELDS)), *page_fields()]
+    errors = declared(DataFailed)
 
 
 ASSET_FIELDS = [

@@ -67,6 +67,7 @@ class RunningDeployment:
             "--data-dir", self.data,
             "--listen", "tcp:0:interface=127.0.0.1",
             "--worker-listen", "tcp:0:interface=127.0.0.1",
+            "--directory-listen", "tcp:0:interface=127.0.0.1",
             "--update-interval", "1",
             "--bcrypt-cost", "4",
             *extra,
@@ -111,8 +112,15 @@ class RunningDeployment:
                 pass
         return "\n".join(parts)
 
-    def worker_address(self) -> tuple[str, int]:
-        with open(os.path.join(self.data, "worker-local-1.address"), encoding="ascii") as f:
+    def worker_address(self, number: int = 1) -> tuple[str, int]:
+        """The HOST and PORT local worker ``number`` listens for clients on."""
+        with open(os.path.join(self.data, f"worker-local-{number}.address"), encoding="ascii") as f:
+            host, port = f.read().strip().rsplit(":", 1)
+        return host, int(port)
+
+    def directory_address(self) -> tuple[str, int]:
+        """The HOST and PORT of the master's worker directory listener."""
+        with open(os.path.join(self.data, "directory.address"), encoding="ascii") as f:
             host, port = f.read().strip().rsplit(":", 1)
         return host, int(port)
 

@@ -128,7 +128,6 @@ class Deployment:
             self.cache,
             MasterPushes(self.cache, self.clients, clock=self.clock),
             served_users=lambda: list(self.clients.by_user),
-            client_address=lambda: "192.0.2.10:2049",
             client_count=lambda: len(self.clients.connections),
         )
         self.batcher = OrderBatcher(self.clock, self.link.call, master_takes_groups=lambda: self.link.order_groups)
@@ -217,3 +216,94 @@ class FixedPrices:
 
     def fetch(self) -> Deferred[dict[str, int]]:
         return succeed(dict(self.prices))
+
+
+class SimWorker:
+    """One more worker of a `Deployment`, listed in the directory at ``address``, with its own clients.
+
+    `crash` makes it vanish as a killed process would: what it had not sent
+    is lost, its connections close, and connecting to it is refused.
+    """
+
+    def __init__(self, deployment: Deployment, name: str, address: str | None) -> None:
+        self.deployment = deployment
+        self.name = name
+        self.address = address
+        self.up = True
+        self.cache = QuoteCache()
+        self.clients = ClientRegistry(deployment.clock)
+        self.link = MasterLink(
+            deployment.clock,
+            None,
+            name,
+            self.cache,
+            MasterPushes(
+                self.cache,
+                self.clients,
+                clock=deployment.clock,
+                on_boot_off=lambda reason: self.link.booted_off(reason),
+            ),
+            served_users=lambda: list(self.clients.by_user),
+            client_address=lambda: self.address,
+            client_count=lambda: len(self.clients.connections),
+        )
+        self.batcher = OrderBatcher(
+            deployment.clock, self.link.call, master_takes_groups=lambda: self.link.order_groups
+        )
+        self.client_factory = ClientFactory(
+            lambda: ClientLocator(deployment.clock, self.link, self.batcher, self.cache, self.clients),
+            clock=deployment.clock,
+        )
+        self.connect()
+
+    def connect(self) -> Deferred:
+        """Connect this worker to the master (as the name its certificate would carry) and shake hands."""
+        deployment = self.deployment
+        upstream, _, pump = iosim.connectedServerAndClient(
+            lambda: deployment.master_factory.buildProtocol(None), self.link._build, clock=deployment.clock
+        )
+        deployment.pumps.append(pump)
+        names, deployment.certified_names = deployment.certified_names, [self.name]
+        try:
+            handshake = self.link._handshake(upstream)
+            deployment.flush()
+        finally:
+            deployment.certified_names = names
+        return handshake
+
+    def client(self, host: str = "192.168.1.1") -> PaperTraderClient:
+        """A new client connected to this worker from ``host``."""
+        deployment = self.deployment
+        address = IPv4Address("TCP", host, 40000 + len(deployment.pumps))
+        connection, _, pump = iosim.connectedServerAndClient(
+            lambda: self.client_factory.buildProtocol(address),
+            ClientAMP,
+            serverTransportFactory=lambda p: iosim.FakeTransport(p, isServer=True, peerAddress=address),
+            clock=deployment.clock,
+        )
+        deployment.pumps.append(pump)
+        return client_from_connection(connection)
+
+    def crash(self) -> None:
+        """Vanish: drop what is not sent yet, close every connection, refuse new ones."""
+        self.up = False
+        connections = [*self.clients.connections]
+        if self.link.connection is not None:
+            connections.append(self.link.connection)
+        for connection in connections:
+            connection.transport.stream.clear()
+            connection.transport.loseConnection()
+        self.deployment.flush()
+
+
+def sim_connector(workers: list[SimWorker]) -> Any:
+    """A `Session` connector reaching the `SimWorker` at an address, or refused when it is down or unknown."""
+    from twisted.internet.error import ConnectionRefusedError
+
+    def connect_to(address: str) -> Deferred:
+        for worker in workers:
+            if worker.address == address and worker.up:
+                return succeed(worker.client())
+        return fail(ConnectionRefusedError(address))
+
+    return connect_to

@@ -66,16 +66,9 @@ class AdminCommandTests(TestCase):
         factory = AdminFactory(lambda: AdminLocator(admin))
         port = unixsocket.PrivatePort.adopt(reactor, listening, identity, self.path, factory)
         self.addCleanup(port.stopListening)
-        self.addCleanup(self._no_aborts_left)
         self.key = os.path.join(self.base, "eu-2.asc")
         with open(self.key, "w", encoding="ascii") as f:
             f.write(KEY)
-
-    def _no_aborts_left(self) -> None:
-        """The registry's fallback abort of a closed connection, due seconds later, is not waited for."""
-        for call in reactor.getDelayedCalls():
-            if getattr(call.func, "__name__", "") == "_abort":
-                call.cancel()
 
     @inlineCallbacks
     def admin(self, *args: str, socket: str | None = None) -> Any:

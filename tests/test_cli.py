@@ -12,15 +12,17 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionClosed
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.client import cli
 from papertrader.client.library import ClientAMP, client_from_connection
+from papertrader.client.session import NoWorkerReachable
 
-COMMANDS = ("register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history", "watch")
+COMMANDS = (
+    "register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history", "watch", "workers"
+)
 
 
 class ParserTests(SynchronousTestCase):
@@ -154,6 +156,20 @@ class FilesTests(SynchronousTestCase):
         args = argparse.Namespace(server=None, ca=None, data_dir=None)
         self.assertEqual(cli.resolve_server(args, cli.load_session()), ("127.0.0.1", 40001, old_ca))
 
+    def test_resolve_workers(self) -> None:
+        """The worker list: every local worker; the saved session's worker first, then the workers its
+        login listed; with --server that worker alone."""
+        data, ca = self.make_deployment("papertrader", "127.0.0.1:40001")
+        with open(os.path.join(data, "worker-local-2.address"), "w") as f:
+            f.write("127.0.0.1:40002\n")
+        args = argparse.Namespace(server=None, ca=None, data_dir=data)
+        self.assertEqual(cli.resolve_workers(args, None), (["127.0.0.1:40001", "127.0.0.1:40002"], ca))
+        saved = {"token": "t", "server": "127.0.0.1:40002", "workers": ["127.0.0.1:40001", "127.0.0.1:40002"]}
+        args = argparse.Namespace(server=None, ca=None, data_dir=None)
+        self.assertEqual(cli.resolve_workers(args, saved)[0], ["127.0.0.1:40002", "127.0.0.1:40001"])
+        args = argparse.Namespace(server="[::1]:9", ca=None, data_dir=None)
+        self.assertEqual(cli.resolve_workers(args, saved)[0], ["[::1]:9"])
+
     def test_resolve_nothing_found(self) -> None:
         """With no server and no local deployment, the error says how to proceed."""
         args = argparse.Namespace(server=None, ca=None, data_dir=os.path.join(self.home, "none"))
@@ -219,10 +235,10 @@ class _Watcher:
         self.subscribed.append(prices)
         return succeed({})
 
-    def keep_alive(self, clock: Any, interval: float) -> None:
+    def keep_alive(self, interval: float) -> None:
         self.heartbeats.append(interval)
 
-    def when_closed(self) -> Deferred[Any]:
+    def when_given_up(self) -> Deferred[Any]:
         return self.closed
 
 
@@ -252,14 +268,15 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual([p["symbol"] for p in lines[0]["prices"]], ["AAPL", "KO"])
 
     def test_text_and_all(self) -> None:
-        """``watch --all`` asks for every price; each update is one line; a closed connection ends it."""
+        """``watch --all`` asks for every price; each update is one line; a session that can reach no
+        worker ends it, with the reason."""
         client, d, out = self.watch("--all")
         self.assertEqual(client.subscribed, ["all"])
         with redirect_stdout(out):
             client.on_tick({"tick": 3, "as_of": "t3", "prices": [{"symbol": "KO", "price_cents": 6000}]})
         self.assertEqual(out.getvalue(), "update 3 as of t3: KO 60.00\n")
-        client.closed.callback(None)
-        self.failureResultOf(d, ConnectionClosed)
+        client.closed.callback(NoWorkerReachable("no worker could be reached"))
+        self.failureResultOf(d, NoWorkerReachable)
 
     def test_symbols_or_all(self) -> None:
         """Neither symbols nor ``--all``, or both, is a usage error."""

@@ -18,6 +18,7 @@ from papertrader import tls
 from papertrader.config import KEYS, MasterConfig
 from papertrader.master import tap as master_tap
 from papertrader.master.admin import MAX_ADMIN_CONNECTIONS, AdminFactory
+from papertrader.master.directory import DirectoryFactory
 from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import MasterService
 from papertrader.worker import tap as worker_tap
@@ -160,13 +161,20 @@ class MasterOptionsTests(SynchronousTestCase):
 
 
     def test_connectionCap(self) -> None:
-        """The master's listener takes its cap from C{max_connections}, and passes it on to local workers."""
+        """The master's listeners (for workers, for the directory) take their cap from C{max_connections},
+        which is passed on to local workers."""
         options = self.parse("--config", SAMPLE_CONFIG, "--max-connections", "9")
         service = master_tap.makeService(options)
-        [listener] = [
-            s for s in service if isinstance(s, StreamServerEndpointService) and isinstance(s.factory, MasterFactory)
-        ]
-        self.assertEqual(listener.factory.max_connections, 9)
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual([type(s.factory) for s in listeners], [MasterFactory, DirectoryFactory, AdminFactory])
+        self.assertEqual([s.factory.max_connections for s in listeners], [9, 9, MAX_ADMIN_CONNECTIONS])
+
+    def test_directoryListen(self) -> None:
+        """The directory listener is set by C{directory_listen} (default port 2050, loopback only)."""
+        self.assertEqual(self.parse().config.directory_listen, "tcp:2050:interface=127.0.0.1")
+        options = self.parse("--directory-listen", "tcp:0")
+        self.assertEqual(options.config.directory_listen, "tcp:0")
+        self.assertRaises(usage.UsageError, self.parse, "--directory-listen", "ssl:2050")
 
     def test_adminSocket(self) -> None:
         """The master also listens on its admin socket, bounded like its other listener."""

@@ -31,7 +31,7 @@ from papertrader.admin.protocol import (
     DisableWorker,
     EnableWorker,
     KickWorker,
-    ListWorkers,
+    ListAllWorkers,
     RemoveWorker,
     WorkerInfo,
 )
@@ -118,7 +118,7 @@ def cmd_list(reactor: Any, connection: amp.AMP, args: argparse.Namespace) -> Any
     rows: list[dict[str, Any]] = []
     cursor = None
     for _ in range(MAX_PAGES):
-        page = yield _call(reactor, connection, ListWorkers, cursor=cursor)
+        page = yield _call(reactor, connection, ListAllWorkers, cursor=cursor)
         rows.extend(_present(row) for row in page["workers"])
         cursor = page.get("next_cursor")
         if cursor is None:

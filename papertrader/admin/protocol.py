@@ -4,7 +4,7 @@ Traffic goes one way only: the admin tool asks, the master answers.  The
 socket's file permissions (mode 0600, the master's user) are the access
 control; nothing else is asked.
 
-- ListWorkers: a page of every worker the master knows, registered or
+- ListAllWorkers: a page of every worker the master knows, registered or
   connected (by name), with what it tracks about the connected ones.
 - WorkerInfo: one worker's stored facts, what the master tracks, and the live
   figures the master asks the worker for (WorkerStatus).
@@ -23,10 +23,12 @@ from twisted.protocols import amp
 
 from papertrader.errors import AdminRefused, UnknownWorker
 from papertrader.paging import BoundedText, page_fields, rows_per_page
-from papertrader.protocol import JSON, MAX_CLIENT_ADDRESS_LENGTH, MAX_TIMESTAMP_LENGTH, declared
+from papertrader.protocol import JSON, MAX_TIMESTAMP_LENGTH, MAX_WORKER_ADDRESS_LENGTH, declared
 
 # A worker's name: 1-64 characters (as in WorkerHello).
 MAX_WORKER_NAME = 64
+# The longest ``HOST:PORT`` a connection comes from (``[IPv6]:PORT``).
+MAX_PEER_LENGTH = 64
 # An armored OpenPGP public key sent by AddWorker (far under AMP's 64 KiB value).
 MAX_KEY_BYTES = 60 * 1024
 # Allowed source networks (CIDR) of one worker, and the longest one.
@@ -46,20 +48,20 @@ WORKER_FIELDS = [
     (b"fingerprint", BoundedText(64, ascii=True, optional=True)),
     (b"networks", BoundedText(MAX_NETWORKS_TEXT, optional=True)),
     (b"connected", amp.Boolean()),
-    (b"address", BoundedText(MAX_CLIENT_ADDRESS_LENGTH, ascii=True, optional=True)),
-    (b"client_address", BoundedText(MAX_CLIENT_ADDRESS_LENGTH, ascii=True, optional=True)),
+    (b"address", BoundedText(MAX_PEER_LENGTH, ascii=True, optional=True)),
+    (b"client_address", BoundedText(MAX_WORKER_ADDRESS_LENGTH, ascii=True, optional=True)),
     (b"version", BoundedText(64, optional=True)),
     (b"connected_since", _WHEN),
     (b"clients", amp.Integer(optional=True)),
     (b"commands_forwarded", amp.Integer(optional=True)),
     (b"last_heartbeat", _WHEN),
 ]
-WORKERS_PER_PAGE = rows_per_page(WORKER_FIELDS)
+WORKER_ROWS_PER_PAGE = rows_per_page(WORKER_FIELDS)
 
 _ERRORS = declared(UnknownWorker, AdminRefused)
 
 
-class ListWorkers(amp.Command):
+class ListAllWorkers(amp.Command):
     """A page of the workers, by name: every registered one and every connected one."""
 
     arguments = [(b"cursor", amp.Unicode(optional=True))]

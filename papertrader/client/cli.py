@@ -3,6 +3,12 @@
 Exit codes: 0 success, 1 the server refused or failed (the message says why),
 2 bad usage, a local problem or no connection.  Every failure is one
 ``papertrader: error: ...`` line on stderr.  ``--json`` prints machine-readable results.
+
+Commands go through a `Session` (``papertrader.client.session``): if the
+worker tried first cannot be reached, or goes away during the command, the
+next one in the list is used and the session resumed there.  The session
+file keeps the worker list (from the login answer) so later commands can do
+the same.
 """
 
 from __future__ import annotations
@@ -17,14 +23,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from OpenSSL.crypto import Error as CertificateError
-from OpenSSL.SSL import Error as TLSError
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.protocols import amp
 
 from papertrader import tls
-from papertrader.client.library import PaperTraderClient, TLSHandshakeFailed, connect, new_client_order_ids
+from papertrader.client.library import PaperTraderClient, connect, new_client_order_ids
+from papertrader.client.session import (
+    DEFAULT_DIRECTORY_PORT,
+    DirectoryUnavailable,
+    NoWorkerReachable,
+    Session,
+    read_directory,
+)
 from papertrader.config import default_data_dir
 from papertrader.errors import PaperTraderError, ServiceUnavailable
 from papertrader.money import format_cents
@@ -151,6 +163,59 @@ def resolve_server(args: argparse.Namespace, session: dict[str, Any] | None) -> 
     return host, port, os.path.abspath(ca)
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address_files(data_dir: str) -> list[str]:
+    """The client addresses the local deployment's workers wrote in ``data_dir``."""
+    addresses = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "worker-*.address"))):
+        try:
+            with open(path, encoding="ascii") as f:
+                addresses.append(f.read().strip())
+        except (OSError, UnicodeDecodeError):
+            continue
+    return [address for address in addresses if address]
+
+
+def resolve_workers(args: argparse.Namespace, session: dict[str, Any] | None) -> tuple[list[str], str]:
+    """The workers to try, in order, and the CA to trust.
+
+    The first is `resolve_server`'s.  ``--server`` names the only one; else
+    the others follow: those of the saved session (the workers its login
+    answer listed) unless ``--data-dir`` is given, and the local deployment's.
+    """
+    host, port, ca = resolve_server(args, session)
+    first = _address(host, port)
+    if args.server:
+        return [first], ca
+    others: list[str] = []
+    if not args.data_dir and session:
+        others.extend(w for w in session.get("workers", []) if isinstance(w, str))
+    if args.data_dir or not (session or {}).get("server"):
+        others.extend(_address_files(args.data_dir or default_data_dir()))
+    return list(dict.fromkeys([first, *others])), ca
+
+
+def resolve_directory(args: argparse.Namespace, session: dict[str, Any] | None) -> tuple[str, str]:
+    """Where the master's worker directory is (``--directory``, else the local deployment's, else
+    localhost:2050), and the CA to trust."""
+    remembered = {} if args.data_dir else (session or {})
+    data_dir = args.data_dir or default_data_dir()
+    address = args.directory
+    if address is None:
+        try:
+            with open(os.path.join(data_dir, "directory.address"), encoding="ascii") as f:
+                address = f.read().strip()
+        except OSError:
+            address = f"localhost:{DEFAULT_DIRECTORY_PORT}"
+    ca = args.ca or remembered.get("ca") or os.path.join(data_dir, "tls", "ca.pem")
+    if not os.access(ca, os.R_OK):
+        raise CommandError(f"cannot read the CA certificate {ca}; pass --ca FILE")
+    return address, os.path.abspath(ca)
+
+
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
 
@@ -175,14 +240,14 @@ def cmd_register(client: PaperTraderClient, args: argparse.Namespace, session: A
 def cmd_login(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
     password = read_password(args)
     answer = yield client.login(args.username, password, remember=args.remember)
-    host, port, ca = where
     save_session(
         {
             "token": answer["token"],
             "username": answer["username"],
             "expires_at": answer["expires_at"],
-            "server": f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
-            "ca": ca,
+            "server": client.address,
+            "workers": client.workers,
+            "ca": where,
         }
     )
     _print(
@@ -257,9 +322,9 @@ def _order_command(side: str) -> Any:
             return
         try:
             update = yield client.wait_for_settlement(order_id)
-        except ConnectionClosed:
+        except (ConnectionClosed, NoWorkerReachable):
             raise CommandError(
-                f"order {order_id} is queued, but the connection closed before it settled; "
+                f"order {order_id} is queued, but no worker could be reached before it settled; "
                 "see 'papertrader orders'"
             ) from None
         if update["status"] == "filled":
@@ -322,8 +387,6 @@ def cmd_history(client: PaperTraderClient, args: argparse.Namespace, session: An
 def cmd_watch(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
     if bool(args.symbols) == bool(args.all):
         raise CommandError("name the symbols to watch, or --all (not both)")
-    from twisted.internet import reactor
-
     done: Deferred[None] = Deferred()
     shown = 0
 
@@ -341,10 +404,19 @@ def cmd_watch(client: PaperTraderClient, args: argparse.Namespace, session: Any,
 
     client.on_price_tick(show)
     yield client.subscribe("all" if args.all else args.symbols)
-    client.keep_alive(reactor, WATCH_HEARTBEAT)
-    _, which = yield DeferredList([done, client.when_closed()], fireOnOneCallback=True, consumeErrors=True)
+    client.keep_alive(WATCH_HEARTBEAT)  # and a lost worker is replaced at once
+    result, which = yield DeferredList([done, client.when_given_up()], fireOnOneCallback=True, consumeErrors=True)
     if which == 1:
-        raise ConnectionClosed("the server closed the connection")
+        raise result
+
+
+@inlineCallbacks
+def cmd_workers(reactor: Any, args: argparse.Namespace, session: Any) -> Any:
+    """Print the master's worker directory."""
+    address, ca = resolve_directory(args, session)
+    workers = yield read_directory(reactor, address, ca)
+    lines = [f"{'NAME':20}  ADDRESS"] + [f"{w['name']:20}  {w['address']}" for w in workers]
+    _print(args, workers, "\n".join(lines) if workers else "no workers are connected to the master")
 
 
 # ------------------------------------------------------------------ parsing and running
@@ -373,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--server", metavar="HOST:PORT", help="worker to connect to (default: the local deployment)")
     common.add_argument("--ca", metavar="FILE", help="CA certificate to trust (default: the local deployment's)")
     common.add_argument("--data-dir", metavar="DIR", help="local deployment's data directory")
+    common.add_argument(
+        "--directory",
+        metavar="HOST:PORT",
+        help="the master's worker directory (default: the local deployment's, or localhost:2050); "
+        "commands then use the workers it lists",
+    )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     parser = argparse.ArgumentParser(
@@ -419,26 +497,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("symbols", nargs="*", metavar="SYMBOL", help="the symbols to watch")
     p.add_argument("--all", action="store_true", help="watch every symbol")
     p.add_argument("--count", type=_positive, metavar="N", help="stop after N updates (default: until interrupted)")
+    add("workers", cmd_workers, "list the workers the master's directory names, and where clients reach each")
     return parser
+
+
+def _connector(reactor: Any, ca: str) -> Any:
+    """Connects the session to a worker's HOST:PORT, trusting ``ca``."""
+
+    def connect_to(address: str) -> Deferred[PaperTraderClient]:
+        try:
+            host, port = tls.split_address(address, DEFAULT_PORT)
+        except ValueError as e:
+            return fail(ConnectError(string=str(e)))
+        return connect(reactor, host, port, ca)
+
+    return connect_to
+
+
+@inlineCallbacks
+def _workers_from_directory(reactor: Any, args: argparse.Namespace, session: Any) -> Any:
+    address, ca = resolve_directory(args, session)
+    rows = yield read_directory(reactor, address, ca)
+    if not rows:
+        raise CommandError(f"the worker directory at {address} lists no workers")
+    return [row["address"] for row in rows], ca
+
+
+def _remember_workers(saved: dict[str, Any] | None, session: Session) -> None:
+    """Keep in the session file the worker list and the worker used, if they changed."""
+    if not saved or not saved.get("token") or session.token != saved["token"] or session.address is None:
+        return
+    if saved.get("server") != session.address or saved.get("workers") != session.workers:
+        save_session({**saved, "server": session.address, "workers": session.workers})
 
 
 @inlineCallbacks
 def run(reactor: Any, args: argparse.Namespace) -> Any:
-    session = load_session()
+    saved = load_session()
     try:
         check_argument_sizes(args)
-        where = resolve_server(args, session)
-        host, port, ca = where
+        if args.command == "workers":
+            yield cmd_workers(reactor, args, saved)
+            return
+        if args.directory and not args.server:
+            workers, ca = yield _workers_from_directory(reactor, args, saved)
+        else:
+            workers, ca = resolve_workers(args, saved)
+        session = Session(reactor, _connector(reactor, ca), workers)
         try:
-            client = yield connect(reactor, host, port, ca)
-        except (ConnectError, TLSError, TLSHandshakeFailed, OSError) as e:
-            raise CommandError(f"cannot connect to {host}:{port}: {e}") from None
+            yield args.run(session, args, saved, ca)
+        except NoWorkerReachable as e:
+            raise CommandError(f"cannot connect: {e}") from None
         except CertificateError as e:
             raise CommandError(f"cannot use the CA certificate {ca}: {e}") from None
-        try:
-            yield args.run(client, args, session, where)
         finally:
-            client.close()
+            session.close()
+        if args.command not in ("logout", "passwd", "login"):
+            _remember_workers(saved, session)
+    except DirectoryUnavailable as e:
+        _fail(str(e), EXIT_USAGE)
     except CommandError as e:
         _fail(str(e), EXIT_USAGE)
     except PaperTraderError as e:

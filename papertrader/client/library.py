@@ -2,7 +2,8 @@
 
 Pushed price ticks and order updates are handed to callbacks the caller sets.
 A connection gets its user's order updates once logged in; price ticks only
-after `PaperTraderClient.subscribe` asked for them.
+after `PaperTraderClient.subscribe` asked for them.  `papertrader.client.session`
+builds on it: a session that moves to another worker when its worker goes away.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from papertrader.protocol import (
     GetAssetValue,
     GetUserPortfolio,
     GetUserTransactionHistory,
+    GoAway,
     Heartbeat,
     ListOrders,
     Login,
@@ -81,6 +83,13 @@ class _Pushes(amp.CommandLocator):
     def __init__(self) -> None:
         self.on_order_update: Callable[[dict[str, Any]], None] | None = None
         self.on_price_tick: Callable[[dict[str, Any]], None] | None = None
+        self.on_go_away: Callable[[str, list[dict[str, str]]], None] | None = None
+
+    @GoAway.responder
+    def go_away(self, reason: str, workers: list[dict[str, str]]) -> dict:
+        if self.on_go_away is not None:
+            self.on_go_away(reason, workers)
+        return {}
 
     @OrderUpdates.responder
     def order_updates(self, settled_at: str, updates: list[dict[str, Any]]) -> dict:
@@ -116,6 +125,7 @@ class PaperTraderClient:
         self._watching: str | tuple[str, ...] = ()
         self._order_symbols: dict[int, str] = {}
         self._closed: list[Deferred[Failure]] = []
+        self._pushes = pushes
         pushes.on_order_update = self._order_update
         pushes.on_price_tick = self._price_tick
         if isinstance(connection, ClientAMP):
@@ -128,6 +138,11 @@ class PaperTraderClient:
     def on_price_tick(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
         """Call ``callback(tick)`` on every price update pushed (see `subscribe`)."""
         self._on_price_tick = callback
+
+    def on_go_away(self, callback: Callable[[str, list[dict[str, str]]], None] | None) -> None:
+        """Call ``callback(reason, workers)`` when the worker says it is closing this connection (it was kicked)
+        and names the workers to go to instead."""
+        self._pushes.on_go_away = callback
 
     def subscribe(self, prices: str | Iterable[str] | None) -> Deferred[dict[str, Any]]:
         """Choose the price ticks pushed to this connection: ``"all"``, a list of symbols, or None for none.

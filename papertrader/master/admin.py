@@ -25,16 +25,16 @@ from papertrader.admin.protocol import (
     MAX_NETWORKS,
     MAX_NETWORKS_TEXT,
     MAX_WORKER_NAME,
-    WORKERS_PER_PAGE,
+    WORKER_ROWS_PER_PAGE,
     AddWorker,
     DisableWorker,
     EnableWorker,
     KickWorker,
-    ListWorkers,
+    ListAllWorkers,
     RemoveWorker,
     WorkerInfo,
 )
-from papertrader.errors import AdminRefused, PaperTraderError, ServiceUnavailable, UnknownWorker
+from papertrader.errors import AdminRefused, PaperTraderError, ServiceUnavailable, UnknownWorker, WorkerNotConnected
 from papertrader.eventlog import EventLogger
 from papertrader.master.workers import STATUS_TIMEOUT, ConnectedWorker, WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
@@ -43,7 +43,7 @@ from papertrader.wire import GuardedAMP, GuardedFactory
 
 # Admin connections held at once (one administrator rarely needs more than one).
 MAX_ADMIN_CONNECTIONS = 16
-KICK_REASON = "disconnected by the administrator"
+KICK_REASON = "the administrator disconnected this worker"
 
 
 def _when(value: Any) -> str | None:
@@ -212,13 +212,12 @@ class WorkerAdmin:
 
     @inlineCallbacks
     def kick(self, name: str) -> Any:
-        """Disconnect worker ``name`` now (its clients are told to go elsewhere); UnknownWorker if not connected."""
+        """Boot worker ``name`` off now (its clients are told to go to the other workers); UnknownWorker if it
+        is not connected.  It may connect again (after its back-off)."""
         check_name(name)
-        if self.registry.get(name) is None:
+        if not (yield self._disconnect(name)):
             raise UnknownWorker(f"no worker named {name!r} is connected")
-        self.log.info("the administrator kicked worker {name}", name=name)
-        disconnected = yield self._disconnect(name)
-        answer: dict[str, Any] = {"name": name, "disconnected": disconnected}
+        answer: dict[str, Any] = {"name": name, "disconnected": True}
         registered = yield self._one_registered(name)
         if registered is not None:
             answer["enabled"] = bool(registered.enabled)
@@ -226,15 +225,13 @@ class WorkerAdmin:
 
     @inlineCallbacks
     def _disconnect(self, name: str) -> Any:
-        """Disconnect worker ``name`` if it is connected (its clients told where to go, where the master can);
-        whether it was."""
+        """Kick worker ``name`` if it is connected (`WorkerRegistry.kick`); whether it was."""
         if self.registry.get(name) is None:
             return False
-        kick = getattr(self.registry, "kick", None)
-        if kick is not None:
-            yield kick(name, KICK_REASON)
-        else:
-            self.registry.disconnect(name)
+        try:
+            yield self.registry.kick(name, KICK_REASON)
+        except WorkerNotConnected:
+            return False  # it went away meanwhile
         return True
 
 
@@ -267,13 +264,13 @@ class AdminLocator(amp.CommandLocator):
         self.admin = admin
         self.connection: AdminAMP | None = None
 
-    @ListWorkers.responder
+    @ListAllWorkers.responder
     @_answered
     @inlineCallbacks
     def list_workers(self, cursor: str | None = None) -> Any:
         rows = yield self.admin.workers()
         try:
-            page = page_of_sequence(rows, WORKERS_PER_PAGE, cursor)
+            page = page_of_sequence(rows, WORKER_ROWS_PER_PAGE, cursor)
         except BadCursor:
             raise AdminRefused("the list of workers changed, or this cursor is not from it; list again") from None
         return page.answer("workers")

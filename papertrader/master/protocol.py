@@ -33,7 +33,6 @@ from papertrader.master.workers import ConnectedWorker, WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
-    MAX_CLIENT_ADDRESS_LENGTH,
     MAX_ORDER_BATCH,
     Heartbeat,
     ListAssets,
@@ -55,7 +54,7 @@ from papertrader.protocol import (
     WorkerHello,
 )
 from papertrader.timestamps import iso
-from papertrader.tls import peer_common_name, split_address
+from papertrader.tls import peer_common_name
 from papertrader.wire import AnswersHeartbeats, BoundedWrites, GuardedFactory
 
 # What a worker may leave unread past its full buffer before it is cut off: far
@@ -151,8 +150,6 @@ class MasterLocator(AnswersHeartbeats):
         certified = self.certified_name(self.connection.transport)
         if certified != name:
             self._refuse(name, f"this certificate is not for a worker named {name!r}")
-        if client_address is not None and not _is_address(client_address):
-            self._refuse(name, f"the client address must be HOST:PORT, got {client_address[:64]!r}")
         self._hello_running = True
         try:
             self.record = yield self.registry.claim(
@@ -164,6 +161,7 @@ class MasterLocator(AnswersHeartbeats):
             self._hello_running = False
         self.worker = name
         self.connection.start_heartbeats(self.heartbeat_interval)
+        self.registry.publish(name, self.connection, client_address)
         self.log.info(
             "worker {name} (version {version}) connected from {address}",
             name=name,
@@ -346,17 +344,6 @@ class MasterLocator(AnswersHeartbeats):
     def history(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
         page = yield self.exchange.history(token, cursor)
         returnValue(page.answer("transactions"))
-
-
-def _is_address(text: str) -> bool:
-    """Whether ``text`` is an ASCII ``HOST:PORT`` (``[v6]:PORT``) of sensible length."""
-    if len(text) > MAX_CLIENT_ADDRESS_LENGTH or not (text.isascii() and text.isprintable()) or ":" not in text:
-        return False
-    try:
-        split_address(text, 0)
-    except ValueError:
-        return False
-    return True
 
 
 def _result(result: Any) -> OrderResult:

@@ -1,9 +1,9 @@
 """The master's main module (spec 3.1.1): what its services share, and start-up in order.
 
 Start-up: certificates (created on first start) -> database and schema ->
-latest prices; then the listener for workers and the admin socket open, the
-price update loop starts and the local workers are started (they need the
-listener's port).
+latest prices; then the listeners for workers and for the worker directory,
+and the admin socket, open, the price update loop starts and the local workers
+are started (they need the listener's port).
 Any failure stops the process with the reason in the log.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attr
@@ -26,6 +27,7 @@ from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
 from papertrader.master.admin import AdminLocator, WorkerAdmin
 from papertrader.master.database import Database, describe
+from papertrader.master.directory import DirectoryLocator
 from papertrader.master.exchange import Exchange
 from papertrader.master.hashing import HashingPool
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
@@ -34,18 +36,33 @@ from papertrader.master.workers import WorkerRegistry
 from papertrader.wire import Timeouts
 
 SESSION_SWEEP_INTERVAL = 3600.0
+# In the data directory: the HOST:PORT of the directory listener, for clients of a local deployment.
+DIRECTORY_ADDRESS_FILE = "directory.address"
 
 
 def local_worker_name(index: int) -> str:
     return f"local-{index + 1}"
 
 
-def _nth_listen(description: str, index: int) -> str:
-    """The listen endpoint of local worker ``index``: the configured port plus ``index``."""
+def _port_of(description: str) -> int | None:
+    """The TCP port of an endpoint description (None for port 0, a UNIX socket or anything else)."""
+    match = re.match(r"^tcp6?:(?:port=)?(\d+)", description)
+    return int(match.group(1)) or None if match is not None else None
+
+
+def _nth_listen(description: str, index: int, reserved: tuple[str, ...] = ()) -> str:
+    """The listen endpoint of local worker ``index``: the configured port plus ``index``, passing over
+    the ports of ``reserved`` endpoints (the master's own listeners)."""
     match = re.match(r"^(tcp6?:(?:port=)?)(\d+)(.*)$", description)
     if index == 0 or match is None or match.group(2) == "0":
         return description
-    return f"{match.group(1)}{int(match.group(2)) + index}{match.group(3)}"
+    taken = {port for port in map(_port_of, reserved) if port is not None}
+    port = int(match.group(2))
+    for _ in range(index):
+        port += 1
+        while port in taken:
+            port += 1
+    return f"{match.group(1)}{port}{match.group(3)}"
 
 
 def prepare_identities(config: MasterConfig) -> tuple[tls.Identity, list[tls.Identity]]:
@@ -91,6 +108,7 @@ class MasterService(service.MultiService):
         self.admin = WorkerAdmin(self.registry)
         self.port: Any = None
         self.admin_port: Any = None
+        self.directory_port: Any = None
         self.startup = StartUp(reactor, "master")
         self.ready = self.startup.ready
         self._prepared: _Prepared | None = None
@@ -159,7 +177,9 @@ class MasterService(service.MultiService):
         )
         yield self.exchange.resume()
         options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
-        self._prepared = _Prepared(options, worker_identities)
+        # Clients of the directory have no certificate; they check the master's against the deployment's CA.
+        directory_options = yield threads.deferToThread(tls.server_options, master_identity)
+        self._prepared = _Prepared(options, worker_identities, directory_options)
         return self._prepared
 
     def when_ready(self) -> Deferred[_Prepared]:
@@ -170,7 +190,18 @@ class MasterService(service.MultiService):
 
     def worker_endpoint(self) -> _ListenWhenReady:
         """Where workers connect: the configured endpoint with TLS, listening once start-up is done."""
-        return _ListenWhenReady(self)
+        return _ListenWhenReady(self, lambda config: config.listen, lambda p: p.options, self._listening_on)
+
+    def directory_endpoint(self) -> _ListenWhenReady:
+        """Where clients ask for the worker directory: ``directory_listen`` with TLS (no client
+        certificate), listening once start-up is done."""
+        return _ListenWhenReady(
+            self, lambda config: config.directory_listen, lambda p: p.directory_options, self._directory_listening_on
+        )
+
+    def new_directory_locator(self) -> DirectoryLocator:
+        """The responder for one connection to the directory listener."""
+        return DirectoryLocator(self.registry.directory)
 
     def admin_endpoint(self) -> _AdminSocketWhenReady:
         """The admin socket (``DATA_DIR/admin.sock``, mode 0600), listening once start-up is done."""
@@ -195,6 +226,15 @@ class MasterService(service.MultiService):
         waiting, self._listening = self._listening, []
         for d in waiting:
             d.callback(port)
+        return port
+
+    @inlineCallbacks
+    def _directory_listening_on(self, port: Any) -> Any:
+        self.directory_port = port
+        host = port.getHost()
+        self.log.info("listening for worker directory requests on {address}", address=host)
+        path = os.path.join(self.config.data_dir, DIRECTORY_ADDRESS_FILE)
+        yield threads.deferToThread(_write_address, path, f"{host.host}:{host.port}")
         return port
 
     def tick(self) -> Deferred:
@@ -231,7 +271,7 @@ class MasterService(service.MultiService):
                         "papertrader-worker",
                         "--name", name,
                         "--master", master_address,
-                        "--listen", _nth_listen(config.worker_listen, index),
+                        "--listen", _nth_listen(config.worker_listen, index, (config.listen, config.directory_listen)),
                         "--ca", identity.ca,
                         "--cert", identity.certificate,
                         "--key", identity.key,
@@ -255,6 +295,11 @@ class MasterService(service.MultiService):
         # The children stop together (the update loop waits for a running
         # update; the event log writes each later entry at once); the pool last.
         yield super().stopService()
+        if self.directory_port is not None:
+            try:
+                os.unlink(os.path.join(self.config.data_dir, DIRECTORY_ADDRESS_FILE))
+            except OSError:
+                pass
         if self.hashing is not None:
             self.hashing.close()
         if self.database is not None:
@@ -267,6 +312,7 @@ class _Prepared:
 
     options: Any
     worker_identities: list[tls.Identity]
+    directory_options: Any = None
 
 
 class _AdminSocketWhenReady:
@@ -295,17 +341,34 @@ def _quietly_cancelled(failure: Any) -> None:
     failure.trap(CancelledError)  # start-up failed; the process is stopping
 
 
-class _ListenWhenReady:
-    """The master's listening endpoint: TLS over the configured endpoint, once start-up is done."""
+def _write_address(path: str, address: str) -> None:
+    with open(path + ".tmp", "w", encoding="ascii") as f:
+        f.write(address + "\n")
+    os.replace(path + ".tmp", path)
 
-    def __init__(self, master: MasterService) -> None:
+
+class _ListenWhenReady:
+    """One of the master's listening endpoints: TLS over a configured endpoint, once start-up is done."""
+
+    def __init__(
+        self,
+        master: MasterService,
+        description: Callable[[MasterConfig], str],
+        options: Callable[[_Prepared], Any],
+        listening: Callable[[Any], Any],
+    ) -> None:
         self.master = master
+        self.description = description
+        self.options = options
+        self.listening = listening
 
     def listen(self, factory: Any) -> Deferred:
         master = self.master
 
         def listen(prepared: _Prepared) -> Deferred:
-            endpoint = tls.tls_server_endpoint(master.reactor, master.config.listen, prepared.options)
-            return endpoint.listen(factory).addCallback(master._listening_on).addErrback(master.startup.failed)
+            endpoint = tls.tls_server_endpoint(
+                master.reactor, self.description(master.config), self.options(prepared)
+            )
+            return endpoint.listen(factory).addCallback(self.listening).addErrback(master.startup.failed)
 
         return master.when_ready().addCallback(listen)

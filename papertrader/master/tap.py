@@ -13,6 +13,7 @@ from papertrader.config import KEYS, load_master_config
 from papertrader.errors import ConfigError
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
 from papertrader.master.admin import MAX_ADMIN_CONNECTIONS, AdminFactory
+from papertrader.master.directory import DirectoryFactory
 from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import SESSION_SWEEP_INTERVAL, MasterService, timeouts
 from papertrader.master.workers import LocalWorkers
@@ -44,8 +45,8 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Wire the master: event log first (it starts first and stops last), then the listener for workers, the
-    admin socket, local workers, loops."""
+    """Wire the master: event log first (it starts first and stops last), then the listeners (workers,
+    worker directory, admin socket), local workers, loops."""
     from twisted.internet import reactor
 
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
@@ -61,6 +62,15 @@ def makeService(options: Options) -> IService:
         master.worker_endpoint(),
         MasterFactory(
             master.new_locator, clock=reactor, timeouts=timeouts(config), max_connections=config.max_connections
+        ),
+    ).setServiceParent(master)
+    StreamServerEndpointService(
+        master.directory_endpoint(),
+        DirectoryFactory(
+            master.new_directory_locator,
+            clock=reactor,
+            timeouts=timeouts(config),
+            max_connections=config.max_connections,
         ),
     ).setServiceParent(master)
     StreamServerEndpointService(

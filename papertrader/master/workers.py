@@ -5,7 +5,9 @@ connection and what the master tracks about it (addresses, version, when it
 connected, clients, commands forwarded, last heartbeat).  A second connection
 under a name that is already connected is refused while the old one answers a
 ping.  The registry also knows which users each connection serves, so that an
-order update goes only to the workers that can have a client waiting for it.
+order update goes only to the workers that can have a client waiting for it,
+keeps the worker directory (`papertrader.master.directory`) and pushes it to
+every worker when it changes, and kicks a worker (`WorkerRegistry.kick`).
 `LocalWorkers` runs ``twistd papertrader-worker`` child processes so that one
 command starts a whole single-machine deployment.
 """
@@ -24,16 +26,20 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
-from papertrader.errors import ServiceUnavailable, WorkerRefused, expected_or_unavailable
+from papertrader.errors import ServiceUnavailable, WorkerNotConnected, WorkerRefused, expected_or_unavailable
 from papertrader.eventlog import EventLogger
+from papertrader.master.directory import Directory
 from papertrader.master.trading import Settlement
 from papertrader.protocol import (
     MAX_UPDATE_BYTES,
     MAX_UPDATES_PER_BOX,
+    BootOff,
     OrderUpdates,
     Ping,
     PriceTick,
+    WorkerDirectory,
     WorkerStatus,
+    check_worker_address,
     pack_update,
     pack_updates,
     push_bytes,
@@ -50,13 +56,6 @@ ROUTE_SLICE = 2000
 MAX_VERSION_LENGTH = 64
 # Seconds a worker has to answer WorkerStatus.
 STATUS_TIMEOUT = 10.0
-# Seconds a disconnected worker's connection has to send what was written to it before it is aborted.
-DISCONNECT_GRACE = 5.0
-
-
-def _abort(connection: BoundedWrites) -> None:
-    if connection.transport is not None:
-        connection.transport.abortConnection()
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -90,6 +89,9 @@ class ConnectedWorker:
             self.clients = clients
 
 
+# Seconds a kicked worker has to tell its clients before the master closes its connection anyway.
+BOOT_OFF_TIMEOUT = 10.0
+
 class WorkerRegistry:
     """Connected workers by name (`ConnectedWorker` records), and what the master pushes to them.
 
@@ -110,6 +112,8 @@ class WorkerRegistry:
         self._serving: dict[str, set[BoundedWrites]] = {}
         self._users_of: dict[BoundedWrites, set[str]] = {}
         self.work = SlicedWork(clock, slice_size)
+        self.directory = Directory()
+        self.directory.on_change(self._push_directory)
 
     def now(self) -> float:
         """The registry's clock, in seconds."""
@@ -151,11 +155,15 @@ class WorkerRegistry:
             raise WorkerRefused("the connection ended during the handshake")
         if self._holder(name) not in (None, connection):
             raise WorkerRefused(f"another connection took the name {name!r} meanwhile")
+        try:
+            usable = None if client_address is None else check_worker_address(client_address)
+        except ValueError:
+            usable = None  # the worker is accepted, but clients are not told about it (see `publish`)
         record = ConnectedWorker(
             name=name,
             connection=connection,
             address=getattr(connection, "peer", "unknown"),
-            client_address=client_address,
+            client_address=usable,
             version=version[:MAX_VERSION_LENGTH],
             connected_since=self.now(),
         )
@@ -183,19 +191,6 @@ class WorkerRegistry:
         d.addTimeout(timeout, self._clock)
         return d.addErrback(expected_or_unavailable, f"worker {name!r} did not answer with its figures")
 
-    def disconnect(self, name: str, grace: float = DISCONNECT_GRACE) -> bool:
-        """Close the connection of worker ``name`` (it forgets the name as it ends); whether one was connected.
-
-        What was already written goes first, for at most ``grace`` seconds; then the connection is aborted.
-        """
-        record = self.workers.get(name)
-        if record is None:
-            return False
-        connection = record.connection
-        connection.close()
-        self._clock.callLater(grace, _abort, connection)
-        return True
-
     def _answers_ping(self, connection: BoundedWrites, timeout: float) -> Deferred[bool]:
         d = connection.callRemote(Ping)
         d.addTimeout(timeout, self._clock)
@@ -211,7 +206,57 @@ class WorkerRegistry:
                     del self._serving[username]
         if self._holder(name) is connection:
             del self.workers[name]
+            self.directory.discard(name)
             self.log.info("worker {name} disconnected", name=name)
+
+    # ------------------------------------------------------------ the directory, and kicking
+
+    def publish(self, name: str, connection: BoundedWrites, client_address: str | None) -> None:
+        """List worker ``name`` (just accepted on ``connection``) in the directory at ``client_address``,
+        and send it the directory.  A worker without a usable client address is not listed."""
+        if self._holder(name) is not connection:
+            return
+        if client_address is not None:
+            try:
+                self.directory.set(name, client_address)
+            except ValueError as e:
+                self.log.warn("worker {name} is not listed for clients: {reason}", name=name, reason=e)
+        connection.write(self._directory_push())  # the others got it if the list changed; this one now
+
+    def _directory_push(self) -> bytes:
+        return push_bytes(WorkerDirectory, workers=self.directory.sample())
+
+    def _push_directory(self) -> None:
+        data = self._directory_push()
+        for record in list(self.workers.values()):
+            record.connection.write(data)
+
+    def kick(self, name: str, reason: str, timeout: float = BOOT_OFF_TIMEOUT) -> Deferred[int | None]:
+        """Boot worker ``name`` off now: unlist it, have it tell its clients to go to the other workers
+        (BootOff, then GoAway to each client), then close its connection.
+
+        Fires with how many clients the worker told (None if it did not answer
+        within ``timeout``: it is closed anyway), or fails with
+        WorkerNotConnected.  The worker reconnects after its refusal back-off.
+        """
+        record = self.workers.get(name)
+        if record is None:
+            return fail(WorkerNotConnected(f"no worker named {name!r} is connected"))
+        connection = record.connection
+        self.log.info("kicking worker {name}: {reason}", name=name, reason=reason)
+        self.directory.discard(name)
+        d = connection.callRemote(BootOff, reason=reason[:1000], workers=self.directory.sample(without=name))
+        d.addTimeout(timeout, self._clock)
+
+        def told(answer: Any) -> int | None:
+            clients = answer.get("clients") if isinstance(answer, dict) else None
+            if clients is None:
+                self.log.warn("worker {name} did not confirm its boot-off; closing it anyway", name=name)
+            if connection.transport is not None:
+                connection.close()
+            return clients
+
+        return d.addBoth(told)
 
     def serves(self, connection: BoundedWrites, username: str) -> None:
         """Note that ``connection`` (a worker) has a client acting for ``username``.

@@ -1,4 +1,5 @@
-"""Cache management: asset details and the latest prices, refreshed by the master's ticks."""
+"""Cache management: asset details and the latest prices, refreshed by the master's ticks, and the
+worker directory the master last pushed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ class QuoteCache:
         self.prices: dict[str, int] = {}
         self.tick = 0
         self.as_of: str | None = None
+        # The workers clients may use ({"name", "address"}), as the master last said (WorkerDirectory).
+        self.workers: list[dict[str, str]] = []
 
     def load(self, assets: list[dict[str, Any]], tick: int, as_of: str | None) -> None:
         """Fill the cache afresh from the master's ListAssets answer (at every handshake).

@@ -3,7 +3,9 @@
 Each client connection gets a `ClientLocator`: it stamps every command with
 the time it was received and the client's address, relays it to the master,
 and remembers which user the connection belongs to so the worker can push
-that user's order updates.  `MasterPushes` receives the master's pushes and
+that user's order updates; its login answers carry the worker directory.
+When the master kicks the worker (BootOff), every client is told GoAway,
+with the other workers, and its connection closed.  `MasterPushes` receives the master's pushes and
 `ClientRegistry` passes them on: each push encoded once, written to the
 connections that want it a slice at a time, and never piled up for a client
 that does not read (`ClientAMP`).
@@ -34,9 +36,11 @@ from papertrader.protocol import (
     MAX_SYMBOL_LENGTH,
     MAX_TOKEN_LENGTH,
     RELAYED,
+    BootOff,
     ChangePassword,
     ClientOrder,
     GetAssetValue,
+    GoAway,
     Login,
     LoginWithToken,
     Logout,
@@ -51,6 +55,7 @@ from papertrader.protocol import (
     PurchaseAsset,
     SellAsset,
     Subscribe,
+    WorkerDirectory,
     WorkerStatus,
     pack_prices,
     plain_text,
@@ -174,6 +179,23 @@ class ClientRegistry:
         if by_user:
             self.work.add(self._update_writes(settled_at, by_user))
 
+    def go_away(self, reason: str, workers: list[dict[str, str]]) -> int:
+        """Tell every client to go to one of ``workers`` (GoAway) and close its connection, a slice of
+        connections per reactor turn; returns how many are told."""
+        connections = list(self.connections)
+        if connections:
+            data = push_bytes(GoAway, reason=reason, workers=workers)
+            self.work.add(self._goodbyes(data, connections))
+        return len(connections)
+
+    @staticmethod
+    def _goodbyes(data: bytes, connections: list[amp.AMP]) -> Iterator[None]:
+        for connection in connections:
+            if connection.transport is not None:
+                connection.send_push(data, droppable=False)
+                connection.close()
+            yield None
+
     def _update_writes(self, settled_at: str, by_user: dict[str, list[dict[str, Any]]]) -> Iterator[None]:
         for username, rows in by_user.items():
             connections = list(self.by_user.get(username, ()))
@@ -192,10 +214,12 @@ def _refresh_timeout(connection: amp.AMP) -> None:
 
 
 class MasterPushes(AnswersHeartbeats):
-    """What the master pushes to this worker (prices and order outcomes), and what it asks (Ping, WorkerStatus).
+    """What the master pushes to this worker (prices, order outcomes, the worker directory, BootOff), and
+    what it asks (Ping, WorkerStatus).
 
-    ``on_tick(tick)``, if given, is called after each new tick is passed on.
-    Uptime counts from when this was made (when the worker started).
+    ``on_tick(tick)``, if given, is called after each new tick is passed on;
+    ``on_boot_off(reason)`` when the master kicks this worker.  Uptime counts
+    from when this was made (when the worker started).
     """
 
     def __init__(
@@ -204,6 +228,7 @@ class MasterPushes(AnswersHeartbeats):
         clients: ClientRegistry,
         on_tick: Callable[[int], None] | None = None,
         clock: IReactorTime | None = None,
+        on_boot_off: Callable[[str], None] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -212,6 +237,18 @@ class MasterPushes(AnswersHeartbeats):
         self.on_tick = on_tick
         self.clock = clock
         self.started_at = clock.seconds()
+        self.on_boot_off = on_boot_off
+
+    @WorkerDirectory.responder
+    def worker_directory(self, workers: list[dict[str, str]]) -> dict:
+        self.cache.workers = workers
+        return {}
+
+    @BootOff.responder
+    def boot_off(self, reason: str, workers: list[dict[str, str]]) -> dict[str, int]:
+        if self.on_boot_off is not None:
+            self.on_boot_off(reason)
+        return {"clients": self.clients.go_away(reason, workers)}
 
     @PriceTick.responder
     def price_tick(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> dict:
@@ -287,14 +324,20 @@ class ClientLocator(AnswersHeartbeats):
     def login(self, username: str, password: str, remember: bool | None = None) -> Any:
         answer = yield self.relay(Login, username=username, password=password, remember=bool(remember))
         self.clients.attach(self.connection, answer["username"])
-        returnValue(answer)
+        returnValue(self._with_workers(answer))
 
     @LoginWithToken.responder
     @inlineCallbacks
     def login_with_token(self, token: str) -> Any:
         answer = yield self.relay(LoginWithToken, token=token)
         self.clients.attach(self.connection, answer["username"])
-        returnValue(answer)
+        returnValue(self._with_workers(answer))
+
+    def _with_workers(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """A login answer with the worker directory, so the client knows where to go if this worker goes away."""
+        if self.cache.workers:
+            return {**answer, "workers": self.cache.workers}
+        return answer
 
     @Logout.responder
     @inlineCallbacks

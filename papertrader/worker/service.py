@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ class WorkerConfig:
     listen: str
     identity: tls.Identity
     address_file: str | None = None
-    # The HOST:PORT clients reach this worker on, if not the one it listens on (behind NAT, on 0.0.0.0).
+    # The HOST:PORT clients reach this worker on, for the directory (None: the address it listens on).
     public_address: str | None = None
     exit_with_stdin: bool = False
     timeouts: Timeouts = attr.Factory(Timeouts)
@@ -67,6 +68,7 @@ class WorkerService(service.MultiService):
         if interval is not None:
             self.stalls = StallMonitor(reactor, interval, lambda: len(self.clients.connections))
         self.port: Any = None
+        self._listening: list[Deferred[Any]] = []
         self.startup = StartUp(reactor, "worker")
         self.ready = self.startup.ready
         self.link = MasterLink(
@@ -79,6 +81,7 @@ class WorkerService(service.MultiService):
                 self.clients,
                 on_tick=None if self.stalls is None else self.stalls.update_arrived,
                 clock=reactor,
+                on_boot_off=lambda reason: self.link.booted_off(reason),
             ),
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
@@ -100,16 +103,6 @@ class WorkerService(service.MultiService):
 
     # ------------------------------------------------------------ what the children use
 
-    def client_address(self) -> str | None:
-        """The ``HOST:PORT`` clients reach this worker on: ``public_address``, else the one it listens on
-        (once it does)."""
-        if self.config.public_address is not None:
-            return self.config.public_address
-        if self.port is None:
-            return None
-        host = self.port.getHost()
-        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
-
     def client_endpoint(self) -> _WhenReady:
         """Where clients connect: the configured endpoint with TLS, once the options are loaded."""
         return _WhenReady(self, self._listen_for_clients)
@@ -118,10 +111,27 @@ class WorkerService(service.MultiService):
         """The responders for one new client connection."""
         return ClientLocator(self.reactor, self.link, self.batcher, self.cache, self.clients)
 
-    def _connect_to_master(self, options: tuple[Any, Any], factory: Any) -> Deferred:
+    def client_address(self) -> str | None:
+        """The HOST:PORT clients reach this worker on (for the master's directory), once it listens."""
+        if self.config.public_address:
+            return self.config.public_address
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        name = host.host if host.host not in ("0.0.0.0", "::") else socket.getfqdn()
+        return f"[{name}]:{host.port}" if ":" in name else f"{name}:{host.port}"
+
+    @inlineCallbacks
+    def _connect_to_master(self, options: tuple[Any, Any], factory: Any) -> Any:
+        # Once listening for clients: the handshake tells the master where clients reach this worker.
+        if self.port is None:
+            waiting: Deferred[Any] = Deferred()
+            self._listening.append(waiting)
+            yield waiting
         config = self.config
         endpoint = tls.tls_client_endpoint(self.reactor, config.master_host, config.master_port, options[1])
-        return endpoint.connect(factory)
+        connection = yield endpoint.connect(factory)
+        return connection
 
     @inlineCallbacks
     def _listen_for_clients(self, options: tuple[Any, Any], factory: Any) -> Any:
@@ -129,6 +139,9 @@ class WorkerService(service.MultiService):
             self.port = yield tls.tls_server_endpoint(self.reactor, self.config.listen, options[0]).listen(factory)
             host = self.port.getHost()
             self.log.info("listening for clients on {address}", address=host)
+            waiting, self._listening = self._listening, []
+            for d in waiting:
+                d.callback(self.port)
             if self.config.address_file:
                 yield threads.deferToThread(_write_address, self.config.address_file, f"{host.host}:{host.port}")
         except Exception:

@@ -13,6 +13,7 @@ from twisted.python import usage
 from papertrader import tls
 from papertrader.config import check_endpoint, positive_seconds
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
+from papertrader.protocol import check_worker_address
 from papertrader.wire import Timeouts
 from papertrader.worker.clients import ClientFactory
 from papertrader.worker.service import WorkerConfig, WorkerService
@@ -29,8 +30,13 @@ class Options(usage.Options):
         ["cert", None, None, "This worker's certificate (PEM), issued by the CA."],
         ["key", None, None, "This worker's private key (PEM)."],
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
-        ["public-address", None, None,
-         "The HOST:PORT clients reach this worker on, told to the master (default: the one it listens on)."],
+        [
+            "public-address",
+            None,
+            None,
+            "The HOST:PORT clients reach this worker on, for the master's worker directory "
+            "(default: the address it listens on; set it when that is not reachable as it is).",
+        ],
         ["event-log", None, "papertrader-worker-events.log", "The event log file."],
         ["log-memory-entries", None, "1000", "Event log entries held in memory before they are written."],
         ["handshake-timeout", None, "30", "Seconds for the TLS handshake, then for the first command."],
@@ -55,9 +61,7 @@ class Options(usage.Options):
             problems.append(f"--listen: {e}")
         if self["public-address"] is not None:
             try:
-                tls.split_address(self["public-address"], 0)
-                if ":" not in self["public-address"] or not self["public-address"].isascii():
-                    raise ValueError(f"expected HOST:PORT, got {self['public-address']!r}")
+                check_worker_address(self["public-address"])
             except ValueError as e:
                 problems.append(f"--public-address: {e}")
         for option in ("ca", "cert", "key"):

@@ -212,6 +212,15 @@ class MasterLink:
             if len(assets) >= MAX_ASSETS:
                 raise ServiceUnavailable(f"the master lists more than {MAX_ASSETS} assets")
 
+    def booted_off(self, reason: str) -> None:
+        """The master kicked this worker (it closes the link next): reconnect only after the refusal back-off."""
+        self._refusals += 1
+        self.log.warn(
+            "the master booted this worker off ({reason}); reconnecting in {delay:.0f} s",
+            reason=reason,
+            delay=self._retry_after_refusal(self._refusals - 1),
+        )
+
     def _lost(self, connection: _MasterAMP) -> None:
         if self.connection is connection:
             self.connection = None
