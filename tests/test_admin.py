@@ -46,13 +46,13 @@ class Registered:
     fingerprint: str
     networks: list[str]
     enabled: bool
-    added_at: float
+    added_at: str
 
 
 class MemoryRegistrations:
-    """The `WorkerRegistrations` API, in memory: what the admin responders are written against."""
+    """The `WorkerRegistrations` API (`papertrader.master.registration`), in memory."""
 
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
+    def __init__(self, now: str = "2027-01-15T08:00:00.000000+00:00") -> None:
         self.rows: dict[str, Registered] = {}
         self.now = now
 
@@ -67,8 +67,13 @@ class MemoryRegistrations:
         self.rows[name] = row
         return succeed(row)
 
-    def get(self, name: str) -> Any:
+    def find(self, name: str) -> Any:
         return succeed(self.rows.get(name))
+
+    def get(self, name: str) -> Any:
+        if name not in self.rows:
+            return fail(UnknownWorker(f"no worker named {name!r} is registered"))
+        return succeed(self.rows[name])
 
     def list(self) -> Any:
         return succeed([self.rows[name] for name in sorted(self.rows)])

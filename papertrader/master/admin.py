@@ -106,7 +106,8 @@ class WorkerAdmin:
     """The workers as the administrator sees them: connected ones (tracked) and registered ones (stored).
 
     ``registrations`` is the stored registry of allowed workers
-    (`papertrader.master.registration.WorkerRegistrations`); without one, only
+    (`papertrader.master.registration.WorkerRegistrations`: `find`, `list`, `add`,
+    `set_enabled`, `remove`); without one, only
     connected workers are known and the changes to the registry are refused.
     """
 
@@ -129,7 +130,7 @@ class WorkerAdmin:
     def _one_registered(self, name: str) -> Deferred[Any]:
         if self.registrations is None:
             return succeed(None)
-        return maybeDeferred(self.registrations.get, name)
+        return maybeDeferred(self.registrations.find, name)
 
     @inlineCallbacks
     def workers(self) -> Any:
@@ -187,7 +188,7 @@ class WorkerAdmin:
     @inlineCallbacks
     def _registered_or_unknown(self, name: str) -> Any:
         check_name(name)
-        registered = yield maybeDeferred(self._registrations().get, name)
+        registered = yield maybeDeferred(self._registrations().find, name)
         if registered is None:
             raise UnknownWorker(f"no worker named {name!r} is registered")
         return registered
