@@ -12,13 +12,15 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.client import cli
 from papertrader.client.library import ClientAMP, client_from_connection
-from papertrader.client.session import NoWorkerReachable
+from papertrader.client.session import FIRST_RETRY_DELAY, NoWorkerReachable
 
 COMMANDS = (
     "register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history", "watch", "workers"
@@ -331,6 +333,51 @@ class RunFailureTests(SynchronousTestCase):
         code, err = self.run_cli("quote", "AAPL")
         self.assertEqual(code, 1)
         self.assertEqual(err, "papertrader: error: the server could not answer: Unknown Error\n")
+
+    def test_workers(self) -> None:
+        """``workers`` prints the directory read from the local deployment's directory listener (or
+        --directory); a directory that cannot be reached is one error line with exit code 2."""
+        with open(os.path.join(self.data, "directory.address"), "w") as f:
+            f.write("127.0.0.1:40200\n")
+        asked: list[str] = []
+
+        def read(reactor: Any, address: str, ca: str) -> Any:
+            asked.append(address)
+            return succeed([{"name": "local-1", "address": "127.0.0.1:40123"}])
+
+        self.patch(cli, "read_directory", read)
+        args = cli.build_parser().parse_args(["workers", "--json", "--data-dir", self.data])
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.successResultOf(cli.run(None, args))
+        self.assertEqual(json.loads(out.getvalue()), [{"name": "local-1", "address": "127.0.0.1:40123"}])
+        args = cli.build_parser().parse_args(["workers", "--directory", "pt.example:2050", "--data-dir", self.data])
+        with redirect_stdout(out):
+            self.successResultOf(cli.run(None, args))
+        self.assertEqual(asked, ["127.0.0.1:40200", "pt.example:2050"])
+
+        self.patch(cli, "read_directory", lambda *a: fail(cli.DirectoryUnavailable("cannot reach it")))
+        code, err = self.run_cli("workers")
+        self.assertEqual((code, err), (2, "papertrader: error: cannot reach it\n"))
+
+    def test_no_worker_reachable(self) -> None:
+        """When no worker in the list answers, after the rounds of attempts the error names each and
+        says why (exit code 2)."""
+        self.patch(cli, "connect", lambda reactor, host, port, ca: fail(ConnectionRefusedError()))
+        args = cli.build_parser().parse_args(["quote", "AAPL", "--data-dir", self.data])
+        clock = Clock()
+        err = io.StringIO()
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            d = cli.run(clock, args)
+            self.assertNoResult(d)
+            clock.advance(FIRST_RETRY_DELAY)
+            clock.advance(2 * FIRST_RETRY_DELAY)
+            failure = self.failureResultOf(d, SystemExit)
+        self.assertEqual(failure.value.code, 2)
+        self.assertRegex(
+            err.getvalue(),
+            r"^papertrader: error: cannot connect: no worker could be reached \(127.0.0.1:40123: .*refused",
+        )
 
     def test_unexpected_exception(self) -> None:
         """Even an unforeseen exception is one line naming it, not a traceback."""

@@ -40,12 +40,13 @@ class DirectoryTests(SynchronousTestCase):
 
     def test_listed_at_handshake(self) -> None:
         """Each worker is listed at its handshake and every worker holds the whole list; the
-        deployment's worker that gave no client address is connected but not listed."""
+        deployment's worker, which gave no client address (as one from before the directory), is
+        connected but neither listed nor sent the list."""
         self.assertEqual(self.deployment.registry.directory.entries(), [W1, W2])
         self.assertIn("test-worker", self.deployment.registry.workers)
         self.assertEqual(self.w1.cache.workers, [W1, W2])
         self.assertEqual(self.w2.cache.workers, [W1, W2])
-        self.assertEqual(self.deployment.cache.workers, [W1, W2])
+        self.assertEqual(self.deployment.cache.workers, [])
 
     def test_unlisted_when_gone(self) -> None:
         """A worker whose link ends leaves the list, and the others are told."""

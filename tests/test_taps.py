@@ -9,7 +9,7 @@ import socket
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.task import Clock
+from twisted.internet.address import IPv4Address
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -277,22 +277,34 @@ class WorkerOptionsTests(SynchronousTestCase):
             self.assertIn("--master: ", message)
             self.assertIn(repr(address), message)
 
-    def test_publicAddress(self) -> None:
-        """C{--public-address} is what the worker tells the master clients reach it on; it must be HOST:PORT."""
-        options = self.parse("--public-address", "eu1.example.org:2049", *self.tlsArgs)
-        self.assertEqual(options.config.public_address, "eu1.example.org:2049")
-        self.assertEqual(WorkerService(options.config, Clock()).client_address(), "eu1.example.org:2049")
-        default = self.parse(*self.tlsArgs).config
-        self.assertIsNone(default.public_address)
-        self.assertIsNone(WorkerService(default, Clock()).client_address())  # until it listens
-        for bad in ("eu1.example.org", "eu1.example.org:http", "h\u00e9:1"):
-            message = self.usageError("--public-address", bad, *self.tlsArgs)
-            self.assertIn("--public-address: expected HOST:PORT", message)
-
     def test_badListen(self) -> None:
         """A listen description that is not a TCP or UNIX endpoint is refused."""
         message = self.usageError("--listen", "ssl:2049", *self.tlsArgs)
         self.assertIn("--listen", message)
+
+    def test_publicAddress(self) -> None:
+        """C{--public-address} is the HOST:PORT the directory gives clients (default: none, the listening
+        address); one that is not a HOST:PORT is refused."""
+        self.assertIsNone(self.parse(*self.tlsArgs).config.public_address)
+        config = self.parse("--public-address", "eu1.example.org:2049", *self.tlsArgs).config
+        self.assertEqual(config.public_address, "eu1.example.org:2049")
+        message = self.usageError("--public-address", "eu1.example.org", *self.tlsArgs)
+        self.assertIn("--public-address: expected HOST:PORT", message)
+
+    def test_clientAddress(self) -> None:
+        """The address a worker gives the directory: C{--public-address}, else where it listens (a
+        wildcard interface replaced by the machine's name), and nothing before it listens."""
+        service = WorkerService(self.parse(*self.tlsArgs).config, reactor)
+        self.assertIsNone(service.client_address())
+        for host, expected in (
+            ("127.0.0.1", "127.0.0.1:2049"),
+            ("::1", "[::1]:2049"),
+            ("0.0.0.0", f"{socket.getfqdn()}:2049"),
+        ):
+            service.port = _Listening(IPv4Address("TCP", host, 2049))
+            self.assertEqual(service.client_address(), expected)
+        public = WorkerService(self.parse("--public-address", "w.example:1", *self.tlsArgs).config, reactor)
+        self.assertEqual(public.client_address(), "w.example:1")
 
     def test_everyProblemListed(self) -> None:
         """All problems are reported in one error."""
@@ -323,3 +335,13 @@ class WorkerOptionsTests(SynchronousTestCase):
         self.assertIs(service.config, options.config)
         self.assertIs(service.reactor, reactor)
         self.assertFalse(service.running)
+
+
+class _Listening:
+    """A listening port that says where it listens."""
+
+    def __init__(self, address: IPv4Address) -> None:
+        self.address = address
+
+    def getHost(self) -> IPv4Address:
+        return self.address

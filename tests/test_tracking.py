@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader import __version__
 from papertrader.errors import LoginFailed, ServiceUnavailable
 from papertrader.master.workers import ConnectedWorker
-from papertrader.protocol import WorkerHello
+from papertrader.protocol import WorkerDirectory, WorkerHello
 from papertrader.wire import PEER_LOG
 from tests.support import Deployment
 from tests.test_wire import RawPeer
+
+
+class DirectoryReader(amp.AMP):
+    """A bare worker-side connection that takes the directory the master sends a worker with a client address."""
+
+    @WorkerDirectory.responder
+    def worker_directory(self, workers: list[dict[str, str]]) -> dict:
+        return {}
 
 
 class TrackingTests(SynchronousTestCase):
@@ -110,11 +119,11 @@ class TrackingTests(SynchronousTestCase):
         for number, bad in enumerate(("no-port", "host:99999", "x" * 400 + ":1", "a\nb:1")):
             name = f"other-{number}"
             d.certified_names[0] = name
-            peer = RawPeer(d, d.master_factory, 50040 + number)
+            peer = RawPeer(d, d.master_factory, 50040 + number, DirectoryReader)
             d.result(peer.protocol.callRemote(WorkerHello, name=name, version="1", client_address=bad))
             self.assertIsNone(d.registry.get(name).client_address)
         d.certified_names[0] = "v6"
-        peer = RawPeer(d, d.master_factory, 50049)
+        peer = RawPeer(d, d.master_factory, 50049, DirectoryReader)
         d.result(peer.protocol.callRemote(WorkerHello, name="v6", version="1", client_address="[::1]:2049"))
         self.assertEqual(d.registry.get("v6").client_address, "[::1]:2049")
 

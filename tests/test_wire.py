@@ -26,7 +26,6 @@ from papertrader.protocol import (
     OrderGroup,
     OrderRequest,
     SubmitOrders,
-    WorkerDirectory,
     WorkerHello,
 )
 from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, GuardedAMP, LogLimiter, note
@@ -48,18 +47,10 @@ class LoggedEvents:
         return [e for e in self.events if "log_failure" in e]
 
 
-class BarePeer(amp.AMP):
-    """A bare AMP connection that takes the one push a master sends any worker after its hello (the directory)."""
-
-    @WorkerDirectory.responder
-    def worker_directory(self, workers: list[dict[str, str]]) -> dict:
-        return {}
-
-
 class RawPeer:
     """A bare AMP connection to one of the deployment's listeners, for sending what no real peer would."""
 
-    def __init__(self, deployment: Deployment, factory: Any, port: int, protocol: type = BarePeer) -> None:
+    def __init__(self, deployment: Deployment, factory: Any, port: int, protocol: type = amp.AMP) -> None:
         address = IPv4Address("TCP", "10.9.8.7", port)
         self.protocol, self.server, pump = iosim.connectedServerAndClient(
             lambda: factory.buildProtocol(address),
@@ -84,7 +75,7 @@ class RawPeer:
         return bool(self.server_transport.disconnecting or self.server_transport.disconnected)
 
 
-class BeatingPeer(BarePeer):
+class BeatingPeer(amp.AMP):
     """A bare worker-side connection that answers the master's heartbeats, as a real worker does."""
 
     @Heartbeat.responder

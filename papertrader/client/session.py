@@ -291,7 +291,7 @@ class Session:
     def _lost(self, reason: Failure, client: PaperTraderClient) -> None:
         if client is not self.client:
             return
-        self.client = None
+        self._forget(client)
         if not self._closed and (self._waiting or self._wanted or self._keep_alive is not None):
             # Someone waits for pushes: move to another worker now rather than at the next request.
             self._connected().addErrback(lambda _: None)
@@ -311,12 +311,16 @@ class Session:
         for d in given_up:
             d.callback(failure.value)
 
-    def _switch(self, client: PaperTraderClient) -> None:
-        """Leave ``client``'s worker (it cannot serve the session now): the next request goes elsewhere."""
+    def _forget(self, client: PaperTraderClient) -> None:
+        """``client``'s worker is gone or cannot serve the session now: the next connection tries it last."""
         if client is self.client:
             self.client = None
             if self.address is not None:
                 self._avoid.add(self.address)
+
+    def _switch(self, client: PaperTraderClient) -> None:
+        """Leave ``client``'s worker (it cannot serve the session now): the next request goes elsewhere."""
+        self._forget(client)
         client.close()
 
     # ------------------------------------------------------------ requests
@@ -333,8 +337,8 @@ class Session:
                 last = e
                 if isinstance(e, ServiceUnavailable):
                     self._switch(client)
-                elif client is self.client:
-                    self.client = None  # lost: the next attempt connects afresh
+                else:
+                    self._forget(client)  # lost: the next attempt connects afresh, elsewhere first
                 continue
             returnValue(result)
         raise last

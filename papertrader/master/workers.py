@@ -114,6 +114,9 @@ class WorkerRegistry:
         self.work = SlicedWork(clock, slice_size)
         self.directory = Directory()
         self.directory.on_change(self._push_directory)
+        # The connections that take WorkerDirectory pushes: those whose hello gave a client address
+        # (a worker from before the directory would count each push as a bad request).
+        self._directory_readers: set[BoundedWrites] = set()
 
     def now(self) -> float:
         """The registry's clock, in seconds."""
@@ -198,6 +201,7 @@ class WorkerRegistry:
 
     def remove(self, name: str, connection: BoundedWrites) -> None:
         """Forget ``connection`` (it ended): its name, if it still holds it, and the users it served."""
+        self._directory_readers.discard(connection)
         for username in self._users_of.pop(connection, ()):
             connections = self._serving.get(username)
             if connections is not None:
@@ -213,14 +217,15 @@ class WorkerRegistry:
 
     def publish(self, name: str, connection: BoundedWrites, client_address: str | None) -> None:
         """List worker ``name`` (just accepted on ``connection``) in the directory at ``client_address``,
-        and send it the directory.  A worker without a usable client address is not listed."""
-        if self._holder(name) is not connection:
+        and send it the directory, now and whenever it changes.  A worker without a usable client
+        address is not listed; one that gave none (from before the directory) is sent nothing."""
+        if self._holder(name) is not connection or client_address is None:
             return
-        if client_address is not None:
-            try:
-                self.directory.set(name, client_address)
-            except ValueError as e:
-                self.log.warn("worker {name} is not listed for clients: {reason}", name=name, reason=e)
+        self._directory_readers.add(connection)
+        try:
+            self.directory.set(name, client_address)
+        except ValueError as e:
+            self.log.warn("worker {name} is not listed for clients: {reason}", name=name, reason=e)
         connection.write(self._directory_push())  # the others got it if the list changed; this one now
 
     def _directory_push(self) -> bytes:
@@ -228,8 +233,8 @@ class WorkerRegistry:
 
     def _push_directory(self) -> None:
         data = self._directory_push()
-        for record in list(self.workers.values()):
-            record.connection.write(data)
+        for connection in list(self._directory_readers):
+            connection.write(data)
 
     def kick(self, name: str, reason: str, timeout: float = BOOT_OFF_TIMEOUT) -> Deferred[int | None]:
         """Boot worker ``name`` off now: unlist it, have it tell its clients to go to the other workers

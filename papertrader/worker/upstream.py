@@ -216,9 +216,10 @@ class MasterLink:
         """The master kicked this worker (it closes the link next): reconnect only after the refusal back-off."""
         self._refusals += 1
         self.log.warn(
-            "the master booted this worker off ({reason}); reconnecting in {delay:.0f} s",
+            "the master booted this worker off ({reason}); its clients were sent to the other workers; "
+            "reconnecting after the refusal back-off (at least {delay:.0f} s)",
             reason=reason,
-            delay=self._retry_after_refusal(self._refusals - 1),
+            delay=REFUSED_RETRY_DELAY,
         )
 
     def _lost(self, connection: _MasterAMP) -> None:
