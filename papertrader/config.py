@@ -68,6 +68,7 @@ class MasterConfig:
     idle_timeout: float = 300.0
     logged_in_idle_timeout: float = 3600.0
     heartbeat_interval: float = 10.0
+    nonce_lifetime: float = 30.0
     max_connections: int = 10_000
     hashing_processes: int = 0
     hashing_queue: int = 32
@@ -156,6 +157,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "idle_timeout": ("idle_timeout", positive_seconds),
     "logged_in_idle_timeout": ("logged_in_idle_timeout", positive_seconds),
     "heartbeat_interval": ("heartbeat_interval", positive_seconds),
+    "nonce_lifetime": ("nonce_lifetime", positive_seconds),
     "max_connections": ("max_connections", _int_in(1, 1_000_000)),
     "hashing_processes": ("hashing_processes", _int_in(0, 256)),
     "hashing_queue": ("hashing_queue", _int_in(1, 100_000)),

@@ -63,10 +63,6 @@ class WorkerNotConnected(PaperTraderError):
     """No worker of that name is connected to the master (say, to be kicked)."""
 
 
-class UnknownWorker(PaperTraderError):
-    """An administrator named a worker that is neither registered nor connected."""
-
-
 class AdminRefused(PaperTraderError):
     """The master refused an administrator's request (a taken name, an unusable key, ...); the reason says why."""
 
@@ -103,3 +99,15 @@ class ConfigError(PaperTraderError):
 
 class OrderConflict(PaperTraderError):
     """A client order id was reused for a different order."""
+
+
+class WorkerExists(PaperTraderError):
+    """A worker registration was refused: its name, or its key, is registered already."""
+
+
+class UnknownWorker(PaperTraderError):
+    """No worker of that name is registered (or, to an administrator's request, connected either)."""
+
+
+class WorkerKeyRejected(PaperTraderError):
+    """A worker's OpenPGP key (or its update) cannot be used: not one signing key, expired, revoked, unreadable."""

@@ -7,7 +7,8 @@ Traffic in each direction:
   PurchaseAsset, SellAsset, ListOrders, GetUserPortfolio,
   GetUserTransactionHistory; Subscribe, which the worker answers itself
   (which price ticks the connection wants: none until it asks).
-- worker -> master: WorkerHello first (the handshake), then each client
+- worker -> master: WorkerHello and WorkerProof first (the handshake: the
+  master's nonce signed with the worker's OpenPGP key), then each client
   command relayed with the envelope the worker stamps on it (the time it was
   received and the client's address) -- ``Relayed*`` below -- except orders,
   which travel in batches as SubmitOrders (the orders a client sent together
@@ -59,6 +60,8 @@ from papertrader.errors import (
     ServiceUnavailable,
     SessionInvalid,
     UnknownWorker,
+    WorkerExists,
+    WorkerKeyRejected,
     WorkerRefused,
 )
 from papertrader.paging import BoundedText, page_fields, rows_per_page
@@ -111,7 +114,9 @@ WIRE_CODES: dict[type[PaperTraderError], bytes] = {
     OrderConflict: b"ORDER_CONFLICT",
     PasswordChangeFailed: b"PASSWORD_CHANGE_FAILED",
     Busy: b"BUSY",
+    WorkerExists: b"WORKER_EXISTS",
     UnknownWorker: b"UNKNOWN_WORKER",
+    WorkerKeyRejected: b"WORKER_KEY_REJECTED",
     AdminRefused: b"ADMIN_REFUSED",
 }
 _ERRORS_BY_CODE = {code.decode("ascii"): error for error, code in WIRE_CODES.items()}
@@ -458,7 +463,13 @@ RelayedGetUserTransactionHistory = RELAYED[GetUserTransactionHistory]
 
 
 class WorkerHello(amp.Command):
-    """The worker's handshake: the first command on a worker's connection."""
+    """The worker's handshake, first step: the first command on a worker's connection.
+
+    The worker names itself (and says where clients reach it: ``client_address``,
+    HOST:PORT); the master answers a fresh ``nonce`` for it to sign (WorkerProof),
+    or refuses: the name is not registered, is disabled, or may not connect from
+    this address.
+    """
 
     arguments = [
         (b"name", amp.Unicode()),
@@ -466,6 +477,20 @@ class WorkerHello(amp.Command):
         # The HOST:PORT clients reach this worker on (none: the worker is not listed in the directory).
         (b"client_address", amp.Unicode(optional=True)),
     ]
+    response = [(b"nonce", amp.Unicode())]
+    errors = declared(WorkerRefused)
+
+
+class WorkerProof(amp.Command):
+    """The worker's handshake, second step: its OpenPGP signature (an armored signed message) over
+    `papertrader.gpg.proof_statement` of its name and the nonce.
+
+    The master answers with how the link runs from here on, or refuses (and
+    closes the connection): not the worker's registered key, not this nonce, the
+    nonce expired or spent, the key expired or revoked.
+    """
+
+    arguments = [(b"signature", amp.Unicode())]
     response = [
         (b"update_interval", amp.Float()),
         # Seconds between the Heartbeats each side sends; a link silent for two is closed.

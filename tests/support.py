@@ -8,6 +8,7 @@ unit tests drive the real SQL deterministically, without threads or real time.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -17,15 +18,19 @@ from twisted.test import iosim
 
 from papertrader.assets import Asset
 from papertrader.client.library import ClientAMP, PaperTraderClient, client_from_connection
+from papertrader.gpg import proof_statement
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import CHUNK_ORDERS, Database
 from papertrader.master.exchange import Exchange
 from papertrader.master.market import PriceBoard
 from papertrader.master.protocol import MasterFactory, MasterLocator
+from papertrader.master.registration import RegisteredWorker, WorkerRegistrations, parse_networks
 from papertrader.master.workers import WorkerRegistry
+from papertrader.protocol import WorkerHello, WorkerProof
 from papertrader.worker.cache import QuoteCache
 from papertrader.worker.clients import ClientFactory, ClientLocator, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
+from tests.gpgkeys import WorkerKey, cached_key, master_keyring, registered_key
 
 ASSETS = {
     "AAPL": Asset("AAPL", "Apple Inc.", "NASDAQ", "Technology", "Consumer Electronics", 19_000),
@@ -109,11 +114,21 @@ class Deployment:
         )
         self.registry = WorkerRegistry(self.clock)
         self.registry.follow(self.exchange)
+        # Real gpg, run at once instead of in a thread; the key made once per test process.
+        self.registrations = WorkerRegistrations(self.database, master_keyring(), self.clock, run_in_thread=run_now)
+        self.worker_key = self.register("test-worker")
         # No TLS in memory: the name a worker's certificate would carry is given here.
         self.certified_names: list[str] = ["test-worker"]
+        self.nonce_lifetime = 30.0
         self.master_factory = MasterFactory(
             lambda: MasterLocator(
-                self.exchange, self.registry, 60.0, certified_name=lambda transport: self.certified_names[0]
+                self.exchange,
+                self.registry,
+                60.0,
+                certified_name=lambda transport: self.certified_names[0],
+                registrations=self.registrations,
+                clock=self.clock,
+                nonce_lifetime=self.nonce_lifetime,
             ),
             clock=self.clock,
         )
@@ -129,6 +144,7 @@ class Deployment:
             MasterPushes(self.cache, self.clients, clock=self.clock),
             served_users=lambda: list(self.clients.by_user),
             client_count=lambda: len(self.clients.connections),
+            sign=self.signer(self.worker_key),
         )
         self.batcher = OrderBatcher(self.clock, self.link.call, master_takes_groups=lambda: self.link.order_groups)
         self.client_factory = ClientFactory(
@@ -136,6 +152,38 @@ class Deployment:
         )
         self.pumps: list[iosim.IOPump] = []
         self.connect_worker()
+
+    def register(self, name: str, networks: tuple[str, ...] = ()) -> WorkerKey:
+        """Register test worker ``name`` (its key made once per process) with this master; return its key.
+
+        The key was checked and imported into the shared master keyring once
+        (`registered_key`); here only the database row is written, saving the
+        gpg runs `WorkerRegistrations.add` makes (tested in test_registration).
+        """
+        key = registered_key(name)
+        worker = RegisteredWorker(
+            name, str(uuid.uuid4()), key.fingerprint, key.public_key, parse_networks(networks), True, "t"
+        )
+        self.result(self.database.add_worker(worker))
+        return key
+
+    @staticmethod
+    def signer(key: WorkerKey) -> Any:
+        """A MasterLink's ``sign`` that signs with ``key`` at once (real gpg, no thread)."""
+        return lambda data: run_now(key.sign, data)
+
+    def handshake(self, connection: Any, name: str, key: WorkerKey | None = None) -> Deferred:
+        """Complete the worker handshake as ``name`` on the raw AMP ``connection``, signing with ``key``
+        (by default ``name``'s cached key, registered first if it is not)."""
+        if key is None:
+            key = cached_key(name)
+            if self.result(self.registrations.find(name)) is None:
+                self.register(name)
+
+        def prove(answer: dict[str, Any]) -> Deferred:
+            return connection.callRemote(WorkerProof, signature=key.sign(proof_statement(name, answer["nonce"])))
+
+        return connection.callRemote(WorkerHello, name=name, version="0").addCallback(prove)
 
     def connect_worker(self) -> Any:
         """(Re)connect the worker to the master (closing the link it has) and run its handshake."""
@@ -194,7 +242,8 @@ class Deployment:
         """Flush, then return what ``d`` fired with (raising its failure)."""
         results: list[Any] = []
         d.addBoth(results.append)
-        self.flush()
+        if hasattr(self, "pumps"):
+            self.flush()
         assert results, "the Deferred did not fire"
         if hasattr(results[0], "raiseException"):
             results[0].raiseException()
@@ -232,6 +281,8 @@ class SimWorker:
         self.up = True
         self.cache = QuoteCache()
         self.clients = ClientRegistry(deployment.clock)
+        if deployment.result(deployment.registrations.find(name)) is None:
+            deployment.register(name)
         self.link = MasterLink(
             deployment.clock,
             None,
@@ -244,6 +295,7 @@ class SimWorker:
                 on_boot_off=lambda reason: self.link.booted_off(reason),
             ),
             served_users=lambda: list(self.clients.by_user),
+            sign=Deployment.signer(cached_key(name)),
             client_address=lambda: self.address,
             client_count=lambda: len(self.clients.connections),
         )

@@ -28,10 +28,18 @@ from papertrader.admin.protocol import (
     RemoveWorker,
     WorkerInfo,
 )
-from papertrader.errors import AdminRefused, ServiceUnavailable, UnknownWorker, WorkerRefused
+from papertrader.errors import (
+    AdminRefused,
+    ServiceUnavailable,
+    UnknownWorker,
+    WorkerExists,
+    WorkerKeyRejected,
+    WorkerRefused,
+)
 from papertrader.master.admin import AdminFactory, AdminLocator, WorkerAdmin
 from papertrader.master.workers import WorkerRegistry
 from papertrader.wire import BAD_REQUEST, PEER_LOG
+from tests.gpgkeys import cached_key
 from tests.support import Deployment
 
 KEY = "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZ...\n-----END PGP PUBLIC KEY BLOCK-----\n"
@@ -369,3 +377,50 @@ class PrivateSocketTests(TestCase):
             self.assertLessEqual(len(name), unixsocket.MAX_SOCKET_PATH)
             answer = yield self.ask_and_close(name)
         self.assertEqual(answer["pages"], 1)
+
+
+class RealRegistrationsTests(SynchronousTestCase):
+    """The admin commands on the master's real registry of workers (the database, the keyring, real gpg)."""
+
+    def setUp(self) -> None:
+        PEER_LOG.__init__()
+        self.deployment = d = Deployment(self.mktemp())
+        factory = AdminFactory(lambda: AdminLocator(WorkerAdmin(d.registry, d.registrations)), clock=d.clock)
+        self.client, _, pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(None), amp.AMP, clock=d.clock
+        )
+        d.pumps.append(pump)
+
+    def ask(self, command: type[amp.Command], **arguments: Any) -> Any:
+        return self.deployment.result(self.client.callRemote(command, **arguments))
+
+    def test_add_list_info_remove(self) -> None:
+        """A worker added with its public key is stored with the key's fingerprint and listed beside the
+        connected, registered test worker; a second add, or a key that is none, is refused with its code."""
+        key = cached_key("eu-1")
+        stored = self.ask(AddWorker, name="eu-1", key=key.public_key, networks=["192.0.2.0/24"])
+        self.assertEqual((stored["fingerprint"], stored["networks"]), (key.fingerprint, ["192.0.2.0/24"]))
+        self.assertRaises(WorkerExists, self.ask, AddWorker, name="eu-1", key=key.public_key)
+        self.assertRaises(WorkerKeyRejected, self.ask, AddWorker, name="eu-2", key=KEY)
+        rows = {row["name"]: row for row in self.ask(ListAllWorkers)["workers"]}
+        self.assertEqual(sorted(rows), ["eu-1", "test-worker"])
+        self.assertEqual((rows["eu-1"]["registered"], rows["eu-1"]["connected"]), (True, False))
+        self.assertEqual((rows["test-worker"]["registered"], rows["test-worker"]["connected"]), (True, True))
+        self.assertEqual(rows["test-worker"]["fingerprint"], self.deployment.worker_key.fingerprint)
+        info = self.ask(WorkerInfo, name="eu-1")
+        self.assertEqual(info["uuid"], stored["uuid"])
+        self.assertEqual(info["all_networks"], ["192.0.2.0/24"])
+        self.assertEqual(self.ask(RemoveWorker, name="eu-1"), {"name": "eu-1", "enabled": None, "disconnected": False})
+        self.assertRaises(UnknownWorker, self.ask, WorkerInfo, name="eu-1")
+
+    def test_disabled_worker_disconnected_and_refused(self) -> None:
+        """Disabling the connected worker disconnects it, and its handshake is refused until it is enabled."""
+        d = self.deployment
+        self.assertTrue(self.ask(DisableWorker, name="test-worker")["disconnected"])
+        d.advance(10)
+        self.assertIsNone(d.registry.get("test-worker"))
+        d.connect_worker()
+        self.assertIsNone(d.registry.get("test-worker"))
+        self.assertFalse(self.ask(EnableWorker, name="test-worker")["disconnected"])
+        d.connect_worker()
+        self.assertIsNotNone(d.registry.get("test-worker"))

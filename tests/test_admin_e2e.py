@@ -78,7 +78,8 @@ class AdminEndToEndTests(TestCase):
                 break
             yield deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(row["name"], "local-1")
-        self.assertEqual((row["connected"], row["registered"]), (True, False))
+        self.assertEqual((row["connected"], row["registered"], row["enabled"]), (True, True, True))
+        self.assertEqual(len(row["fingerprint"]), 40)  # the key the master made and registered for it
         self.assertTrue(row["address"].startswith("127.0.0.1:"), row)
         self.assertEqual(row["client_address"], f"{host}:{port}")
         self.assertEqual(row["version"], __version__)
@@ -92,11 +93,12 @@ class AdminEndToEndTests(TestCase):
         self.assertEqual(code, 0, err)
         header, line = text.splitlines()
         self.assertEqual(header.split()[:3], ["NAME", "STATE", "CONNECTED"])
-        self.assertEqual(line.split()[:5], ["local-1", "unregistered", "yes", row["address"], f"{host}:{port}"])
+        self.assertEqual(line.split()[:5], ["local-1", "enabled", "yes", row["address"], f"{host}:{port}"])
 
         info = yield self.admin_json("worker", "info", "local-1")
-        for key in ("address", "client_address", "connected_since", "version"):
+        for key in ("address", "client_address", "connected_since", "version", "fingerprint"):
             self.assertEqual(info[key], row[key])
+        self.assertEqual(len(info["uuid"]), 36)
         self.assertGreaterEqual(info["commands_forwarded"], row["commands_forwarded"])
         live = info["live"]
         self.assertEqual((live["clients"], live["sessions"]), (1, 0))
@@ -184,5 +186,6 @@ class KickEndToEndTests(TestCase):
 
         rows = {row["name"]: row for row in json.loads((yield run_admin(d, "worker", "list", "--json"))[1])}
         self.assertEqual(rows["local-2"]["connected"], True)
-        if "local-1" in rows:  # back after its back-off: a new connection, counted afresh
+        self.assertTrue(rows["local-1"]["registered"])  # kicked, not forgotten: it may come back
+        if rows["local-1"]["connected"]:  # back after its back-off: a new connection, counted afresh
             self.assertLessEqual(rows["local-1"]["commands_forwarded"], 1)

@@ -98,8 +98,8 @@ class EndToEndTests(TestCase):
             master_events = f.read()
         self.assertRegex(
             master_events,
-            r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00 \[info\] papertrader/master/protocol\.py:\d+ hello: "
-            r"worker local-1 \(version [\d.]+\) connected",
+            r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00 \[info\] papertrader/master/protocol\.py:\d+ proof: "
+            r"worker local-1 \(version [\d.]+, key [0-9A-F]{40}\) connected",
         )
         self.assertIn("settling the order queue", master_events)
         with open(os.path.join(logs, "worker-local-1-events.log"), encoding="utf-8") as f:

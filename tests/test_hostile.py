@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
@@ -202,7 +203,8 @@ class HostileInputTests(TestCase):
 
     @inlineCallbacks
     def test_unreadable_requests(self) -> Any:
-        """Thousands of unreadable requests get declared BAD_REQUEST answers, cost a few log lines, then a drop."""
+        """Thousands of unreadable requests get declared BAD_REQUEST answers (on the master, before a
+        worker's handshake: the handshake refusal), cost a few log lines, then a drop."""
         log_before = self.log_sizes()
         for name, port, options in self.listeners():
             # One connection: each kind gets its declared answer.
@@ -214,10 +216,20 @@ class HostileInputTests(TestCase):
                 connection.callRemoteString(b"GetAssetValue", symbol=b"\xff\xfe\xfd"),
                 connection.callRemoteString(b"NoSuchCommand"),
             ]
-            for ask in asks:
-                error = yield self.assertFailure(ask, amp.RemoteAmpError)
-                self.assertEqual(error.errorCode, b"BAD_REQUEST", f"{name}: {error}")
-            connection.transport.loseConnection()
+            if name == "master":
+                # Before its handshake a worker connection is answered nothing else: each request that
+                # arrived is refused, as the connection is closed.
+                for ask in asks:
+                    error = yield self.assertFailure(ask, amp.RemoteAmpError, ConnectionDone, ConnectionLost)
+                    if isinstance(error, amp.RemoteAmpError):
+                        self.assertEqual(error.errorCode, b"SERVICE_UNAVAILABLE", f"{name}: {error}")
+                        self.assertIn("has not completed its handshake", str(error))
+            else:
+                for ask in asks:
+                    error = yield self.assertFailure(ask, amp.RemoteAmpError)
+                    self.assertEqual(error.errorCode, b"BAD_REQUEST", f"{name}: {error}")
+            if connection.transport is not None:
+                connection.transport.loseConnection()
             # 100 connections pipelining 20 bad boxes each (2,000 boxes): each is dropped.
             bad_login = _box(_command=b"Login", _ask=b"1", username=b"a", password=b"b", remember=b"maybe")
             flood = bad_login * MAX_BAD_REQUESTS

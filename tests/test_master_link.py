@@ -59,7 +59,8 @@ class RefusedLinkTests(SynchronousTestCase):
     def start(self, name: str, pumped: bool = True) -> tuple[MasterLink, MasterEndpoint, list[Any]]:
         """Start a link named ``name``; return it, its endpoint and the events it logs meanwhile."""
         endpoint = MasterEndpoint(self.deployment, pumped)
-        link = MasterLink(self.deployment.clock, endpoint, name, QuoteCache(), None)
+        key = self.deployment.register(name)
+        link = MasterLink(self.deployment.clock, endpoint, name, QuoteCache(), None, sign=Deployment.signer(key))
         with capturedLogs() as events:
             link.service.startService()
             self.deployment.flush()

@@ -437,20 +437,24 @@ class HandshakeTests(SynchronousTestCase):
     """The master answers a connection only after its WorkerHello."""
 
     def test_commands_before_hello_refused(self) -> None:
-        """Every command before the handshake is refused as unavailable, without dropping the link."""
+        """A command before the handshake is refused (declared, saying why) and the connection closed;
+        the registered worker keeps serving."""
         deployment = Deployment(self.mktemp())
-        stranger, _, pump = iosim.connectedServerAndClient(
-            lambda: deployment.master_factory.buildProtocol(None), amp.AMP, clock=deployment.clock
-        )
-        deployment.pumps.append(pump)
         for command, arguments in (
             (ListAssets, {}),
             (RelayedGetUserPortfolio, {"token": "t", "received_at": "t", "client_address": "a"}),
         ):
+            stranger, server, pump = iosim.connectedServerAndClient(
+                lambda: deployment.master_factory.buildProtocol(None), amp.AMP, clock=deployment.clock
+            )
+            deployment.pumps.append(pump)
             answer = stranger.callRemote(command, **arguments)
             failure = self.assertRaises(ServiceUnavailable, deployment.result, answer)
-            self.assertIn("handshake", str(failure))
+            self.assertIn("has not completed its handshake", str(failure))
+            self.assertIsNone(server.transport)  # closed: the connection has ended
         self.assertEqual(list(deployment.registry.workers), ["test-worker"])
+        alice = deployment.logged_in("alice")
+        self.assertIn("order_id", deployment.result(alice.buy("AAPL", 1)))
 
     def test_name_must_match_certificate(self) -> None:
         """A worker may only take the name its certificate carries; the named worker stays connected."""

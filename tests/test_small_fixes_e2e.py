@@ -97,6 +97,8 @@ class RefusedWorkerTests(TestCase):
             "--master", f"localhost:{self.master_port}",
             "--listen", "tcp:0:interface=127.0.0.1",
             "--ca", identity.ca, "--cert", identity.certificate, "--key", identity.key,
+            # local-1's key (registered as local-1 only): what these workers are refused for is their certificate.
+            "--gnupg-home", os.path.join(self.deployment.data, "workers", "local-1", "gnupg"),
             "--event-log", os.path.join(base, "events.log"),
         ]
         watcher = _Watcher()

@@ -195,7 +195,12 @@ class WorkerOptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         directory = os.path.abspath(self.mktemp())
         self.identity = tls.ensure_identity(directory, "worker", "papertrader-worker", ["localhost"])
-        self.tlsArgs = ["--ca", self.identity.ca, "--cert", self.identity.certificate, "--key", self.identity.key]
+        self.gnupg_home = os.path.join(directory, "gnupg")
+        os.makedirs(self.gnupg_home)
+        self.tlsArgs = [
+            "--ca", self.identity.ca, "--cert", self.identity.certificate, "--key", self.identity.key,
+            "--gnupg-home", self.gnupg_home,
+        ]
         # makeService tunes this process's garbage collector; the test process keeps its own.
         self.addCleanup(gc.set_threshold, *gc.get_threshold())
 
@@ -229,9 +234,22 @@ class WorkerOptionsTests(SynchronousTestCase):
                 master_port=3000,
                 listen="tcp:0",
                 identity=self.identity,
+                gnupg_home=self.gnupg_home,
                 address_file=address_file,
             ),
         )
+
+    def test_gpg_options(self) -> None:
+        """--gnupg-home must be a directory; --key-fingerprint and --public-address (HOST:PORT) are optional."""
+        config = self.parse("--key-fingerprint", "ABCD", "--public-address", "w1.example:2049", *self.tlsArgs).config
+        self.assertEqual(
+            (config.gnupg_home, config.key_fingerprint, config.public_address),
+            (self.gnupg_home, "ABCD", "w1.example:2049"),
+        )
+        self.assertIsNone(self.parse(*self.tlsArgs).config.key_fingerprint)
+        message = self.usageError(*self.tlsArgs, "--gnupg-home", "/nonexistent/gnupg", "--public-address", "w1:x")
+        self.assertIn("--gnupg-home: no directory /nonexistent/gnupg", message)
+        self.assertIn("--public-address: expected HOST:PORT", message)
 
     def test_defaults(self) -> None:
         """By default a worker is named after the host and talks to C{localhost:2048}."""
@@ -308,11 +326,13 @@ class WorkerOptionsTests(SynchronousTestCase):
 
     def test_everyProblemListed(self) -> None:
         """All problems are reported in one error."""
-        message = self.usageError("--master", "x:y", "--listen", "2049", "--key", self.identity.key)
+        message = self.usageError(
+            "--master", "x:y", "--listen", "2049", "--key", self.identity.key, "--gnupg-home", "/nonexistent"
+        )
         self.assertTrue(message.startswith("invalid options:"), message)
-        for part in ("--master: ", "--listen: ", "--ca is required", "--cert is required"):
+        for part in ("--master: ", "--listen: ", "--gnupg-home: ", "--ca is required", "--cert is required"):
             self.assertIn(part, message)
-        self.assertEqual(len(message.splitlines()), 5, message)
+        self.assertEqual(len(message.splitlines()), 6, message)
 
     def test_connectionCap(self) -> None:
         """C{--max-connections} (10,000 by default) caps the client listener; it must be a whole number >= 1."""

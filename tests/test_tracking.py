@@ -5,11 +5,12 @@ from __future__ import annotations
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
-from papertrader import __version__
+from papertrader import __version__, gpg
 from papertrader.errors import LoginFailed, ServiceUnavailable
 from papertrader.master.workers import ConnectedWorker
-from papertrader.protocol import WorkerDirectory, WorkerHello
+from papertrader.protocol import WorkerDirectory, WorkerHello, WorkerProof
 from papertrader.wire import PEER_LOG
+from tests.gpgkeys import cached_key
 from tests.support import Deployment
 from tests.test_wire import RawPeer
 
@@ -112,27 +113,31 @@ class TrackingTests(SynchronousTestCase):
         self.assertEqual(record.connected_since, 1_800_000_100.0)
         self.assertEqual(record.commands_forwarded, 0)
 
+    def accept(self, name: str, port: int, version: str = "1", client_address: str | None = None) -> None:
+        """Connect a bare worker ``name`` (registered, with its key) and complete its handshake."""
+        d = self.deployment
+        d.register(name)
+        d.certified_names[0] = name
+        peer = RawPeer(d, d.master_factory, port, DirectoryReader)
+        hello = peer.protocol.callRemote(WorkerHello, name=name, version=version, client_address=client_address)
+        nonce = d.result(hello)["nonce"]
+        signature = cached_key(name).sign(gpg.proof_statement(name, nonce))
+        d.result(peer.protocol.callRemote(WorkerProof, signature=signature))
+
     def test_bad_client_address_not_kept(self) -> None:
         """A hello whose client address is not HOST:PORT is accepted, but the record (like the directory)
         holds no client address for it."""
         d = self.deployment
-        for number, bad in enumerate(("no-port", "host:99999", "x" * 400 + ":1", "a\nb:1")):
-            name = f"other-{number}"
-            d.certified_names[0] = name
-            peer = RawPeer(d, d.master_factory, 50040 + number, DirectoryReader)
-            d.result(peer.protocol.callRemote(WorkerHello, name=name, version="1", client_address=bad))
-            self.assertIsNone(d.registry.get(name).client_address)
-        d.certified_names[0] = "v6"
-        peer = RawPeer(d, d.master_factory, 50049, DirectoryReader)
-        d.result(peer.protocol.callRemote(WorkerHello, name="v6", version="1", client_address="[::1]:2049"))
+        for number, bad in enumerate(("no-port", "host:99999", "a\nb:1")):
+            self.accept(f"other-{number}", 50040 + number, client_address=bad)
+            self.assertIsNone(d.registry.get(f"other-{number}").client_address)
+        self.accept("v6", 50049, client_address="[::1]:2049")
         self.assertEqual(d.registry.get("v6").client_address, "[::1]:2049")
 
     def test_hello_without_client_address(self) -> None:
         """A worker from before the client address is still accepted; its record has none."""
         d = self.deployment
-        d.certified_names[0] = "old"
-        peer = RawPeer(d, d.master_factory, 50050)
-        d.result(peer.protocol.callRemote(WorkerHello, name="old", version="0.0.9"))
+        self.accept("old", 50050, version="0.0.9")
         record = d.registry.get("old")
         self.assertIsNone(record.client_address)
         self.assertEqual(record.version, "0.0.9")

@@ -26,7 +26,7 @@ from papertrader.protocol import (
     OrderGroup,
     OrderRequest,
     SubmitOrders,
-    WorkerHello,
+    WorkerDirectory,
 )
 from papertrader.wire import MAX_BAD_REQUESTS, PEER_LOG, GuardedAMP, LogLimiter, note
 from tests.support import Deployment
@@ -47,10 +47,18 @@ class LoggedEvents:
         return [e for e in self.events if "log_failure" in e]
 
 
+class BareAMP(amp.AMP):
+    """A bare AMP peer that takes the master's WorkerDirectory pushes (and ignores them), as a worker must."""
+
+    @WorkerDirectory.responder
+    def directory(self, workers: list[dict[str, str]]) -> dict:
+        return {}
+
+
 class RawPeer:
     """A bare AMP connection to one of the deployment's listeners, for sending what no real peer would."""
 
-    def __init__(self, deployment: Deployment, factory: Any, port: int, protocol: type = amp.AMP) -> None:
+    def __init__(self, deployment: Deployment, factory: Any, port: int, protocol: type = BareAMP) -> None:
         address = IPv4Address("TCP", "10.9.8.7", port)
         self.protocol, self.server, pump = iosim.connectedServerAndClient(
             lambda: factory.buildProtocol(address),
@@ -75,7 +83,7 @@ class RawPeer:
         return bool(self.server_transport.disconnecting or self.server_transport.disconnected)
 
 
-class BeatingPeer(amp.AMP):
+class BeatingPeer(BareAMP):
     """A bare worker-side connection that answers the master's heartbeats, as a real worker does."""
 
     @Heartbeat.responder
@@ -163,6 +171,8 @@ class BadRequestTests(SynchronousTestCase):
         """The master's listener answers a worker's unreadable request with BAD_REQUEST and keeps the link."""
         peer = RawPeer(self.deployment, self.deployment.master_factory, 50001)
         self.assertIn("missing argument", self.bad(peer.ask(b"WorkerHello", name=b"w")))
+        self.deployment.certified_names[0] = "raw"
+        self.deployment.result(self.deployment.handshake(peer.protocol, "raw"))
         self.assertIn("malformed", self.bad(peer.ask(b"SubmitOrders", orders=b"[{\"side\": 1}]")))
         self.assertFalse(peer.closed)
         self.assertEqual(self.log.failures(), [])
@@ -171,7 +181,7 @@ class BadRequestTests(SynchronousTestCase):
         """A SubmitOrders row that is not an order the worker could have sent is a bad request."""
         peer = RawPeer(self.deployment, self.deployment.master_factory, 50002)
         self.deployment.certified_names[0] = "raw"
-        self.deployment.result(peer.protocol.callRemote(WorkerHello, name="raw", version="0"))
+        self.deployment.result(self.deployment.handshake(peer.protocol, "raw"))
         for rows in (b"{}", b"[1]", b'[{"side": "buy"}]', b"[" + b'{"side":"x"},' * 200 + b"{}]", b"not json"):
             self.bad(peer.ask(b"SubmitOrders", orders=rows))
 
@@ -180,7 +190,7 @@ class BadRequestTests(SynchronousTestCase):
         """A SubmitOrders group that is not one the worker could have sent is a bad request; nothing is stored."""
         peer = RawPeer(self.deployment, self.deployment.master_factory, 50003)
         self.deployment.certified_names[0] = "raw"
-        self.deployment.result(peer.protocol.callRemote(WorkerHello, name="raw", version="0"))
+        self.deployment.result(self.deployment.handshake(peer.protocol, "raw"))
         group = b'{"token": "t", "received_at": "a", "client_address": "c", "orders": %s}'
         for groups in (
             b"{}",
@@ -207,7 +217,7 @@ class BadRequestTests(SynchronousTestCase):
         groups: one result per order, the rows' first, then each group's orders in turn."""
         peer = RawPeer(self.deployment, self.deployment.master_factory, 50004)
         self.deployment.certified_names[0] = "raw"
-        self.deployment.result(peer.protocol.callRemote(WorkerHello, name="raw", version="0"))
+        self.deployment.result(self.deployment.handshake(peer.protocol, "raw"))
         token = self.alice.token
         rows = [OrderRequest("buy", token, "AAPL", "1", "t0", "10.0.0.1:1", "row-1")]
         groups = [
@@ -338,7 +348,7 @@ class WorkerNameTests(SynchronousTestCase):
         error = self.assertRaises(
             WorkerRefused,
             self.deployment.result,
-            intruder.protocol.callRemote(WorkerHello, name="test-worker", version="0"),
+            self.deployment.handshake(intruder.protocol, "test-worker"),
         )
         self.assertIn("already connected", str(error))
         self.assertIs(self.deployment.registry.workers["test-worker"], first)
@@ -350,7 +360,7 @@ class WorkerNameTests(SynchronousTestCase):
         """When the old connection does not answer the ping, the new one takes the name."""
         self.deployment.pumps.remove(self.deployment.master_pump)  # the old link hears nothing any more
         newcomer = RawPeer(self.deployment, self.deployment.master_factory, 50031)
-        d = newcomer.protocol.callRemote(WorkerHello, name="test-worker", version="0")
+        d = self.deployment.handshake(newcomer.protocol, "test-worker")
         self.deployment.advance(11, step=1)
         self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
         self.assertIs(self.deployment.registry.workers["test-worker"].connection, newcomer.server)
@@ -364,13 +374,13 @@ class WorkerNameTests(SynchronousTestCase):
         """
         self.deployment.pumps.remove(self.deployment.master_pump)  # the old link hears nothing any more
         newcomer = RawPeer(self.deployment, self.deployment.master_factory, 50032)
-        newcomer.protocol.callRemote(WorkerHello, name="test-worker", version="0").addErrback(lambda _: None)
+        self.deployment.handshake(newcomer.protocol, "test-worker").addErrback(lambda _: None)
         self.deployment.flush()
         newcomer.protocol.transport.loseConnection()
         self.deployment.advance(11, step=1)
         self.assertIsNot(self.deployment.registry._holder("test-worker"), newcomer.server)
         third = RawPeer(self.deployment, self.deployment.master_factory, 50033, BeatingPeer)
-        d = third.protocol.callRemote(WorkerHello, name="test-worker", version="0")
+        d = self.deployment.handshake(third.protocol, "test-worker")
         self.deployment.advance(11, step=1)
         self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
         self.assertIs(self.deployment.registry.workers["test-worker"].connection, third.server)

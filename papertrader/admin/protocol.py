@@ -13,15 +13,17 @@ control; nothing else is asked.
 - KickWorker: disconnect a worker now; its clients are told to go elsewhere.
 
 Every list answer is paged (`papertrader.paging`); every failure is declared:
-UnknownWorker for a name the master does not know, AdminRefused for a request
-it will not do, and BadRequest and ServiceUnavailable like every command.
+UnknownWorker for a name the master does not know, WorkerExists and
+WorkerKeyRejected for a registration it refuses, AdminRefused for another
+request it will not do, and BadRequest and ServiceUnavailable like every
+command.
 """
 
 from __future__ import annotations
 
 from twisted.protocols import amp
 
-from papertrader.errors import AdminRefused, UnknownWorker
+from papertrader.errors import AdminRefused, UnknownWorker, WorkerExists, WorkerKeyRejected
 from papertrader.paging import BoundedText, page_fields, rows_per_page
 from papertrader.protocol import JSON, MAX_TIMESTAMP_LENGTH, MAX_WORKER_ADDRESS_LENGTH, declared
 
@@ -103,7 +105,9 @@ STORED_FIELDS = [
 class AddWorker(amp.Command):
     """Register a worker: its name, its armored OpenPGP public key, and the networks (CIDR) it may connect from.
 
-    No ``networks``: from anywhere.  A taken name or an unusable key: AdminRefused.
+    No ``networks``: from anywhere.  A taken name or key: WorkerExists; a key
+    that is not one usable public signing key: WorkerKeyRejected; a bad name or
+    network: AdminRefused.
     """
 
     arguments = [
@@ -112,7 +116,7 @@ class AddWorker(amp.Command):
         (b"networks", amp.ListOf(amp.Unicode(), optional=True)),
     ]
     response = STORED_FIELDS
-    errors = dict(_ERRORS)
+    errors = declared(UnknownWorker, AdminRefused, WorkerExists, WorkerKeyRejected)
 
 
 # What the commands that change one worker answer: its name, whether it is now enabled (if it is

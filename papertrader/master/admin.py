@@ -34,7 +34,15 @@ from papertrader.admin.protocol import (
     RemoveWorker,
     WorkerInfo,
 )
-from papertrader.errors import AdminRefused, PaperTraderError, ServiceUnavailable, UnknownWorker, WorkerNotConnected
+from papertrader.errors import (
+    AdminRefused,
+    PaperTraderError,
+    ServiceUnavailable,
+    UnknownWorker,
+    WorkerExists,
+    WorkerKeyRejected,
+    WorkerNotConnected,
+)
 from papertrader.eventlog import EventLogger
 from papertrader.master.workers import STATUS_TIMEOUT, ConnectedWorker, WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
@@ -248,7 +256,7 @@ def _answered(responder: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _declared(failure: Failure) -> Failure:
-    if failure.check(UnknownWorker, AdminRefused, ServiceUnavailable):
+    if failure.check(UnknownWorker, AdminRefused, ServiceUnavailable, WorkerExists, WorkerKeyRejected):
         return failure
     if failure.check(PaperTraderError):
         return Failure(AdminRefused(str(failure.value)))

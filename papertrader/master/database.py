@@ -38,7 +38,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from papertrader.errors import DataFailed, RegisterFailed
+from papertrader.errors import DataFailed, RegisterFailed, WorkerExists
+from papertrader.master.registration import RegisteredWorker
 from papertrader.master.trading import (
     BUY,
     AccountState,
@@ -774,6 +775,77 @@ class Database:
                 (remember_idle_since,),
             )
 
+    # ------------------------------------------------------------ registered workers
+
+    _WORKER_COLUMNS = "name, uuid, fingerprint, public_key, networks, enabled, added_at"
+
+    def add_worker(self, worker: RegisteredWorker) -> Deferred[None]:
+        """Store a worker's registration; WorkerExists if its name or its key's fingerprint is taken."""
+        return self._run(self._add_worker, worker)
+
+    @classmethod
+    def _add_worker(cls, txn: Cursor, worker: RegisteredWorker) -> None:
+        txn.execute(
+            "SELECT name, fingerprint FROM workers WHERE name = ? OR fingerprint = ?", (worker.name, worker.fingerprint)
+        )
+        for name, _fingerprint in txn.fetchall():
+            raise _worker_exists(worker, name)
+        try:
+            txn.execute(
+                f"INSERT INTO workers ({cls._WORKER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", _worker_row(worker)
+            )
+        except txn.dialect.integrity_errors:
+            raise WorkerExists(
+                f"a worker named {worker.name!r}, or one with this key, was registered meanwhile"
+            ) from None
+
+    def find_worker(self, name: str) -> Deferred[RegisteredWorker | None]:
+        """The registration of the worker called ``name``, or None."""
+        return self._run(self._find_worker, name)
+
+    @classmethod
+    def _find_worker(cls, txn: Cursor, name: str) -> RegisteredWorker | None:
+        txn.execute(f"SELECT {cls._WORKER_COLUMNS} FROM workers WHERE name = ?", (name,))
+        row = txn.fetchone()
+        return None if row is None else _registered_worker(row)
+
+    def list_workers(self) -> Deferred[list[RegisteredWorker]]:
+        """Every registered worker, by name."""
+        return self._run(self._list_workers)
+
+    @classmethod
+    def _list_workers(cls, txn: Cursor) -> list[RegisteredWorker]:
+        txn.execute(f"SELECT {cls._WORKER_COLUMNS} FROM workers ORDER BY name")
+        return [_registered_worker(row) for row in txn.fetchall()]
+
+    def set_worker_enabled(self, name: str, enabled: bool) -> Deferred[bool]:
+        """Enable or disable worker ``name``; fires with False if there is none."""
+        return self._run(self._changed, "UPDATE workers SET enabled = ? WHERE name = ?", (int(enabled), name))
+
+    def remove_worker(self, name: str) -> Deferred[bool]:
+        """Forget worker ``name``; fires with False if there was none."""
+        return self._run(self._changed, "DELETE FROM workers WHERE name = ?", (name,))
+
+    def set_worker_key(self, name: str, fingerprint: str, public_key: str) -> Deferred[bool]:
+        """Give worker ``name`` a (new or updated) key; False if there is no such worker, WorkerExists if
+        another worker has this key."""
+        return self._run(self._set_worker_key, name, fingerprint, public_key)
+
+    @classmethod
+    def _set_worker_key(cls, txn: Cursor, name: str, fingerprint: str, public_key: str) -> bool:
+        txn.execute("SELECT name FROM workers WHERE fingerprint = ? AND name <> ?", (fingerprint, name))
+        row = txn.fetchone()
+        if row is not None:
+            raise WorkerExists(f"this key is registered to worker {row[0]!r} already")
+        return cls._changed(
+            txn, "UPDATE workers SET fingerprint = ?, public_key = ? WHERE name = ?", (fingerprint, public_key, name)
+        )
+
+    @staticmethod
+    def _changed(txn: Cursor, statement: str, parameters: Sequence[Any]) -> bool:
+        txn.execute(statement, parameters)
+        return txn.rowcount > 0
+
     # ------------------------------------------------------------ users
 
     def change_password(self, user_id: int, old_hash: str, new_hash: str) -> Deferred[list[str] | None]:
@@ -1297,6 +1369,29 @@ def _newest_first_page(
     pages = page_count(total, per_page)
     next_cursor = encode_cursor(top, rows[-1][0], page + 1) if page < pages else None
     return Page(rows, page, pages, next_cursor)
+
+
+def _worker_row(worker: RegisteredWorker) -> tuple[Any, ...]:
+    return (
+        worker.name,
+        worker.uuid,
+        worker.fingerprint,
+        worker.public_key,
+        " ".join(worker.networks),
+        int(worker.enabled),
+        worker.added_at,
+    )
+
+
+def _registered_worker(row: Sequence[Any]) -> RegisteredWorker:
+    name, uuid, fingerprint, public_key, networks, enabled, added_at = row
+    return RegisteredWorker(name, uuid, fingerprint, public_key, tuple(networks.split()), bool(enabled), added_at)
+
+
+def _worker_exists(worker: RegisteredWorker, name: str) -> WorkerExists:
+    if name == worker.name:
+        return WorkerExists(f"a worker named {name!r} is registered already")
+    return WorkerExists(f"this key is registered to worker {name!r} already")
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -2,11 +2,13 @@
 
 Each responder translates a worker's command into a call on the `Exchange`
 and back; errors raised by the domain are declared on the commands, so they
-reach the worker (and from there the client) intact.  Nothing but WorkerHello
-is answered before the handshake; after it, both sides send Heartbeats and a
-link silent for two intervals is closed.  The worker's `ConnectedWorker`
-record counts the relayed commands and orders answered for it, and notes each
-Heartbeat (with the clients the worker reports).
+reach the worker (and from there the client) intact.  Nothing but the
+handshake (WorkerHello, WorkerProof: see `papertrader.master.handshake`) is
+answered before it succeeds: any other command is refused and the connection
+closed.  After it, both sides send Heartbeats and a link silent for two
+intervals is closed.  The worker's `ConnectedWorker` record counts the relayed
+commands and orders answered for it, and notes each Heartbeat (with the
+clients the worker reports).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import attr
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, returnValue
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, returnValue, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.protocols import amp
 
 from papertrader.errors import (
     BadRequest,
@@ -29,11 +33,14 @@ from papertrader.errors import (
 )
 from papertrader.eventlog import EventLogger
 from papertrader.master.exchange import Exchange, group_of_one
+from papertrader.master.handshake import NONCE_LIFETIME, Handshake
+from papertrader.master.registration import WorkerRegistrations
 from papertrader.master.workers import ConnectedWorker, WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
     MAX_ORDER_BATCH,
+    WIRE_CODES,
     Heartbeat,
     ListAssets,
     OrderGroup,
@@ -52,6 +59,7 @@ from papertrader.protocol import (
     ServedUsers,
     SubmitOrders,
     WorkerHello,
+    WorkerProof,
 )
 from papertrader.timestamps import iso
 from papertrader.tls import peer_common_name
@@ -106,7 +114,12 @@ class MasterLocator(AnswersHeartbeats):
         update_interval: float,
         certified_name: Callable[[Any], str | None] = peer_common_name,
         heartbeat_interval: float = 10.0,
+        registrations: WorkerRegistrations | None = None,
+        clock: IReactorTime | None = None,
+        nonce_lifetime: float = NONCE_LIFETIME,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.exchange = exchange
         self.registry = registry
         self.update_interval = update_interval
@@ -116,7 +129,9 @@ class MasterLocator(AnswersHeartbeats):
         self.worker: str | None = None
         # What the registry tracks about this worker, once its handshake is done.
         self.record: ConnectedWorker | None = None
-        self._hello_running = False
+        self.version: str | None = None
+        self.client_address: str | None = None
+        self.handshake = None if registrations is None else Handshake(registrations, clock, nonce_lifetime)
 
     def _worker_name(self) -> str:
         if self.worker is None:
@@ -141,32 +156,46 @@ class MasterLocator(AnswersHeartbeats):
     @inlineCallbacks
     def hello(self, name: str, version: str, client_address: str | None = None) -> Any:
         # The TLS layer already required a certificate issued by this deployment's
-        # CA; its common name must be the worker's name.  GPG verification of the
-        # worker's key belongs here too.
-        if not name or len(name) > 64:
-            raise WorkerRefused("worker name must be 1-64 characters")
-        if self.worker is not None or self._hello_running:
-            raise WorkerRefused("handshake already done")
-        certified = self.certified_name(self.connection.transport)
-        if certified != name:
-            self._refuse(name, f"this certificate is not for a worker named {name!r}")
-        self._hello_running = True
+        # CA, whose common name must be the worker's name; the worker's OpenPGP
+        # key, registered with the master, proves the rest (see Handshake).
+        handshake = self._handshake()
+        self.version = version[:64]
+        self.client_address = None if client_address is None else client_address[:300]
+        try:
+            if self.certified_name(self.connection.transport) != name:
+                handshake.refuse(f"this certificate is not for a worker named {name!r}")
+            nonce = yield handshake.hello(name, self._source_host())
+        except WorkerRefused as e:
+            self._refused(name, e)
+        returnValue({"nonce": nonce})
+
+    @WorkerProof.responder
+    @inlineCallbacks
+    def proof(self, signature: str) -> Any:
+        handshake = self._handshake()
+        name = handshake.name or "?"
+        try:
+            yield handshake.proof(signature, self._source_host())
+        except WorkerRefused as e:
+            self._refused(name, e)
         try:
             self.record = yield self.registry.claim(
-                name, self.connection, self.heartbeat_interval, version=version, client_address=client_address
+                name, self.connection, self.heartbeat_interval, version=self.version or "",
+                client_address=self.client_address,
             )
         except WorkerRefused as e:
-            self._refuse(name, str(e))
-        finally:
-            self._hello_running = False
+            self._refused(name, e)
         self.worker = name
         self.connection.start_heartbeats(self.heartbeat_interval)
-        self.registry.publish(name, self.connection, client_address)
+        self.registry.publish(name, self.connection, self.client_address)
         self.log.info(
-            "worker {name} (version {version}) connected from {address}",
+            "worker {name} (version {version}, key {fingerprint}) connected from {address}; clients reach it at "
+            "{client_address}",
             name=name,
-            version=version,
+            version=self.version,
+            fingerprint=handshake.worker.fingerprint,
             address=self.connection.peer,
+            client_address=self.client_address or "an address it did not say",
         )
         returnValue(
             {
@@ -176,11 +205,40 @@ class MasterLocator(AnswersHeartbeats):
             }
         )
 
-    def _refuse(self, name: str, reason: str) -> None:
+    def _handshake(self) -> Handshake:
+        if self.handshake is None:
+            self._refused("?", WorkerRefused("this master takes no workers"))
+        return self.handshake
+
+    def _source_host(self) -> str | None:
+        transport = self.connection.transport
+        return None if transport is None else getattr(transport.getPeer(), "host", None)
+
+    def _refused(self, name: str, refusal: WorkerRefused) -> None:
+        """Log why worker ``name`` was refused (within the peer log budget), close its connection once
+        the answer is written, and raise ``refusal``."""
+        if self.handshake is not None:
+            self.handshake.abandon()
         self.connection.note(
-            "warn", "refused worker {name} connecting from {peer}: {reason}", name=name[:64], reason=reason
+            "warn", "refused worker {name} connecting from {peer}: {reason}", name=name[:64], reason=str(refusal)
         )
-        raise WorkerRefused(reason)
+        self.connection.clock.callLater(0, self.connection.close)
+        raise refusal
+
+    def refuse_early(self, box: amp.AmpBox) -> Deferred:
+        """Answer a command that came before the handshake succeeded with a declared refusal, and close."""
+        command = box[amp.COMMAND].decode("ascii", "replace")[:64]
+        self.connection.note(
+            "warn", "{peer} sent {command} before completing the worker handshake; closing the connection",
+            command=command,
+        )
+        if self.handshake is not None:
+            self.handshake.abandon()
+        self.connection.clock.callLater(0, self.connection.close)
+        if amp.ASK not in box:
+            return succeed(None)
+        reason = f"{command} refused: this worker has not completed its handshake (WorkerHello, WorkerProof)"
+        return fail(amp.RemoteAmpError(WIRE_CODES[ServiceUnavailable], reason))
 
     # ------------------------------------------------------------ accounts
 
@@ -354,6 +412,9 @@ def _result(result: Any) -> OrderResult:
     return OrderResult.queued(order_id, username)
 
 
+_HANDSHAKE_COMMANDS = frozenset({WorkerHello.commandName, WorkerProof.commandName})
+
+
 class WorkerAMP(BoundedWrites):
     """A worker's connection: guarded, kept alive by heartbeats, and in the registry while it lasts.
 
@@ -370,8 +431,16 @@ class WorkerAMP(BoundedWrites):
     def idle_timeout(self) -> float | None:
         return 2 * self.locator.heartbeat_interval
 
+    def dispatchCommand(self, box: amp.AmpBox) -> Deferred:
+        # Until the handshake succeeds the master answers nothing else.
+        if not self.established() and box[amp.COMMAND] not in _HANDSHAKE_COMMANDS:
+            return self.locator.refuse_early(box)
+        return super().dispatchCommand(box)
+
     def connectionLost(self, reason: Any) -> None:
         locator = self.locator
+        if locator.handshake is not None:
+            locator.handshake.abandon()
         if locator.worker is not None:
             locator.registry.remove(locator.worker, self)
         super().connectionLost(reason)

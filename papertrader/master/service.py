@@ -1,6 +1,7 @@
 """The master's main module (spec 3.1.1): what its services share, and start-up in order.
 
 Start-up: certificates (created on first start) -> database and schema ->
+the local workers' OpenPGP keys (made and registered on first start) ->
 latest prices; then the listeners for workers and for the worker directory,
 and the admin socket, open, the price update loop starts and the local workers
 are started (they need the listener's port).
@@ -19,7 +20,7 @@ from twisted.application import service
 from twisted.internet import threads
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 
-from papertrader import tls
+from papertrader import gpg, tls
 from papertrader.admin.unixsocket import PrivatePort, admin_socket_path, bind_private
 from papertrader.config import MasterConfig
 from papertrader.daemon import StartUp
@@ -32,6 +33,7 @@ from papertrader.master.exchange import Exchange
 from papertrader.master.hashing import HashingPool
 from papertrader.master.market import PriceBoard, SimulatedPriceSource
 from papertrader.master.protocol import MasterLocator
+from papertrader.master.registration import WorkerRegistrations
 from papertrader.master.workers import WorkerRegistry
 from papertrader.wire import Timeouts
 
@@ -63,6 +65,18 @@ def _nth_listen(description: str, index: int, reserved: tuple[str, ...] = ()) ->
         while port in taken:
             port += 1
     return f"{match.group(1)}{port}{match.group(3)}"
+
+
+def local_worker_gnupg_home(config: MasterConfig, index: int) -> str:
+    """The GnuPG home holding local worker ``index``'s key."""
+    return os.path.join(config.data_dir, "workers", local_worker_name(index), "gnupg")
+
+
+def prepare_local_worker_key(home: str, name: str) -> tuple[str, str]:
+    """The fingerprint and armored public key of the worker key in ``home``, made on first start."""
+    keys = gpg.secret_keys(home)
+    fingerprint = keys[0] if keys else gpg.generate_key(home, f"PaperTrader local worker {name}")
+    return fingerprint, gpg.export_public_key(home, fingerprint)
 
 
 def prepare_identities(config: MasterConfig) -> tuple[tls.Identity, list[tls.Identity]]:
@@ -106,6 +120,7 @@ class MasterService(service.MultiService):
         self.exchange: Exchange | None = None
         self.registry = WorkerRegistry(reactor)
         self.admin = WorkerAdmin(self.registry)
+        self.registrations: WorkerRegistrations | None = None
         self.port: Any = None
         self.admin_port: Any = None
         self.directory_port: Any = None
@@ -160,6 +175,8 @@ class MasterService(service.MultiService):
             config.settlement_chunk_orders,
         )
         self.registry.follow(self.exchange)
+        self.registrations = WorkerRegistrations(self.database, os.path.join(config.data_dir, "gnupg"), self.reactor)
+        self.admin.registrations = self.registrations
 
     @inlineCallbacks
     def _prepare(self) -> Any:
@@ -168,6 +185,7 @@ class MasterService(service.MultiService):
         yield threads.deferToThread(os.makedirs, config.data_dir, mode=0o700, exist_ok=True)
         master_identity, worker_identities = yield threads.deferToThread(prepare_identities, config)
         version = yield self.database.migrate()
+        worker_keys = yield self._register_local_workers()
         yield self.accounts.start()
         self.log.info(
             "{backend} database {where}, schema version {version}",
@@ -179,8 +197,30 @@ class MasterService(service.MultiService):
         options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
         # Clients of the directory have no certificate; they check the master's against the deployment's CA.
         directory_options = yield threads.deferToThread(tls.server_options, master_identity)
-        self._prepared = _Prepared(options, worker_identities, directory_options)
+        self._prepared = _Prepared(options, worker_identities, worker_keys, directory_options)
         return self._prepared
+
+    @inlineCallbacks
+    def _register_local_workers(self) -> Any:
+        """Make (on first start) each local worker's OpenPGP key and register it: enabled, from anywhere.
+
+        A registration the operator disabled stays disabled; one whose key was
+        made again (its home deleted) gets the new key.
+        """
+        fingerprints = []
+        for index in range(self.config.workers):
+            name = local_worker_name(index)
+            home = local_worker_gnupg_home(self.config, index)
+            fingerprint, public_key = yield threads.deferToThread(prepare_local_worker_key, home, name)
+            registered = yield self.registrations.find(name)
+            if registered is None:
+                yield self.registrations.add(name, public_key)
+                self.log.info("registered local worker {name}, key {fingerprint}", name=name, fingerprint=fingerprint)
+            elif registered.fingerprint != fingerprint:
+                yield self.registrations.update_key(name, public_key)
+                self.log.info("local worker {name} has a new key {fingerprint}", name=name, fingerprint=fingerprint)
+            fingerprints.append((home, fingerprint))
+        return fingerprints
 
     def when_ready(self) -> Deferred[_Prepared]:
         """Fires once start-up has prepared everything (fails with CancelledError if it could not)."""
@@ -218,6 +258,9 @@ class MasterService(service.MultiService):
             self.registry,
             self.config.update_interval,
             heartbeat_interval=self.config.heartbeat_interval,
+            registrations=self.registrations,
+            clock=self.reactor,
+            nonce_lifetime=self.config.nonce_lifetime,
         )
 
     def _listening_on(self, port: Any) -> Any:
@@ -259,7 +302,10 @@ class MasterService(service.MultiService):
         os.makedirs(log_dir, exist_ok=True)
         master_address = f"{config.hostnames[0]}:{self.port.getHost().port}"
         commands = []
-        for index, identity in enumerate(self._prepared.worker_identities):
+        prepared = self._prepared
+        for index, (identity, (home, fingerprint)) in enumerate(
+            zip(prepared.worker_identities, prepared.worker_keys)
+        ):
             name = local_worker_name(index)
             commands.append(
                 (
@@ -275,6 +321,8 @@ class MasterService(service.MultiService):
                         "--ca", identity.ca,
                         "--cert", identity.certificate,
                         "--key", identity.key,
+                        "--gnupg-home", home,
+                        "--key-fingerprint", fingerprint,
                         "--address-file", os.path.join(config.data_dir, f"worker-{name}.address"),
                         "--exit-with-stdin",
                         "--event-log", os.path.join(log_dir, f"worker-{name}-events.log"),
@@ -295,6 +343,12 @@ class MasterService(service.MultiService):
         # The children stop together (the update loop waits for a running
         # update; the event log writes each later entry at once); the pool last.
         yield super().stopService()
+        if self._prepared is not None:
+            # The local workers have ended: so should the gpg-agents their signing started (and the
+            # short aliases of long homes, the master's keyring's included).
+            homes = [home for home, _ in self._prepared.worker_keys] + [self.registrations.gnupg_home]
+            for home in homes:
+                yield threads.deferToThread(gpg.stop_agent, home)
         if self.directory_port is not None:
             try:
                 os.unlink(os.path.join(self.config.data_dir, DIRECTORY_ADDRESS_FILE))
@@ -308,10 +362,12 @@ class MasterService(service.MultiService):
 
 @attr.s(frozen=True, auto_attribs=True)
 class _Prepared:
-    """What start-up prepared: the listener's TLS options and the local workers' certificates."""
+    """What start-up prepared: the listener's TLS options and the local workers' certificates and
+    OpenPGP keys (GnuPG home, fingerprint)."""
 
     options: Any
     worker_identities: list[tls.Identity]
+    worker_keys: list[tuple[str, str]]
     directory_options: Any = None
 
 

@@ -13,7 +13,7 @@ from twisted.internet import protocol, stdio, threads
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
-from papertrader import tls
+from papertrader import gpg, tls
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.stalls import StallMonitor, interval_from_environment
@@ -32,6 +32,8 @@ class WorkerConfig:
     master_port: int
     listen: str
     identity: tls.Identity
+    gnupg_home: str
+    key_fingerprint: str | None = None
     address_file: str | None = None
     # The HOST:PORT clients reach this worker on, for the directory (None: the address it listens on).
     public_address: str | None = None
@@ -39,10 +41,13 @@ class WorkerConfig:
     timeouts: Timeouts = attr.Factory(Timeouts)
 
 
-def _tls_options(identity: tls.Identity, master_host: str) -> tuple[Any, Any]:
+def _prepare(config: WorkerConfig) -> tuple[Any, Any, str]:
+    """The TLS options (serving clients, connecting to the master) and the fingerprint of the key to sign with."""
+    identity = config.identity
     return (
         tls.server_options(identity),
-        tls.client_options(master_host, identity.ca, identity),
+        tls.client_options(config.master_host, identity.ca, identity),
+        gpg.signing_key(config.gnupg_home, config.key_fingerprint),
     )
 
 
@@ -85,9 +90,11 @@ class WorkerService(service.MultiService):
             ),
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
+            sign=self._sign,
             client_address=self.client_address,
             client_count=lambda: len(self.clients.connections),
         )
+        self.key_fingerprint: str | None = None
         self.batcher = OrderBatcher(reactor, self.link.call, master_takes_groups=lambda: self.link.order_groups)
 
     def startService(self) -> None:
@@ -96,10 +103,18 @@ class WorkerService(service.MultiService):
             self.stalls.start()
         if self.config.exit_with_stdin:
             stdio.StandardIO(_ParentWatch(self.reactor), reactor=self.reactor)
-        config = self.config
-        threads.deferToThread(_tls_options, config.identity, config.master_host).addCallbacks(
+        threads.deferToThread(_prepare, self.config).addCallback(self._prepared).addCallbacks(
             self.startup.succeeded, self.startup.failed
         )
+
+    def _prepared(self, prepared: tuple[Any, Any, str]) -> tuple[Any, Any, str]:
+        self.key_fingerprint = prepared[2]
+        self.log.info("signing the master's handshakes with key {fingerprint}", fingerprint=self.key_fingerprint)
+        return prepared
+
+    def _sign(self, statement: bytes) -> Deferred[str]:
+        """Sign the master's handshake statement with this worker's key, in a thread."""
+        return threads.deferToThread(gpg.sign, self.config.gnupg_home, self.key_fingerprint, statement)
 
     # ------------------------------------------------------------ what the children use
 

@@ -29,6 +29,8 @@ class Options(usage.Options):
         ["ca", None, None, "The deployment's CA certificate (PEM)."],
         ["cert", None, None, "This worker's certificate (PEM), issued by the CA."],
         ["key", None, None, "This worker's private key (PEM)."],
+        ["gnupg-home", None, None, "GnuPG home with this worker's OpenPGP key (default: $GNUPGHOME, ~/.gnupg)."],
+        ["key-fingerprint", None, None, "Fingerprint of the key to sign with (default: the home's only secret key)."],
         ["address-file", None, None, "Write the HOST:PORT clients can reach this worker on here."],
         [
             "public-address",
@@ -64,6 +66,9 @@ class Options(usage.Options):
                 check_worker_address(self["public-address"])
             except ValueError as e:
                 problems.append(f"--public-address: {e}")
+        gnupg_home = self["gnupg-home"] or os.environ.get("GNUPGHOME") or os.path.expanduser("~/.gnupg")
+        if not os.path.isdir(gnupg_home):
+            problems.append(f"--gnupg-home: no directory {gnupg_home}")
         for option in ("ca", "cert", "key"):
             if not self[option]:
                 problems.append(f"--{option} is required")
@@ -95,6 +100,8 @@ class Options(usage.Options):
             master_port=port,
             listen=self["listen"],
             identity=tls.Identity(certificate=self["cert"], key=self["key"], ca=self["ca"]),
+            gnupg_home=gnupg_home,
+            key_fingerprint=self["key-fingerprint"] or None,
             address_file=self["address-file"],
             public_address=self["public-address"],
             exit_with_stdin=bool(self["exit-with-stdin"]),

@@ -25,6 +25,7 @@ from papertrader import __version__
 from papertrader.assets import MAX_ASSETS
 from papertrader.errors import PaperTraderError, ServiceUnavailable, WorkerRefused, expected_or_unavailable
 from papertrader.eventlog import EventLogger
+from papertrader.gpg import GPGError, proof_statement
 from papertrader.protocol import (
     MAX_ORDER_BATCH,
     MAX_SERVED_USERS_BATCH,
@@ -36,6 +37,7 @@ from papertrader.protocol import (
     ServedUsers,
     SubmitOrders,
     WorkerHello,
+    WorkerProof,
     pack_order_groups,
     pack_order_requests,
 )
@@ -94,10 +96,12 @@ class MasterLink:
         pushes: amp.CommandLocator,
         timeouts: Timeouts | None = None,
         served_users: Callable[[], Iterable[str]] = tuple,
+        sign: Callable[[bytes], Deferred[str]] | None = None,
         client_address: Callable[[], str | None] = lambda: None,
         client_count: Callable[[], int] = lambda: 0,
     ) -> None:
         self._clock = clock
+        self._sign = sign
         self._served_users = served_users
         self._client_address = client_address
         self.client_count = client_count
@@ -143,6 +147,10 @@ class MasterLink:
         answer = yield connection.callRemote(
             WorkerHello, name=self.name, version=__version__, client_address=self._client_address()
         )
+        if self._sign is None:
+            raise GPGError("this worker has no OpenPGP key to sign the master's nonce with")
+        signature = yield self._sign(proof_statement(self.name, answer["nonce"]))
+        answer = yield connection.callRemote(WorkerProof, signature=signature)
         self.update_interval = answer["update_interval"]
         self.order_groups = bool(answer.get("order_groups"))
         connection.start_heartbeats(answer.get("heartbeat_interval") or DEFAULT_HEARTBEAT_INTERVAL)
@@ -177,6 +185,9 @@ class MasterLink:
         if failure.check(WorkerRefused):
             self._refusals += 1
             self.log.error("the master refused this worker: {reason}", reason=failure.getErrorMessage())
+        elif failure.check(GPGError):
+            self._refusals += 1
+            self.log.error("could not sign the master's nonce: {reason}", reason=failure.getErrorMessage())
         elif failure.check(TLSError, VerificationError):
             self._refusals += 1
             self.log.error("TLS handshake with the master failed: {reason}", reason=_tls_reason(failure.value))
