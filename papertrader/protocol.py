@@ -27,7 +27,8 @@ Traffic in each direction:
   every connection that gets it (`push_bytes`).
 - both ways on the worker-master link, and client -> worker: Heartbeat, so a
   silent link is noticed and closed (see `papertrader.wire`); a worker's
-  Heartbeat to the master says how many clients it has.
+  Heartbeat to the master says how many clients it has.  Client -> worker:
+  Ping, answered by the worker itself, so a client notices a worker it can no longer reach.
 
 Money is integer cents (``*_cents``); instants are ISO 8601 UTC text.
 Every expected failure is declared, from the one table `WIRE_CODES`:
@@ -502,7 +503,8 @@ class WorkerProof(amp.Command):
 
 
 class Ping(amp.Command):
-    """Master -> worker: answer if alive.  Decides whether a second connection may take a worker's name."""
+    """Answer if alive.  Master -> worker: decides whether a second connection may take a worker's name.
+    Client -> worker: the worker answers it itself, so a client learns that the worker and the way to it are up."""
 
     arguments: list = []
     response: list = []

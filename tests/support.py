@@ -336,6 +336,19 @@ class SimWorker:
         deployment.pumps.append(pump)
         return client_from_connection(connection)
 
+    def cut(self) -> None:
+        """Lose the network, as ``ip link set ... down`` does: from now on nothing this worker's connections
+        send arrives, and neither end hears of it (no FIN, no RST) until it gives up itself; connecting to it
+        fails."""
+        self.up = False
+        deployment = self.deployment
+        mine = set(self.clients.connections)
+        if self.link.connection is not None:
+            mine.add(self.link.connection)
+        deployment.pumps = [
+            CutPump(pump) if pump.server in mine or pump.client in mine else pump for pump in deployment.pumps
+        ]
+
     def crash(self) -> None:
         """Vanish: drop what is not sent yet, close every connection, refuse new ones."""
         self.up = False
@@ -346,6 +359,29 @@ class SimWorker:
             connection.transport.stream.clear()
             connection.transport.loseConnection()
         self.deployment.flush()
+
+
+class CutPump:
+    """An `iosim.IOPump` whose link is cut: what either end writes is lost, and an end hears that the
+    connection ended only once it closes (or aborts) it itself."""
+
+    def __init__(self, pump: iosim.IOPump) -> None:
+        self.client, self.server = pump.client, pump.server
+        self.clientIO, self.serverIO = pump.clientIO, pump.serverIO
+        self.clock = pump.clock
+
+    def pump(self, debug: bool = False, advanceClock: bool = True) -> bool:
+        if advanceClock:
+            self.clock.advance(0)
+        self.clientIO.getOutBuffer()
+        self.serverIO.getOutBuffer()
+        moved = False
+        for io in (self.clientIO, self.serverIO):
+            if io.disconnecting and not io.disconnected:
+                io.disconnected = True
+                io.reportDisconnect()
+                moved = True
+        return moved
 
 
 def sim_connector(workers: list[SimWorker]) -> Any:

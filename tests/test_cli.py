@@ -37,7 +37,7 @@ class ParserTests(SynchronousTestCase):
             with redirect_stdout(out), self.assertRaises(SystemExit) as caught:
                 cli.build_parser().parse_args([command, "--help"])
             self.assertEqual(caught.exception.code, 0)
-            for option in ("--server", "--ca", "--json"):
+            for option in ("--server", "--ca", "--json", "--timeout"):
                 self.assertIn(option, out.getvalue(), command)
 
     def test_no_password_on_command_line(self) -> None:
@@ -301,7 +301,7 @@ class RunFailureTests(SynchronousTestCase):
         self.connection = ClientAMP()
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
-        self.patch(cli, "connect", lambda reactor, host, port, ca: succeed(client_from_connection(self.connection)))
+        self.patch(cli, "connect", lambda *args: succeed(client_from_connection(self.connection)))
 
     def run_cli(self, *argv: str) -> tuple[int, str]:
         """Run ``papertrader ARGV`` in process; return its exit code and what it printed on stderr."""
@@ -325,6 +325,32 @@ class RunFailureTests(SynchronousTestCase):
         self.assertEqual(code, 2)
         self.assertEqual(err, "papertrader: error: token is too long to send (at most 65,535 bytes)\n")
 
+    def test_timeout_option(self) -> None:
+        """``--timeout`` reaches the connection attempt and the session's request timeout; the default is the
+        session's, and a timeout that is not a number of seconds above 0 is a usage error."""
+        timeouts: list[float] = []
+        sessions: list[cli.Session] = []
+
+        def connect(reactor: Any, host: str, port: int, ca: str, timeout: float) -> Any:
+            timeouts.append(timeout)
+            return succeed(client_from_connection(self.connection))
+
+        class Recorded(cli.Session):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                sessions.append(self)
+
+        self.patch(cli, "connect", connect)
+        self.patch(cli, "Session", Recorded)
+        self.patch(cli.PaperTraderClient, "quote", lambda client, symbol: fail(amp.UnknownRemoteError("x")))
+        self.run_cli("quote", "AAPL", "--timeout", "2.5")
+        self.assertEqual((timeouts, [s.request_timeout for s in sessions]), ([2.5], [2.5]))
+        self.assertEqual(cli.build_parser().parse_args(["quote", "AAPL"]).timeout, cli.REQUEST_TIMEOUT)
+        for bad in ("0", "-1", "soon"):
+            with redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as caught:
+                cli.build_parser().parse_args(["quote", "AAPL", "--timeout", bad])
+            self.assertEqual(caught.exception.code, 2)
+
     def test_server_failure(self) -> None:
         """An undeclared error from the server is one error line with exit code 1."""
         self.patch(
@@ -341,7 +367,7 @@ class RunFailureTests(SynchronousTestCase):
             f.write("127.0.0.1:40200\n")
         asked: list[str] = []
 
-        def read(reactor: Any, address: str, ca: str) -> Any:
+        def read(reactor: Any, address: str, ca: str, timeout: float) -> Any:
             asked.append(address)
             return succeed([{"name": "local-1", "address": "127.0.0.1:40123"}])
 
@@ -363,7 +389,7 @@ class RunFailureTests(SynchronousTestCase):
     def test_no_worker_reachable(self) -> None:
         """When no worker in the list answers, after the rounds of attempts the error names each and
         says why (exit code 2)."""
-        self.patch(cli, "connect", lambda reactor, host, port, ca: fail(ConnectionRefusedError()))
+        self.patch(cli, "connect", lambda reactor, host, port, ca, timeout: fail(ConnectionRefusedError()))
         args = cli.build_parser().parse_args(["quote", "AAPL", "--data-dir", self.data])
         clock = Clock()
         err = io.StringIO()

@@ -70,10 +70,10 @@ class FailoverTests(TestCase):
         self.assertEqual(sorted(listed), ["local-1", "local-2"])
         self.addresses = listed
 
-    def session(self, first: str) -> Session:
-        """A session that tries worker ``first`` first."""
+    def session(self, first: str, **settings: Any) -> Session:
+        """A session that tries worker ``first`` first (``settings``: the Session's)."""
         others = [a for name, a in sorted(self.addresses.items()) if name != first]
-        session = Session(reactor, tls_connector(reactor, self.ca), [self.addresses[first], *others])
+        session = Session(reactor, tls_connector(reactor, self.ca), [self.addresses[first], *others], **settings)
         self.addCleanup(session.close)
         return session
 
@@ -126,6 +126,35 @@ class FailoverTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_silent_worker(self) -> None:
+        """A worker that stops answering but keeps its connections open (SIGSTOP: no FIN, no RST, as when
+        its network link is cut) is left: Alice's order gets no answer within her request timeout, so it is
+        sent again on local-2 and stored once; Bob, idle with keep_alive, moves when his Ping is not answered."""
+        yield self.start()
+        alice = self.session("local-1", request_timeout=2.0)
+        bob = self.session("local-1", request_timeout=2.0)
+        yield alice.login("alice", PASSWORD)
+        yield bob.login("bob", PASSWORD)
+        bob_moved: Deferred[str] = Deferred()
+        bob.on_worker(lambda address: bob_moved.called or bob_moved.callback(address))
+        bob.keep_alive(1.0)
+        pid = worker_pid(self.deployment.data, "local-1")
+        self.assertIsNotNone(pid, "worker local-1 is not running")
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(_continue, pid)  # before the deployment stops it
+
+        placed = yield alice.buy("KO", 1, "alice-silent")
+        self.assertEqual((alice.address, alice.failovers), (self.addresses["local-2"], 1))
+        orders = (yield alice.orders())["orders"]
+        stored = [(o["order_id"], o["client_order_id"]) for o in orders]
+        self.assertEqual(stored, [(placed["order_id"], "alice-silent")])
+        fill = yield alice.wait_for_settlement(placed["order_id"])
+        self.assertEqual(fill["status"], "filled")
+        moved_to = yield bob_moved
+        self.assertEqual((moved_to, bob.failovers), (self.addresses["local-2"], 1))
+        self.assertEqual((yield bob.portfolio())["username"], "bob")
+
+    @inlineCallbacks
     def test_fill_arrives_through_another_worker(self) -> None:
         """A client waiting for a fill loses its worker before the next price update: it resumes on the
         other worker and still gets the fill.  The CLI fails over the same way, from its session file."""
@@ -176,6 +205,14 @@ class FailoverTests(TestCase):
         self.assertEqual(json.loads(out)["status"], "filled")
         with open(os.path.join(d.base, "config", "papertrader", "session.json"), encoding="utf-8") as f:
             self.assertNotEqual(json.load(f)["server"], self.addresses["local-2"])
+
+
+def _continue(pid: int) -> None:
+    """Let a stopped process run again (it may have gone meanwhile)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 @inlineCallbacks

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.protocols import amp
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from papertrader.client.session import FIRST_RETRY_DELAY, NoWorkerReachable, Session
+from papertrader.client.library import ClientAMP, RequestTimedOut, client_from_connection
+from papertrader.client.session import FIRST_RETRY_DELAY, REQUEST_TIMEOUT, NoWorkerReachable, Session
 from papertrader.errors import SessionInvalid
+from papertrader.worker.clients import ClientLocator
+from tests import support
 from tests.support import PASSWORD, Deployment, SimWorker, sim_connector
 
 A1 = "10.0.0.1:2049"
 A2 = "10.0.0.2:2049"
+A3 = "10.0.0.3:2049"
 
 
-class SessionTests(SynchronousTestCase):
-    """A session moves to another worker when its own goes away, without logging in again."""
+class TwoWorkers(SynchronousTestCase):
+    """Two workers of one deployment, alice registered, and the password logins counted."""
 
     def setUp(self) -> None:
         self.deployment = d = Deployment(self.mktemp())
@@ -38,6 +44,10 @@ class SessionTests(SynchronousTestCase):
         session = self.session()
         self.deployment.result(session.login("alice", PASSWORD))
         return session
+
+
+class SessionTests(TwoWorkers):
+    """A session moves to another worker when its own goes away, without logging in again."""
 
     def test_login_learns_workers(self) -> None:
         """Logging in on the first worker of the list keeps the token and learns every worker from the answer."""
@@ -179,3 +189,112 @@ class SessionTests(SynchronousTestCase):
         self.assertFalse(wait.active())
         self.assertEqual(len(given_up), 1)
         self.assertFalse(session._connecting)
+
+
+class BeforePing(ClientLocator):
+    """A worker's client side from before Ping: it does not know the command."""
+
+    def locateResponder(self, name: bytes) -> Any:
+        return None if name == b"Ping" else super().locateResponder(name)
+
+
+class SilentWorkerTests(TwoWorkers):
+    """A worker whose network link is cut (no FIN, no RST) is noticed by the request timeout and by Pings."""
+
+    def test_silent_request_times_out(self) -> None:
+        """An order whose answer is lost on a cut link: after the request timeout the connection is aborted
+        and the order sent again, with its client order id, on the other worker; the master holds it once."""
+        d = self.deployment
+        session = self.logged_in()
+        answers: list[Any] = []
+        session.buy("KO", 7, client_order_id="order-1").addBoth(answers.append)
+        [client_pump] = [p for p in d.pumps if p.client is session.client.connection]
+        client_pump.pump()  # the request reaches the worker
+        d.pumps.remove(client_pump)
+        d.flush()  # ... and the master, which stores the order; the answer waits at the worker
+        d.pumps.append(client_pump)
+        self.w1.cut()  # ... and is lost
+        d.advance(REQUEST_TIMEOUT - 1)
+        self.assertEqual((answers, session.address), ([], A1))
+        d.advance(1)
+        [answer] = answers
+        self.assertEqual((session.address, session.failovers), (A2, 1))
+        orders = d.result(session.orders())["orders"]
+        self.assertEqual([(o["order_id"], o["client_order_id"]) for o in orders], [(answer["order_id"], "order-1")])
+        self.assertEqual(self.password_logins, 1)
+
+    def test_unsafe_request_not_sent_again(self) -> None:
+        """A register that gets no answer fails with RequestTimedOut saying it was not sent again, and no
+        other worker is asked."""
+        d = self.deployment
+        session = self.session()
+        d.result(session.portfolio().addErrback(lambda _: None))  # connected to w1, not logged in
+        self.w1.cut()
+        results: list[Any] = []
+        session.register("bob", "bob@example.com", PASSWORD).addBoth(results.append)
+        d.advance(REQUEST_TIMEOUT)
+        [failure] = results
+        failure.trap(RequestTimedOut)
+        self.assertIn("Register", str(failure.value))
+        self.assertIn("not sent again", str(failure.value))
+        self.assertEqual(self.w2.clients.connections, set())
+
+    def test_idle_session_notices_cut_worker(self) -> None:
+        """A session waiting for a fill, with keep_alive, notices its worker's cut link within two intervals
+        (its Ping is not answered), moves to the other worker and finds the fill in the orders listing."""
+        d = self.deployment
+        session = self.logged_in()
+        order = d.result(session.buy("MSFT", 1))
+        fills: list[Any] = []
+        session.wait_for_settlement(order["order_id"]).addBoth(fills.append)
+        session.keep_alive(10)
+        self.w1.cut()
+        d.tick()  # the order is filled; the push to w1 is lost
+        d.advance(10)
+        self.assertEqual((fills, session.address), ([], A1))
+        d.advance(10)
+        [fill] = fills
+        self.assertEqual((fill["order_id"], fill["status"]), (order["order_id"], "filled"))
+        self.assertEqual((session.address, session.failovers), (A2, 1))
+        self.assertEqual(self.password_logins, 1)
+
+    def test_pings_keep_a_live_worker(self) -> None:
+        """Pings that are answered keep the session on its worker, past the worker's idle timeout."""
+        d = self.deployment
+        session = self.logged_in()
+        session.keep_alive(10)
+        d.advance(3600)
+        self.assertEqual((session.address, session.failovers), (A1, 0))
+        [connection] = self.w1.clients.connections
+        self.assertEqual(connection.bad_requests, 0)
+
+    def test_worker_answers_ping(self) -> None:
+        """The worker answers Ping itself: without a login, and with its master link gone."""
+        d = self.deployment
+        client = self.w1.client()
+        self.w1.link.connection.transport.loseConnection()
+        d.flush()
+        self.assertIsNone(self.w1.link.connection)
+        self.assertIs(d.result(client.ping()), True)
+
+    def test_worker_before_ping(self) -> None:
+        """A worker from before Ping answers BAD_REQUEST once: the session sends it Heartbeats from then on,
+        and stays."""
+        d = self.deployment
+        self.patch(support, "ClientLocator", BeforePing)
+        w3 = SimWorker(d, "w3", A3)
+        session = Session(d.clock, sim_connector([w3]), [A3])
+        d.result(session.login("alice", PASSWORD))
+        session.keep_alive(10)
+        d.advance(3600)
+        self.assertEqual((session.address, session.failovers), (A3, 0))
+        [connection] = w3.clients.connections
+        self.assertEqual(connection.bad_requests, 1)
+
+    def test_unhandled_ping(self) -> None:
+        """A peer that answers Ping with AMP's UNHANDLED (no PaperTrader error handling) counts as not knowing it."""
+        connection, _, pump = iosim.connectedServerAndClient(amp.AMP, ClientAMP)
+        answers: list[Any] = []
+        client_from_connection(connection).ping().addBoth(answers.append)
+        pump.flush()
+        self.assertEqual(answers, [False])

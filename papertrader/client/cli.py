@@ -29,9 +29,10 @@ from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.protocols import amp
 
 from papertrader import tls
-from papertrader.client.library import PaperTraderClient, connect, new_client_order_ids
+from papertrader.client.library import PaperTraderClient, RequestTimedOut, connect, new_client_order_ids
 from papertrader.client.session import (
     DEFAULT_DIRECTORY_PORT,
+    REQUEST_TIMEOUT,
     DirectoryUnavailable,
     NoWorkerReachable,
     Session,
@@ -47,7 +48,8 @@ EXIT_USAGE = 2
 
 # Arguments sent to the server as they are typed; none may exceed one AMP value.
 _SENT_ARGUMENTS = ("username", "email", "symbol", "quantity", "symbols")
-# Seconds between the heartbeats of a connection that only listens (``watch``), so the worker keeps it.
+# Seconds between the Pings of a connection that only listens (``watch``, ``buy --wait``), so the worker
+# keeps it and a worker that can no longer be reached is noticed (no answer within --timeout).
 WATCH_HEARTBEAT = 60.0
 
 
@@ -320,6 +322,7 @@ def _order_command(side: str) -> Any:
                 "at the next price update",
             )
             return
+        client.keep_alive(WATCH_HEARTBEAT)  # a worker cut off while we wait is noticed and replaced
         try:
             update = yield client.wait_for_settlement(order_id)
         except (ConnectionClosed, NoWorkerReachable):
@@ -414,12 +417,22 @@ def cmd_watch(client: PaperTraderClient, args: argparse.Namespace, session: Any,
 def cmd_workers(reactor: Any, args: argparse.Namespace, session: Any) -> Any:
     """Print the master's worker directory."""
     address, ca = resolve_directory(args, session)
-    workers = yield read_directory(reactor, address, ca)
+    workers = yield read_directory(reactor, address, ca, args.timeout)
     lines = [f"{'NAME':20}  ADDRESS"] + [f"{w['name']:20}  {w['address']}" for w in workers]
     _print(args, workers, "\n".join(lines) if workers else "no workers are connected to the master")
 
 
 # ------------------------------------------------------------------ parsing and running
+
+
+def _seconds(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and below a day, got {text!r}")
+    return number
 
 
 def _positive(text: str) -> int:
@@ -452,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
         "commands then use the workers it lists",
     )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    common.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up on a worker that does not connect or answer a request within SECONDS, and use the next "
+        f"(default {REQUEST_TIMEOUT:g})",
+    )
 
     parser = argparse.ArgumentParser(
         prog="papertrader", description="Trade stocks with fake money on PaperTrader.", allow_abbrev=False
@@ -501,15 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connector(reactor: Any, ca: str) -> Any:
-    """Connects the session to a worker's HOST:PORT, trusting ``ca``."""
+def _connector(reactor: Any, ca: str, timeout: float) -> Any:
+    """Connects the session to a worker's HOST:PORT, trusting ``ca``, within ``timeout`` seconds."""
 
     def connect_to(address: str) -> Deferred[PaperTraderClient]:
         try:
             host, port = tls.split_address(address, DEFAULT_PORT)
         except ValueError as e:
             return fail(ConnectError(string=str(e)))
-        return connect(reactor, host, port, ca)
+        return connect(reactor, host, port, ca, timeout)
 
     return connect_to
 
@@ -517,7 +538,7 @@ def _connector(reactor: Any, ca: str) -> Any:
 @inlineCallbacks
 def _workers_from_directory(reactor: Any, args: argparse.Namespace, session: Any) -> Any:
     address, ca = resolve_directory(args, session)
-    rows = yield read_directory(reactor, address, ca)
+    rows = yield read_directory(reactor, address, ca, args.timeout)
     if not rows:
         raise CommandError(f"the worker directory at {address} lists no workers")
     return [row["address"] for row in rows], ca
@@ -543,7 +564,7 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
             workers, ca = yield _workers_from_directory(reactor, args, saved)
         else:
             workers, ca = resolve_workers(args, saved)
-        session = Session(reactor, _connector(reactor, ca), workers)
+        session = Session(reactor, _connector(reactor, ca, args.timeout), workers, request_timeout=args.timeout)
         try:
             yield args.run(session, args, saved, ca)
         except NoWorkerReachable as e:
@@ -560,6 +581,8 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
         _fail(str(e), EXIT_USAGE)
     except PaperTraderError as e:
         _fail(str(e), EXIT_REFUSED)
+    except RequestTimedOut as e:
+        _fail(str(e), EXIT_USAGE)
     except ConnectionClosed:
         _fail("the server closed the connection", EXIT_USAGE)
     except amp.TooLong as e:

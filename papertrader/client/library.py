@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, returnValue, succeed
 from twisted.internet.error import ConnectionClosed
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from papertrader import tls
-from papertrader.errors import DataFailed, ServiceUnavailable
+from papertrader.errors import BadRequest, DataFailed, ServiceUnavailable
 from papertrader.protocol import (
     MAX_CLIENT_BATCH,
     ChangePassword,
@@ -40,6 +40,7 @@ from papertrader.protocol import (
     Logout,
     LogoutEverywhere,
     OrderUpdates,
+    Ping,
     PlacedOrder,
     PlaceOrders,
     PriceTick,
@@ -53,6 +54,14 @@ from papertrader.protocol import (
 MAX_ORDER_REQUESTS_IN_FLIGHT = 4
 # How many times `PaperTraderClient.portfolio` starts again when the portfolio changes between its pages.
 PORTFOLIO_ATTEMPTS = 5
+
+
+class RequestTimedOut(ConnectionClosed):
+    """A request had no answer in time, so its connection was dropped (the worker, or the way to it, is gone).
+
+    A ConnectionClosed like any lost connection: what was in flight may or may
+    not have been done.
+    """
 
 
 def new_client_order_ids(count: int, now: float | None = None) -> list[str]:
@@ -117,6 +126,10 @@ class PaperTraderClient:
         self._waiting: dict[int, list[Deferred]] = {}
         self._keep_alive: LoopingCall | None = None
         self.max_requests_in_flight = MAX_ORDER_REQUESTS_IN_FLIGHT
+        # Seconds a request may wait for its answer before the connection is dropped (None: for ever),
+        # timed on ``clock``; see `set_request_timeout`.
+        self.request_timeout: float | None = None
+        self.clock: IReactorTime | None = None
         self._in_flight = 0
         self._queued: list[tuple[ClientOrder, Deferred]] = []
         # The price ticks the caller asked for ("all" or symbols), and the ones
@@ -130,6 +143,67 @@ class PaperTraderClient:
         pushes.on_price_tick = self._price_tick
         if isinstance(connection, ClientAMP):
             connection.on_lost = self._lost
+
+    def set_request_timeout(self, clock: IReactorTime, seconds: float | None) -> None:
+        """Drop the connection (abort it) when a request has had no answer for ``seconds`` on ``clock``.
+
+        A worker whose network link was cut sends no FIN or RST: without this a
+        request would wait for ever.  Every request in flight then fails with
+        ConnectionClosed, the one that waited too long with `RequestTimedOut`.
+        """
+        self.clock, self.request_timeout = clock, seconds
+
+    def _call(self, command: type[amp.Command], **arguments: Any) -> Deferred:
+        """``callRemote``, within the request timeout if one is set."""
+        d = self.connection.callRemote(command, **arguments)
+        if self.request_timeout is None:
+            return d
+        return self._timed(d, command, self.request_timeout)
+
+    def _timed(self, d: Deferred, command: type[amp.Command], seconds: float) -> Deferred:
+        clock = self.clock
+        if clock is None:
+            return d
+        expired = False
+
+        def give_up() -> None:
+            nonlocal expired
+            expired = True
+            if self.connection.transport is not None:
+                self.connection.transport.abortConnection()
+
+        timer = clock.callLater(seconds, give_up)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if expired and isinstance(result, Failure) and result.check(ConnectionClosed):
+                name = command.commandName.decode("ascii")
+                raise RequestTimedOut(
+                    f"no answer to {name} from the worker within {seconds:g} s: the connection was dropped "
+                    "(the request may or may not have taken effect)"
+                )
+            return result
+
+        return d.addBoth(done)
+
+    def ping(self, timeout: float | None = None) -> Deferred[bool]:
+        """Ask the worker to answer at once (Ping; the worker answers it itself, without the master).
+
+        Fires True on the answer, False if the worker does not know Ping (a
+        worker from before it).  No answer within ``timeout`` seconds (default:
+        the request timeout) drops the connection, as for any request.
+        """
+        seconds = self.request_timeout if timeout is None else timeout
+        d = self.connection.callRemote(Ping)
+        if seconds is not None:
+            d = self._timed(d, Ping, seconds)
+
+        def unknown(failure: Failure) -> bool:
+            failure.trap(BadRequest, amp.UnhandledCommand)
+            return False
+
+        return d.addCallbacks(lambda _: True, unknown)
 
     def on_order_update(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
         """Call ``callback(update)`` whenever one of this user's orders settles or is rejected."""
@@ -165,8 +239,8 @@ class PaperTraderClient:
     def _send_subscription(self) -> Deferred[dict[str, Any]]:
         prices = self._wanted or self._watching
         if prices == "all":
-            return self.connection.callRemote(Subscribe, all_prices=True)
-        return self.connection.callRemote(Subscribe, prices=list(prices))
+            return self._call(Subscribe, all_prices=True)
+        return self._call(Subscribe, prices=list(prices))
 
     def wait_for_settlement(self, order_id: int) -> Deferred[dict[str, Any]]:
         """Fires with the order's update once it has settled or been rejected.
@@ -238,11 +312,11 @@ class PaperTraderClient:
                 d.errback(ConnectionClosed("the connection closed before the order settled"))
 
     def register(self, username: str, email: str, password: str) -> Deferred:
-        return self.connection.callRemote(Register, username=username, email=email, password=password)
+        return self._call(Register, username=username, email=email, password=password)
 
     @inlineCallbacks
     def login(self, username: str, password: str, remember: bool = False) -> Any:
-        answer = yield self.connection.callRemote(
+        answer = yield self._call(
             Login, username=username, password=password, remember=remember
         )
         self.token = answer["token"]
@@ -250,34 +324,34 @@ class PaperTraderClient:
 
     @inlineCallbacks
     def login_with_token(self, token: str) -> Any:
-        answer = yield self.connection.callRemote(LoginWithToken, token=token)
+        answer = yield self._call(LoginWithToken, token=token)
         self.token = token
         returnValue(answer)
 
     @inlineCallbacks
     def logout(self) -> Any:
-        answer = yield self.connection.callRemote(Logout, token=self.token or "")
+        answer = yield self._call(Logout, token=self.token or "")
         self.token = None
         returnValue(answer)
 
     @inlineCallbacks
     def logout_everywhere(self) -> Any:
         """End every session of this user (every device); fires with the answer, ``sessions`` ended."""
-        answer = yield self.connection.callRemote(LogoutEverywhere, token=self.token or "")
+        answer = yield self._call(LogoutEverywhere, token=self.token or "")
         self.token = None
         returnValue(answer)
 
     @inlineCallbacks
     def change_password(self, old_password: str, new_password: str) -> Any:
         """Change the password; every session ends, this one too, so log in again afterwards."""
-        answer = yield self.connection.callRemote(
+        answer = yield self._call(
             ChangePassword, token=self.token or "", old_password=old_password, new_password=new_password
         )
         self.token = None
         returnValue(answer)
 
     def quote(self, symbol: str) -> Deferred:
-        return self.connection.callRemote(GetAssetValue, symbol=symbol)
+        return self._call(GetAssetValue, symbol=symbol)
 
     def buy(self, symbol: str, quantity: int | str, client_order_id: str | None = None) -> Deferred:
         """Queue a market buy; fires with ``{"order_id": ...}`` once it is stored.
@@ -298,7 +372,7 @@ class PaperTraderClient:
         client_order_id = client_order_id or new_client_order_ids(1)[0]
         if self._in_flight < self.max_requests_in_flight and not self._queued:
             self._in_flight += 1
-            d = self.connection.callRemote(
+            d = self._call(
                 command, token=self.token or "", symbol=symbol, quantity=str(quantity), client_order_id=client_order_id
             )
             d.addBoth(self._request_done)
@@ -322,7 +396,7 @@ class PaperTraderClient:
         while self._queued and self._in_flight < self.max_requests_in_flight:
             batch, self._queued = self._queued[:MAX_CLIENT_BATCH], self._queued[MAX_CLIENT_BATCH:]
             self._in_flight += 1
-            self.connection.callRemote(
+            self._call(
                 PlaceOrders, token=self.token or "", orders=[order for order, _ in batch]
             ).addBoth(self._batch_answered, batch)
 
@@ -354,7 +428,7 @@ class PaperTraderClient:
             ClientOrder(o["side"], o["symbol"], str(o["quantity"]), o.get("client_order_id") or new_id)
             for o, new_id in zip(orders, ids)
         ]
-        return self.connection.callRemote(PlaceOrders, token=self.token or "", orders=rows).addCallback(
+        return self._call(PlaceOrders, token=self.token or "", orders=rows).addCallback(
             lambda answer: answer["results"]
         )
 
@@ -367,7 +441,7 @@ class PaperTraderClient:
 
         Without ``cursor`` the first page; pass ``next_cursor`` for the next.
         """
-        return self.connection.callRemote(ListOrders, token=self.token or "", cursor=cursor)
+        return self._call(ListOrders, token=self.token or "", cursor=cursor)
 
     @inlineCallbacks
     def portfolio(self) -> Any:
@@ -395,7 +469,7 @@ class PaperTraderClient:
 
     def portfolio_page(self, cursor: str | None = None) -> Deferred[dict[str, Any]]:
         """One page of the portfolio, paged like `orders_page`; each page also carries the cash and the total."""
-        return self.connection.callRemote(GetUserPortfolio, token=self.token or "", cursor=cursor)
+        return self._call(GetUserPortfolio, token=self.token or "", cursor=cursor)
 
     def history(self, limit: int | None = None) -> Deferred[dict[str, Any]]:
         """The newest ``limit`` settled trades (None: every one), read page by page, as ``{"transactions": [...]}``."""
@@ -403,7 +477,7 @@ class PaperTraderClient:
 
     def history_page(self, cursor: str | None = None) -> Deferred[dict[str, Any]]:
         """One page of settled trades, newest first, paged like `orders_page`."""
-        return self.connection.callRemote(GetUserTransactionHistory, token=self.token or "", cursor=cursor)
+        return self._call(GetUserTransactionHistory, token=self.token or "", cursor=cursor)
 
     @inlineCallbacks
     def _rows(self, fetch_page: Callable[[str | None], Deferred], key: str, limit: int | None) -> Any:
@@ -491,11 +565,14 @@ def client_from_connection(connection: amp.AMP) -> PaperTraderClient:
 
 
 @inlineCallbacks
-def connect(reactor: Any, host: str, port: int, ca_path: str, timeout: float = 30.0) -> Any:
+def connect(
+    reactor: Any, host: str, port: int, ca_path: str, timeout: float = 30.0, request_timeout: float | None = None
+) -> Any:
     """Connect to the worker at ``host:port`` over TLS, trusting only ``ca_path``.
 
     Fires once the TLS handshake (with hostname verification) succeeded; a
     server that does not complete it within ``timeout`` seconds is given up on.
+    ``request_timeout``, if given, is the connection's (`PaperTraderClient.set_request_timeout`).
     """
     options = yield threads.deferToThread(tls.client_options, host, ca_path)
     endpoint = tls.tls_client_endpoint(reactor, host, port, options, timeout)
@@ -506,4 +583,7 @@ def connect(reactor: Any, host: str, port: int, ca_path: str, timeout: float = 3
     finally:
         if give_up.active():
             give_up.cancel()
-    returnValue(client_from_connection(connection))
+    client = client_from_connection(connection)
+    if request_timeout is not None:
+        client.set_request_timeout(reactor, request_timeout)
+    returnValue(client)

@@ -12,6 +12,15 @@ may have been pushed while it was away) and sends again, with the same
 client order ids, the order requests that were in flight (the master
 deduplicates by client order id, so nothing is placed twice or lost).
 
+A worker whose network link was cut sends no FIN or RST, so its connection
+is not seen to end: each request has ``request_timeout`` seconds (on the
+injected clock) for its answer, after which the connection is aborted and the
+session moves on as if it had been lost (requests that are not safe to send
+twice -- register, logout, password change -- fail with `RequestTimedOut`
+instead of being sent again).  An idle session finds out through `keep_alive`,
+which pings the worker (Ping, answered by the worker itself) and aborts the
+connection when no answer comes within the interval.
+
 The worker list comes from the master's directory listener (`read_directory`),
 from each login answer, and from GoAway.  Workers are tried in list order
 (the one in use first), a worker that sent GoAway last; when a whole round
@@ -33,7 +42,13 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 
 from papertrader import tls
-from papertrader.client.library import PaperTraderClient, TLSHandshakeFailed, connect, new_client_order_ids
+from papertrader.client.library import (
+    PaperTraderClient,
+    RequestTimedOut,
+    TLSHandshakeFailed,
+    connect,
+    new_client_order_ids,
+)
 from papertrader.errors import PaperTraderError, ServiceUnavailable, SessionInvalid
 from papertrader.protocol import ListWorkers
 
@@ -43,6 +58,8 @@ DEFAULT_DIRECTORY_PORT = 2050
 CONNECT_ROUNDS = 3
 FIRST_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
+# Seconds a request waits for its answer before its connection is given up on (and the request sent elsewhere).
+REQUEST_TIMEOUT = 30.0
 # Times one request is sent (on a worker each) before its failure is the caller's.
 REQUEST_ATTEMPTS = 3
 # Pages of the orders listing read when resuming, to find the fills of waited-for orders.
@@ -112,7 +129,9 @@ class Session:
 
     ``connector(address)`` connects to a worker (`tls_connector`); ``workers``
     are ``HOST:PORT`` addresses, tried in order.  ``token`` resumes an
-    existing session.  ``clock`` times the waits between rounds of attempts.
+    existing session.  ``clock`` times the waits between rounds of attempts
+    and the ``request_timeout`` (seconds; None: wait for ever) each request
+    has for its answer before its connection is aborted.
     """
 
     def __init__(
@@ -123,6 +142,7 @@ class Session:
         token: str | None = None,
         rounds: int = CONNECT_ROUNDS,
         request_attempts: int = REQUEST_ATTEMPTS,
+        request_timeout: float | None = REQUEST_TIMEOUT,
     ) -> None:
         self._clock = clock
         self._connector = connector
@@ -132,6 +152,7 @@ class Session:
         self.expires_at: str | None = None
         self.rounds = rounds
         self.request_attempts = request_attempts
+        self.request_timeout = request_timeout
         self.client: PaperTraderClient | None = None
         self.address: str | None = None  # the worker in use (or last used)
         self.failovers = 0  # times the session moved on after losing its worker
@@ -145,6 +166,9 @@ class Session:
         self._settled: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._in_flight = 0
         self._keep_alive: LoopingCall | None = None
+        self._ping_timeout: float | None = None
+        self._ping: Deferred[bool] | None = None  # the Ping waiting for its answer
+        self._no_ping: PaperTraderClient | None = None  # a connection to a worker from before Ping
         self._given_up: list[Deferred[BaseException]] = []
         self._on_order_update: Callable[[dict[str, Any]], None] | None = None
         self._on_price_tick: Callable[[dict[str, Any]], None] | None = None
@@ -243,6 +267,7 @@ class Session:
     def _take(self, client: PaperTraderClient, address: str) -> Any:
         """Make ``client`` (just connected to ``address``) the session's: resume the session on it,
         subscribe again, and catch up with the orders waited for."""
+        client.set_request_timeout(self._clock, self.request_timeout)
         client.on_order_update(self._settle)
         client.on_price_tick(self._tick)
         client.on_go_away(lambda reason, workers: self._go_away(client, reason, workers))
@@ -327,12 +352,19 @@ class Session:
 
     @inlineCallbacks
     def _request(self, call: Callable[[PaperTraderClient], Deferred], retry: bool = True) -> Any:
-        """``call(client)`` on the connection in use; if its worker fails it (and ``retry``), again on another."""
+        """``call(client)`` on the connection in use; if its worker fails it (or does not answer in time, see
+        ``request_timeout``) and ``retry``, again on another."""
         last: Exception | None = None
         for _ in range(self.request_attempts if retry else 1):
             client = yield self._connected()
             try:
                 result = yield maybeDeferred(call, client)
+            except RequestTimedOut as e:
+                if not retry:
+                    raise RequestTimedOut(f"{e}; it is not sent again, as it is not safe to send twice") from None
+                last = e
+                self._forget(client)
+                continue
             except WORKER_TROUBLE as e:
                 last = e
                 if isinstance(e, ServiceUnavailable):
@@ -377,7 +409,10 @@ class Session:
     def _ending(self, call: Callable[[PaperTraderClient], Deferred]) -> Any:
         client = yield self._connected()
         client.token = self.token
-        answer = yield call(client)
+        try:
+            answer = yield call(client)
+        except RequestTimedOut as e:
+            raise RequestTimedOut(f"{e}; it is not sent again, as it is not safe to send twice") from None
         self.token = None
         returnValue(answer)
 
@@ -482,8 +517,18 @@ class Session:
     # ------------------------------------------------------------ staying connected
 
     def keep_alive(self, interval: float = 60.0) -> LoopingCall:
-        """Send a heartbeat every ``interval`` seconds, and move to another worker at once if the one in use
-        goes away (not only at the next request).  Returns the loop."""
+        """Ping the worker in use every ``interval`` seconds, and move to another worker at once if it goes away
+        (not only at the next request).  Returns the loop.
+
+        A Ping with no answer within the interval (or the request timeout, if
+        shorter) aborts the connection: the worker, or the network on the way
+        to it, is gone without a word.  Any box keeps the worker's idle timeout
+        from closing the quiet connection; a worker from before Ping (it answers
+        BAD_REQUEST or UNHANDLED) is sent Heartbeats instead, as it used to be.
+        """
+        if self._keep_alive is not None and self._keep_alive.running:
+            self._keep_alive.stop()
+        self._ping_timeout = interval if self.request_timeout is None else min(interval, self.request_timeout)
         loop = LoopingCall(self._heartbeat)
         loop.clock = self._clock
         loop.start(interval, now=False).addErrback(lambda _: None)
@@ -491,8 +536,20 @@ class Session:
         return loop
 
     def _heartbeat(self) -> None:
-        if self.client is not None and self.client.connection.transport is not None:
-            self.client.heartbeat()
+        client = self.client
+        if client is None or client.connection.transport is None:
+            return
+        if client is self._no_ping:
+            client.heartbeat()
+        elif self._ping is None:
+            self._ping = client.ping(self._ping_timeout)
+            self._ping.addBoth(self._pinged, client)
+
+    def _pinged(self, result: bool | Failure, client: PaperTraderClient) -> None:
+        # No answer in time aborted the connection: `_lost` moves the session on.
+        self._ping = None
+        if result is False:
+            self._no_ping = client
 
     def when_given_up(self) -> Deferred[BaseException]:
         """Fires with the reason, an exception (NoWorkerReachable, most likely), once the session could
@@ -513,7 +570,7 @@ class Session:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, PaperTraderError):
+    if isinstance(error, (PaperTraderError, RequestTimedOut)):
         return str(error)
     if isinstance(error, ConnectionClosed):
         return "the connection was lost"

@@ -312,6 +312,12 @@ class ClientLocator(AnswersHeartbeats):
         self.clients.relayed += 1
         return self.link.call(RELAYED[command], **arguments, **self._envelope())
 
+    @Ping.responder
+    def ping(self) -> dict:
+        """Answered here, without the master: a client asks it to know the worker and the way to it are alive
+        (a cut network link sends no FIN or RST).  Like every box, it also restarts the idle countdown."""
+        return {}
+
     def locateResponder(self, name: bytes) -> Any:
         responder = super().locateResponder(name)
         if responder is None and name in _RELAYED_BY_NAME:
