@@ -63,6 +63,10 @@ class WorkerNotConnected(PaperTraderError):
     """No worker of that name is connected to the master (say, to be kicked)."""
 
 
+class AdminRefused(PaperTraderError):
+    """The master refused an administrator's request (a taken name, an unusable key, ...); the reason says why."""
+
+
 class Busy(PaperTraderError):
     """The server cannot take this request right now (e.g. too many passwords being checked); retry shortly."""
 
@@ -102,7 +106,7 @@ class WorkerExists(PaperTraderError):
 
 
 class UnknownWorker(PaperTraderError):
-    """No worker of that name is registered."""
+    """No worker of that name is registered (or, to an administrator's request, connected either)."""
 
 
 class WorkerKeyRejected(PaperTraderError):

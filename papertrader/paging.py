@@ -73,6 +73,8 @@ def worst_case_row(fields: Sequence[tuple[bytes, amp.Argument]]) -> dict[str, An
             row[key] = argument.worst_case()
         elif type(argument) is amp.Integer:
             row[key] = WORST_INTEGER
+        elif type(argument) is amp.Boolean:
+            row[key] = False  # "False" is longer than "True"
         else:
             raise TypeError(f"field {key} has no size bound")
     return row

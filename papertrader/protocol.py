@@ -17,6 +17,7 @@ Traffic in each direction:
 - master -> worker: PriceTick after every price update and OrderUpdates when
   queued orders settle or are rejected (only to the workers that serve the
   order's user); Ping when another connection claims the worker's name;
+  WorkerStatus when an administrator asks for the worker's live figures;
   WorkerDirectory whenever the list of workers clients can use changes;
   BootOff when the worker is kicked (it tells its clients GoAway).
 - client -> master's directory listener: ListWorkers, the only command there.
@@ -25,7 +26,8 @@ Traffic in each direction:
   closes the connection because it was kicked.  A push is encoded once and the same bytes written to
   every connection that gets it (`push_bytes`).
 - both ways on the worker-master link, and client -> worker: Heartbeat, so a
-  silent link is noticed and closed (see `papertrader.wire`); client -> worker:
+  silent link is noticed and closed (see `papertrader.wire`); a worker's
+  Heartbeat to the master says how many clients it has.  Client -> worker:
   Ping, answered by the worker itself, so a client notices a worker it can no longer reach.
 
 Money is integer cents (``*_cents``); instants are ISO 8601 UTC text.
@@ -45,6 +47,7 @@ from twisted.protocols import amp
 
 from papertrader.assets import MAX_TEXT
 from papertrader.errors import (
+    AdminRefused,
     BadRequest,
     Busy,
     DataFailed,
@@ -115,6 +118,7 @@ WIRE_CODES: dict[type[PaperTraderError], bytes] = {
     WorkerExists: b"WORKER_EXISTS",
     UnknownWorker: b"UNKNOWN_WORKER",
     WorkerKeyRejected: b"WORKER_KEY_REJECTED",
+    AdminRefused: b"ADMIN_REFUSED",
 }
 _ERRORS_BY_CODE = {code.decode("ascii"): error for error, code in WIRE_CODES.items()}
 
@@ -504,6 +508,26 @@ class Ping(amp.Command):
 
     arguments: list = []
     response: list = []
+    errors = declared()
+
+
+class WorkerStatus(amp.Command):
+    """Master -> worker: the worker's live figures (for ``papertrader-admin worker info``).
+
+    ``commands_relayed`` counts client commands and orders passed on to the
+    master since the worker started; ``uptime`` is in seconds; ``tick`` and
+    ``as_of`` are those of the cached quotes (tick 0, no ``as_of``: none yet).
+    """
+
+    arguments: list = []
+    response = [
+        (b"clients", amp.Integer()),
+        (b"sessions", amp.Integer()),
+        (b"commands_relayed", amp.Integer()),
+        (b"uptime", amp.Float()),
+        (b"tick", amp.Integer()),
+        (b"as_of", amp.Unicode(optional=True)),
+    ]
     errors = declared()
 
 

@@ -53,9 +53,13 @@ MAX_BAD_REQUESTS = 20
 
 
 class Heartbeat(amp.Command):
-    """"Still here": sent both ways on a quiet worker-master link, and by long-lived clients."""
+    """"Still here": sent both ways on a quiet worker-master link, and by long-lived clients.
 
-    arguments: list = []
+    A worker's Heartbeat to the master carries ``clients``, the client
+    connections it holds (the master tracks it); nobody else sends it.
+    """
+
+    arguments = [(b"clients", amp.Integer(optional=True))]
     requiresAnswer = False
 
 
@@ -63,7 +67,7 @@ class AnswersHeartbeats(amp.CommandLocator):
     """A locator that takes Heartbeats (each one restarts the connection's idle countdown, nothing more)."""
 
     @Heartbeat.responder
-    def heartbeat(self) -> dict:
+    def heartbeat(self, clients: int | None = None) -> dict:
         return {}
 
 
@@ -215,10 +219,17 @@ class GuardedAMP(amp.AMP):
         """Send a Heartbeat every ``interval`` seconds until the connection ends, and start the idle countdown."""
         if self._ended or self._heartbeats is not None:
             return
-        self._heartbeats = LoopingCall(self.callRemote, Heartbeat)
+        self._heartbeats = LoopingCall(self._beat)
         self._heartbeats.clock = self.clock
         self._heartbeats.start(interval, now=False)
         self.refresh_timeout()
+
+    def heartbeat_arguments(self) -> dict[str, Any]:
+        """What this side's Heartbeats carry (by default nothing)."""
+        return {}
+
+    def _beat(self) -> None:
+        self.callRemote(Heartbeat, **self.heartbeat_arguments())
 
     def refresh_timeout(self) -> None:
         """Restart the idle countdown, e.g. after the connection gained or lost a session."""

@@ -141,8 +141,9 @@ class Deployment:
             None,
             "test-worker",
             self.cache,
-            MasterPushes(self.cache, self.clients),
+            MasterPushes(self.cache, self.clients, clock=self.clock),
             served_users=lambda: list(self.clients.by_user),
+            client_count=lambda: len(self.clients.connections),
             sign=self.signer(self.worker_key),
         )
         self.batcher = OrderBatcher(self.clock, self.link.call, master_takes_groups=lambda: self.link.order_groups)
@@ -287,10 +288,16 @@ class SimWorker:
             None,
             name,
             self.cache,
-            MasterPushes(self.cache, self.clients, on_boot_off=lambda reason: self.link.booted_off(reason)),
+            MasterPushes(
+                self.cache,
+                self.clients,
+                clock=deployment.clock,
+                on_boot_off=lambda reason: self.link.booted_off(reason),
+            ),
             served_users=lambda: list(self.clients.by_user),
             sign=Deployment.signer(cached_key(name)),
             client_address=lambda: self.address,
+            client_count=lambda: len(self.clients.connections),
         )
         self.batcher = OrderBatcher(
             deployment.clock, self.link.call, master_takes_groups=lambda: self.link.order_groups

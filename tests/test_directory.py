@@ -14,6 +14,7 @@ from papertrader.client.library import ClientAMP
 from papertrader.errors import BadRequest, DataFailed, WorkerNotConnected
 from papertrader.master.directory import Directory, DirectoryFactory, DirectoryLocator
 from papertrader.master.service import _nth_listen
+from papertrader.master.workers import ConnectedWorker
 from papertrader.protocol import (
     MAX_LISTED_WORKERS,
     WORKERS_PER_PAGE,
@@ -115,7 +116,7 @@ class KickTests(SynchronousTestCase):
         clock = Clock()
         registry = type(self.deployment.registry)(clock)
         silent = _SilentWorker()
-        registry.workers["quiet"] = silent
+        registry.workers["quiet"] = ConnectedWorker("quiet", silent, "10.0.0.9:40000", None, "1", 0.0)
         d = registry.kick("quiet", "going", timeout=10)
         self.assertNoResult(d)
         self.assertFalse(silent.closed)

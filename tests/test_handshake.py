@@ -62,7 +62,7 @@ class HandshakeRefusalTests(SynchronousTestCase):
         self.assertIn(reason, line["reason"])
         self.assertTrue(peer.closed)
         self.assertEqual(list(self.deployment.registry.workers), ["test-worker"])
-        self.assertNotIn(peer.server, self.deployment.registry.workers.values())
+        self.assertNotIn(peer.server, [r.connection for r in self.deployment.registry.workers.values()])
         handshake = peer.server.locator.handshake
         self.assertIs(handshake.stage, Stage.REFUSED)
         self.assertIsNone(handshake._nonce)
@@ -93,7 +93,7 @@ class HandshakeRefusalTests(SynchronousTestCase):
         key = cached_key("w-good")
         answer = self.prove(peer, key.sign(gpg.proof_statement("w-good", answer["nonce"])))
         self.assertEqual(answer["update_interval"], 60.0)
-        self.assertIs(self.deployment.registry.workers["w-good"], peer.server)
+        self.assertIs(self.deployment.registry.workers["w-good"].connection, peer.server)
         self.assertEqual(peer.server.locator.client_address, "w.example:2049")
         self.assertIn("assets", self.deployment.result(peer.protocol.callRemote(ListAssets)))
         self.assert_serving()
@@ -316,7 +316,7 @@ class DuplicateNameTests(SynchronousTestCase):
         error = self.assertRaises(WorkerRefused, self.deployment.result, d)
         self.assertIn("already connected", str(error))
         self.assertTrue(intruder.closed)
-        self.assertIs(self.deployment.registry.workers["test-worker"], self.deployment.master_pump.server)
+        self.assertIs(self.deployment.registry.workers["test-worker"].connection, self.deployment.master_pump.server)
 
     def test_duplicate_replaces_a_dead_one(self) -> None:
         """When the old connection does not answer the ping, the newly proved one takes the name."""
@@ -325,4 +325,4 @@ class DuplicateNameTests(SynchronousTestCase):
         d = self.deployment.handshake(newcomer.protocol, "test-worker")
         self.deployment.advance(11, step=1)
         self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
-        self.assertIs(self.deployment.registry.workers["test-worker"], newcomer.server)
+        self.assertIs(self.deployment.registry.workers["test-worker"].connection, newcomer.server)

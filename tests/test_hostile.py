@@ -65,7 +65,7 @@ class ListeningPeer(amp.AMP):
         return {}
 
     @Heartbeat.responder
-    def heartbeat(self) -> dict:
+    def heartbeat(self, clients: int | None = None) -> dict:
         return {}
 
 

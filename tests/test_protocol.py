@@ -467,4 +467,4 @@ class HandshakeTests(SynchronousTestCase):
         hello = impostor.callRemote(WorkerHello, name="test-worker", version="0")
         failure = self.assertRaises(WorkerRefused, deployment.result, hello)
         self.assertIn("not for a worker named 'test-worker'", str(failure))
-        self.assertIs(deployment.registry.workers["test-worker"], deployment.master_pump.server)
+        self.assertIs(deployment.registry.workers["test-worker"].connection, deployment.master_pump.server)

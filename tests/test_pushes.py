@@ -17,7 +17,7 @@ from papertrader.errors import DataFailed
 from papertrader.master import workers as master_workers
 from papertrader.master.protocol import MAX_WORKER_UNSENT_BYTES, MasterLocator, WorkerAMP
 from papertrader.master.trading import QueuedOrder, Settlement
-from papertrader.master.workers import WorkerRegistry
+from papertrader.master.workers import ConnectedWorker, WorkerRegistry
 from papertrader.protocol import (
     MAX_SUBSCRIBED_SYMBOLS,
     MAX_UPDATE_BYTES,
@@ -331,6 +331,11 @@ class FakeWorker:
         return parse_pushes(self.transport.value())
 
 
+def connected(name: str, connection: Any) -> ConnectedWorker:
+    """A registry record for ``connection``, as a handshake would make it."""
+    return ConnectedWorker(name, connection, "10.0.0.8:40000", "10.0.0.8:2049", "test", 0.0)
+
+
 def settlement(order_id: int, username: str, reason: str | None = None) -> Settlement:
     order = QueuedOrder(order_id, 1, username, "buy", "KO", 2)
     if reason is not None:
@@ -348,7 +353,8 @@ class MasterRoutingTests(SynchronousTestCase):
 
     def registry(self, **workers: FakeWorker) -> WorkerRegistry:
         registry = WorkerRegistry(self.clock, slice_size=1000)
-        registry.workers.update(workers)
+        for name, worker in workers.items():
+            registry.workers[name] = connected(name, worker)
         return registry
 
     def test_updates_only_to_workers_serving_the_user(self) -> None:
@@ -458,7 +464,7 @@ class SlowWorkerTests(SynchronousTestCase):
         connection.max_unsent_bytes = max_unsent_bytes
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.8", 2048))
         connection.makeConnection(transport)
-        self.registry.workers[name] = connection
+        self.registry.workers[name] = connected(name, connection)
         self.registry.serves(connection, "alice")
         return connection, transport
 
@@ -574,11 +580,11 @@ class SubscriptionTests(SynchronousTestCase):
         """The master sends a user's fill only to the workers where that user logged in or ordered."""
         d = self.deployment
         other = FakeWorker()
-        d.registry.workers["elsewhere"] = other
+        d.registry.workers["elsewhere"] = connected("elsewhere", other)
         alice = d.logged_in("alice")
         _, updates = self.watch(alice)
         d.result(alice.buy("KO", 1))
-        self.assertEqual(d.registry.serving("alice"), {d.registry.workers["test-worker"]})
+        self.assertEqual(d.registry.serving("alice"), {d.registry.workers["test-worker"].connection})
         d.tick()
         self.assertEqual([c for c, _ in other.pushes()], [PriceTick])
         self.assertEqual([u["status"] for u in updates], ["filled"])
@@ -595,7 +601,7 @@ class SubscriptionTests(SynchronousTestCase):
         _, updates = self.watch(alice)
         d.result(alice.buy("KO", 1))
         d.connect_worker()
-        self.assertEqual(d.registry.serving("alice"), {d.registry.workers["test-worker"]})
+        self.assertEqual(d.registry.serving("alice"), {d.registry.workers["test-worker"].connection})
         d.tick()
         self.assertEqual([u["status"] for u in updates], ["filled"])
 

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from papertrader import tls
 from papertrader.config import KEYS, MasterConfig
 from papertrader.master import tap as master_tap
+from papertrader.master.admin import MAX_ADMIN_CONNECTIONS, AdminFactory
 from papertrader.master.directory import DirectoryFactory
 from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import MasterService
@@ -165,8 +166,8 @@ class MasterOptionsTests(SynchronousTestCase):
         options = self.parse("--config", SAMPLE_CONFIG, "--max-connections", "9")
         service = master_tap.makeService(options)
         listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
-        self.assertEqual([type(s.factory) for s in listeners], [MasterFactory, DirectoryFactory])
-        self.assertEqual([s.factory.max_connections for s in listeners], [9, 9])
+        self.assertEqual([type(s.factory) for s in listeners], [MasterFactory, DirectoryFactory, AdminFactory])
+        self.assertEqual([s.factory.max_connections for s in listeners], [9, 9, MAX_ADMIN_CONNECTIONS])
 
     def test_directoryListen(self) -> None:
         """The directory listener is set by C{directory_listen} (default port 2050, loopback only)."""
@@ -174,6 +175,16 @@ class MasterOptionsTests(SynchronousTestCase):
         options = self.parse("--directory-listen", "tcp:0")
         self.assertEqual(options.config.directory_listen, "tcp:0")
         self.assertRaises(usage.UsageError, self.parse, "--directory-listen", "ssl:2050")
+
+    def test_adminSocket(self) -> None:
+        """The master also listens on its admin socket, bounded like its other listener."""
+        options = self.parse("--config", SAMPLE_CONFIG, "--handshake-timeout", "17")
+        service = master_tap.makeService(options)
+        [admin] = [
+            s for s in service if isinstance(s, StreamServerEndpointService) and isinstance(s.factory, AdminFactory)
+        ]
+        self.assertEqual(admin.factory.max_connections, MAX_ADMIN_CONNECTIONS)
+        self.assertEqual(admin.factory.timeouts.handshake, 17)
 
 
 class WorkerOptionsTests(SynchronousTestCase):

@@ -87,7 +87,7 @@ class BeatingPeer(BareAMP):
     """A bare worker-side connection that answers the master's heartbeats, as a real worker does."""
 
     @Heartbeat.responder
-    def heartbeat(self) -> dict:
+    def heartbeat(self, clients: int | None = None) -> dict:
         return {}
 
 
@@ -363,7 +363,7 @@ class WorkerNameTests(SynchronousTestCase):
         d = self.deployment.handshake(newcomer.protocol, "test-worker")
         self.deployment.advance(11, step=1)
         self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
-        self.assertIs(self.deployment.registry.workers["test-worker"], newcomer.server)
+        self.assertIs(self.deployment.registry.workers["test-worker"].connection, newcomer.server)
 
 
     def test_newcomer_lost_while_claiming(self) -> None:
@@ -378,12 +378,12 @@ class WorkerNameTests(SynchronousTestCase):
         self.deployment.flush()
         newcomer.protocol.transport.loseConnection()
         self.deployment.advance(11, step=1)
-        self.assertIsNot(self.deployment.registry.workers.get("test-worker"), newcomer.server)
+        self.assertIsNot(self.deployment.registry._holder("test-worker"), newcomer.server)
         third = RawPeer(self.deployment, self.deployment.master_factory, 50033, BeatingPeer)
         d = self.deployment.handshake(third.protocol, "test-worker")
         self.deployment.advance(11, step=1)
         self.assertEqual(self.successResultOf(d)["update_interval"], 60.0)
-        self.assertIs(self.deployment.registry.workers["test-worker"], third.server)
+        self.assertIs(self.deployment.registry.workers["test-worker"].connection, third.server)
         self.assertEqual(self.log.failures(), [])
 
     def test_no_timers_after_the_end(self) -> None:

@@ -5,12 +5,13 @@ runs as a real process.  Two more workers are started by hand with
 certificates of the deployment: one whose registered key is in its GnuPG
 home, one whose home holds another key.  The first serves clients; the
 second is refused (both logs say why) while everything else keeps serving.
-Registration goes through `WorkerRegistrations` on the master's own database
-and keyring, as the admin tool does.
+Registration goes through the admin tool, ``papertrader-admin worker add``,
+as an operator registers a remote worker.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -26,11 +27,10 @@ from twisted.protocols import amp
 from twisted.trial.unittest import TestCase
 
 from papertrader import gpg, tls
-from papertrader.master.database import Database
-from papertrader.master.registration import WorkerRegistrations
 from papertrader.protocol import WorkerHello
 from tests.gpgkeys import fresh_home, new_key
 from tests.processes import TWISTD, RunningDeployment, _Watcher
+from tests.test_admin_e2e import run_admin
 
 
 class WorkerKeyEndToEndTests(TestCase):
@@ -48,13 +48,13 @@ class WorkerKeyEndToEndTests(TestCase):
 
     @inlineCallbacks
     def register(self, name: str, public_key: str) -> Any:
-        """Register worker ``name`` in the running master's database and keyring."""
-        database = Database.open("", self.deployment.data)
-        try:
-            registrations = WorkerRegistrations(database, os.path.join(self.deployment.data, "gnupg"), reactor)
-            yield registrations.add(name, public_key)
-        finally:
-            database.close()
+        """Register worker ``name`` with the running master: ``papertrader-admin worker add``."""
+        key_file = os.path.join(self.deployment.base, f"{name}.asc")
+        with open(key_file, "w", encoding="ascii") as f:
+            f.write(public_key)
+        code, out, err = yield run_admin(self.deployment, "worker", "add", name, "--key", key_file, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["name"], name)
 
     def start_worker(self, name: str, gnupg_home: str) -> tuple[_Watcher, str]:
         """Start ``twistd papertrader-worker`` as ``name`` with a certificate of the deployment and the

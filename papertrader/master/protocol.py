@@ -6,7 +6,9 @@ reach the worker (and from there the client) intact.  Nothing but the
 handshake (WorkerHello, WorkerProof: see `papertrader.master.handshake`) is
 answered before it succeeds: any other command is refused and the connection
 closed.  After it, both sides send Heartbeats and a link silent for two
-intervals is closed.
+intervals is closed.  The worker's `ConnectedWorker` record counts the relayed
+commands and orders answered for it, and notes each Heartbeat (with the
+clients the worker reports).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from papertrader.eventlog import EventLogger
 from papertrader.master.exchange import Exchange, group_of_one
 from papertrader.master.handshake import NONCE_LIFETIME, Handshake
 from papertrader.master.registration import WorkerRegistrations
-from papertrader.master.workers import WorkerRegistry
+from papertrader.master.workers import ConnectedWorker, WorkerRegistry
 from papertrader.paging import BadCursor, page_of_sequence
 from papertrader.protocol import (
     ASSETS_PER_PAGE,
     MAX_ORDER_BATCH,
     WIRE_CODES,
+    Heartbeat,
     ListAssets,
     OrderGroup,
     OrderRequest,
@@ -84,6 +87,16 @@ def _guarded(responder: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _forwarded(responder: Callable[..., Any]) -> Callable[..., Any]:
+    """Count a relayed client command in the worker's record once it is answered (either way)."""
+
+    @functools.wraps(responder)
+    def counted(self: MasterLocator, *args: Any, **kwargs: Any) -> Deferred:
+        return responder(self, *args, **kwargs).addBoth(self._count_forwarded, 1)
+
+    return counted
+
+
 def _after_handshake(locator: MasterLocator, responder: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     locator._worker_name()
     return responder(locator, *args, **kwargs)
@@ -114,6 +127,8 @@ class MasterLocator(AnswersHeartbeats):
         self.certified_name = certified_name
         self.connection: WorkerAMP | None = None
         self.worker: str | None = None
+        # What the registry tracks about this worker, once its handshake is done.
+        self.record: ConnectedWorker | None = None
         self.version: str | None = None
         self.client_address: str | None = None
         self.handshake = None if registrations is None else Handshake(registrations, clock, nonce_lifetime)
@@ -122,6 +137,18 @@ class MasterLocator(AnswersHeartbeats):
         if self.worker is None:
             raise ServiceUnavailable("this worker has not completed its handshake")
         return self.worker
+
+    def _count_forwarded(self, result: Any, count: int) -> Any:
+        if self.record is not None:
+            self.record.forwarded(count)
+        return result
+
+    @Heartbeat.responder
+    def heartbeat(self, clients: int | None = None) -> dict:
+        """Note when the worker was last heard from, and how many clients it says it has."""
+        if self.record is not None:
+            self.record.heard(self.registry.now(), clients)
+        return {}
 
     # ------------------------------------------------------------ handshake
 
@@ -152,7 +179,10 @@ class MasterLocator(AnswersHeartbeats):
         except WorkerRefused as e:
             self._refused(name, e)
         try:
-            yield self.registry.claim(name, self.connection, self.heartbeat_interval)
+            self.record = yield self.registry.claim(
+                name, self.connection, self.heartbeat_interval, version=self.version or "",
+                client_address=self.client_address,
+            )
         except WorkerRefused as e:
             self._refused(name, e)
         self.worker = name
@@ -213,6 +243,7 @@ class MasterLocator(AnswersHeartbeats):
     # ------------------------------------------------------------ accounts
 
     @RelayedRegister.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def register(self, username: str, email: str, password: str, received_at: str, client_address: str) -> Any:
@@ -227,6 +258,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"username": name})
 
     @RelayedLogin.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def login(
@@ -249,6 +281,7 @@ class MasterLocator(AnswersHeartbeats):
         )
 
     @RelayedLogoutEverywhere.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def logout_everywhere(self, token: str, received_at: str, client_address: str) -> Any:
@@ -256,6 +289,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"sessions": ended})
 
     @RelayedChangePassword.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def change_password(
@@ -271,6 +305,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"sessions": ended})
 
     @RelayedLoginWithToken.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def login_with_token(self, token: str, received_at: str, client_address: str) -> Any:
@@ -279,6 +314,7 @@ class MasterLocator(AnswersHeartbeats):
         returnValue({"username": session.username, "expires_at": iso(session.expires_at)})
 
     @RelayedLogout.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def logout(self, token: str, received_at: str, client_address: str) -> Any:
@@ -313,6 +349,7 @@ class MasterLocator(AnswersHeartbeats):
         return answer
 
     @RelayedGetAssetValue.responder
+    @_forwarded
     @_guarded
     def asset_value(self, symbol: str, received_at: str, client_address: str) -> dict[str, Any]:
         return self.exchange.asset_value(symbol)
@@ -326,7 +363,10 @@ class MasterLocator(AnswersHeartbeats):
         groups = [*(group_of_one(request) for request in orders), *(groups or ())]
         if sum(len(group.orders) for group in groups) > MAX_ORDER_BATCH:
             raise BadRequest(f"a SubmitOrders batch holds at most {MAX_ORDER_BATCH} orders in all")
-        return self.exchange.submit_groups(groups, worker).addCallback(self._order_results)
+        count = sum(len(group.orders) for group in groups)
+        return self.exchange.submit_groups(groups, worker).addBoth(self._count_forwarded, count).addCallback(
+            self._order_results
+        )
 
     def _order_results(self, results: list[Any]) -> dict[str, Any]:
         rows = [_result(result) for result in results]
@@ -342,6 +382,7 @@ class MasterLocator(AnswersHeartbeats):
         return {}
 
     @RelayedListOrders.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def list_orders(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
@@ -349,11 +390,13 @@ class MasterLocator(AnswersHeartbeats):
         returnValue(page.answer("orders"))
 
     @RelayedGetUserPortfolio.responder
+    @_forwarded
     @_guarded
     def portfolio(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:
         return self.exchange.portfolio(token, cursor)
 
     @RelayedGetUserTransactionHistory.responder
+    @_forwarded
     @_guarded
     @inlineCallbacks
     def history(self, token: str, received_at: str, client_address: str, cursor: str | None = None) -> Any:

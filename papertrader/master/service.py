@@ -2,9 +2,9 @@
 
 Start-up: certificates (created on first start) -> database and schema ->
 the local workers' OpenPGP keys (made and registered on first start) ->
-latest prices; then the listeners for workers and for the worker directory
-open, the price update loop starts and the local workers are started (they
-need the listener's port).
+latest prices; then the listeners for workers and for the worker directory,
+and the admin socket, open, the price update loop starts and the local workers
+are started (they need the listener's port).
 Any failure stops the process with the reason in the log.
 """
 
@@ -21,10 +21,12 @@ from twisted.internet import threads
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 
 from papertrader import gpg, tls
+from papertrader.admin.unixsocket import PrivatePort, admin_socket_path, bind_private
 from papertrader.config import MasterConfig
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
+from papertrader.master.admin import AdminLocator, WorkerAdmin
 from papertrader.master.database import Database, describe
 from papertrader.master.directory import DirectoryLocator
 from papertrader.master.exchange import Exchange
@@ -117,8 +119,10 @@ class MasterService(service.MultiService):
         self.hashing: HashingPool | None = None
         self.exchange: Exchange | None = None
         self.registry = WorkerRegistry(reactor)
+        self.admin = WorkerAdmin(self.registry)
         self.registrations: WorkerRegistrations | None = None
         self.port: Any = None
+        self.admin_port: Any = None
         self.directory_port: Any = None
         self.startup = StartUp(reactor, "master")
         self.ready = self.startup.ready
@@ -172,6 +176,7 @@ class MasterService(service.MultiService):
         )
         self.registry.follow(self.exchange)
         self.registrations = WorkerRegistrations(self.database, os.path.join(config.data_dir, "gnupg"), self.reactor)
+        self.admin.registrations = self.registrations
 
     @inlineCallbacks
     def _prepare(self) -> Any:
@@ -237,6 +242,14 @@ class MasterService(service.MultiService):
     def new_directory_locator(self) -> DirectoryLocator:
         """The responder for one connection to the directory listener."""
         return DirectoryLocator(self.registry.directory)
+
+    def admin_endpoint(self) -> _AdminSocketWhenReady:
+        """The admin socket (``DATA_DIR/admin.sock``, mode 0600), listening once start-up is done."""
+        return _AdminSocketWhenReady(self)
+
+    def new_admin_locator(self) -> AdminLocator:
+        """The responders for one new connection to the admin socket."""
+        return AdminLocator(self.admin)
 
     def new_locator(self) -> MasterLocator:
         """The responders for one new worker connection."""
@@ -356,6 +369,28 @@ class _Prepared:
     worker_identities: list[tls.Identity]
     worker_keys: list[tuple[str, str]]
     directory_options: Any = None
+
+
+class _AdminSocketWhenReady:
+    """The admin socket's endpoint: made privately (in a thread: file work) once start-up is done."""
+
+    def __init__(self, master: MasterService) -> None:
+        self.master = master
+
+    def listen(self, factory: Any) -> Deferred:
+        master = self.master
+        path = admin_socket_path(master.config.data_dir)
+
+        def adopt(made: Any) -> Any:
+            listening, identity = made
+            master.admin_port = PrivatePort.adopt(master.reactor, listening, identity, path, factory)
+            master.log.info("admin socket listening at {path}", path=path)
+            return master.admin_port
+
+        def listen(_: Any) -> Deferred:
+            return threads.deferToThread(bind_private, path).addCallback(adopt).addErrback(master.startup.failed)
+
+        return master.when_ready().addCallback(listen)
 
 
 def _quietly_cancelled(failure: Any) -> None:

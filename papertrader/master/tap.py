@@ -12,6 +12,7 @@ from twisted.python import usage
 from papertrader.config import KEYS, load_master_config
 from papertrader.errors import ConfigError
 from papertrader.eventlog import BufferedFileLogObserver, EventLogService
+from papertrader.master.admin import MAX_ADMIN_CONNECTIONS, AdminFactory
 from papertrader.master.directory import DirectoryFactory
 from papertrader.master.protocol import MasterFactory
 from papertrader.master.service import SESSION_SWEEP_INTERVAL, MasterService, timeouts
@@ -45,7 +46,7 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> IService:
     """Wire the master: event log first (it starts first and stops last), then the listeners (workers,
-    worker directory), local workers, loops."""
+    worker directory, admin socket), local workers, loops."""
     from twisted.internet import reactor
 
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
@@ -70,6 +71,12 @@ def makeService(options: Options) -> IService:
             clock=reactor,
             timeouts=timeouts(config),
             max_connections=config.max_connections,
+        ),
+    ).setServiceParent(master)
+    StreamServerEndpointService(
+        master.admin_endpoint(),
+        AdminFactory(
+            master.new_admin_locator, clock=reactor, timeouts=timeouts(config), max_connections=MAX_ADMIN_CONNECTIONS
         ),
     ).setServiceParent(master)
     if config.workers:

@@ -1,11 +1,13 @@
 """Worker management (spec 3.1.5): the registry of connected workers, and local workers.
 
-The registry keys connections by worker name; a second connection under a
-name that is already connected is refused while the old one answers a ping.
-It also knows which users each connection serves, so that an order update
-goes only to the workers that can have a client waiting for it, keeps the
-worker directory (`papertrader.master.directory`) and pushes it to every
-worker when it changes, and kicks a worker (`WorkerRegistry.kick`).
+The registry holds one `ConnectedWorker` record per worker name: its
+connection and what the master tracks about it (addresses, version, when it
+connected, clients, commands forwarded, last heartbeat).  A second connection
+under a name that is already connected is refused while the old one answers a
+ping.  The registry also knows which users each connection serves, so that an
+order update goes only to the workers that can have a client waiting for it,
+keeps the worker directory (`papertrader.master.directory`) and pushes it to
+every worker when it changes, and kicks a worker (`WorkerRegistry.kick`).
 `LocalWorkers` runs ``twistd papertrader-worker`` child processes so that one
 command starts a whole single-machine deployment.
 """
@@ -18,12 +20,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attr
 from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 
-from papertrader.errors import WorkerNotConnected, WorkerRefused
+from papertrader.errors import ServiceUnavailable, WorkerNotConnected, WorkerRefused, expected_or_unavailable
 from papertrader.eventlog import EventLogger
 from papertrader.master.directory import Directory
 from papertrader.master.trading import Settlement
@@ -35,6 +38,8 @@ from papertrader.protocol import (
     Ping,
     PriceTick,
     WorkerDirectory,
+    WorkerStatus,
+    check_worker_address,
     pack_update,
     pack_updates,
     push_bytes,
@@ -47,11 +52,48 @@ if TYPE_CHECKING:
 
 # Settled orders routed (and their updates packed) in one reactor turn.
 ROUTE_SLICE = 2000
+# Longest version text kept for a worker (what it says is cut to this).
+MAX_VERSION_LENGTH = 64
+# Seconds a worker has to answer WorkerStatus.
+STATUS_TIMEOUT = 10.0
+
+
+@attr.s(auto_attribs=True, eq=False)
+class ConnectedWorker:
+    """One connected worker: its connection, and what the master tracks about it.
+
+    Times are the injected clock's seconds.  ``clients`` is what the worker
+    last reported (None until it does: a worker from before the report).
+    """
+
+    name: str
+    connection: BoundedWrites
+    address: str
+    """Where the connection comes from (``HOST:PORT``)."""
+    client_address: str | None
+    """The ``HOST:PORT`` clients reach the worker on, as it said in its hello."""
+    version: str
+    connected_since: float
+    clients: int | None = None
+    commands_forwarded: int = 0
+    last_heartbeat: float | None = None
+
+    def forwarded(self, count: int = 1) -> None:
+        """Count ``count`` relayed commands or orders the master answered for this worker."""
+        self.commands_forwarded += count
+
+    def heard(self, now: float, clients: int | None = None) -> None:
+        """A Heartbeat arrived at ``now``, saying (if it did) how many clients the worker has."""
+        self.last_heartbeat = now
+        if clients is not None and clients >= 0:
+            self.clients = clients
+
+
 # Seconds a kicked worker has to tell its clients before the master closes its connection anyway.
 BOOT_OFF_TIMEOUT = 10.0
 
 class WorkerRegistry:
-    """Connected workers by name, and what the master pushes to them.
+    """Connected workers by name (`ConnectedWorker` records), and what the master pushes to them.
 
     A name belongs to one live connection.  A second connection under a name
     that is taken is refused while the first answers a Ping; only a dead one
@@ -64,7 +106,7 @@ class WorkerRegistry:
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
-        self.workers: dict[str, BoundedWrites] = {}
+        self.workers: dict[str, ConnectedWorker] = {}
         self._claiming: set[str] = set()
         # Which connections serve which users (learned from logins, orders and ServedUsers), both ways.
         self._serving: dict[str, set[BoundedWrites]] = {}
@@ -76,24 +118,37 @@ class WorkerRegistry:
         # (a worker from before the directory would count each push as a bad request).
         self._directory_readers: set[BoundedWrites] = set()
 
+    def now(self) -> float:
+        """The registry's clock, in seconds."""
+        return self._clock.seconds()
+
     @inlineCallbacks
-    def claim(self, name: str, connection: BoundedWrites, ping_timeout: float) -> Any:
-        """Register ``connection`` as worker ``name``; WorkerRefused if a live connection holds the name."""
+    def claim(
+        self,
+        name: str,
+        connection: BoundedWrites,
+        ping_timeout: float,
+        version: str = "",
+        client_address: str | None = None,
+    ) -> Any:
+        """Register ``connection`` as worker ``name``, firing with its new `ConnectedWorker` record;
+        WorkerRefused if a live connection holds the name."""
         if name in self._claiming:
             raise WorkerRefused(f"another connection is claiming the name {name!r} right now")
-        old = self.workers.get(name)
+        held = self.workers.get(name)
+        old = None if held is None else held.connection
         if old is not None and old is not connection:
             self._claiming.add(name)
             try:
                 alive = yield self._answers_ping(old, ping_timeout)
             finally:
                 self._claiming.discard(name)
-            if alive and self.workers.get(name) is old:
+            if alive and self._holder(name) is old:
                 raise WorkerRefused(
                     f"a worker named {name!r} is already connected (from {getattr(old, 'peer', 'elsewhere')}) "
                     "and answering; use another name"
                 )
-            if self.workers.get(name) is old:
+            if self._holder(name) is old:
                 self.log.warn("worker {name}'s old connection does not answer; replacing it", name=name)
                 del self.workers[name]
             if old.transport is not None:
@@ -101,9 +156,43 @@ class WorkerRegistry:
         if connection.transport is None:
             # It ended while the old one was being pinged: it must not hold the name.
             raise WorkerRefused("the connection ended during the handshake")
-        if name in self.workers and self.workers[name] is not connection:
+        if self._holder(name) not in (None, connection):
             raise WorkerRefused(f"another connection took the name {name!r} meanwhile")
-        self.workers[name] = connection
+        try:
+            usable = None if client_address is None else check_worker_address(client_address)
+        except ValueError:
+            usable = None  # the worker is accepted, but clients are not told about it (see `publish`)
+        record = ConnectedWorker(
+            name=name,
+            connection=connection,
+            address=getattr(connection, "peer", "unknown"),
+            client_address=usable,
+            version=version[:MAX_VERSION_LENGTH],
+            connected_since=self.now(),
+        )
+        self.workers[name] = record
+        return record
+
+    def _holder(self, name: str) -> BoundedWrites | None:
+        record = self.workers.get(name)
+        return None if record is None else record.connection
+
+    def get(self, name: str) -> ConnectedWorker | None:
+        """The record of the worker connected as ``name``, if one is."""
+        return self.workers.get(name)
+
+    def connected(self) -> list[ConnectedWorker]:
+        """Every connected worker's record, by name."""
+        return [self.workers[name] for name in sorted(self.workers)]
+
+    def status(self, name: str, timeout: float = STATUS_TIMEOUT) -> Deferred[dict[str, Any]]:
+        """Ask connected worker ``name`` for its live figures (WorkerStatus); fails with the reason."""
+        record = self.workers.get(name)
+        if record is None:
+            return fail(ServiceUnavailable(f"worker {name!r} is not connected"))
+        d = record.connection.callRemote(WorkerStatus)
+        d.addTimeout(timeout, self._clock)
+        return d.addErrback(expected_or_unavailable, f"worker {name!r} did not answer with its figures")
 
     def _answers_ping(self, connection: BoundedWrites, timeout: float) -> Deferred[bool]:
         d = connection.callRemote(Ping)
@@ -119,7 +208,7 @@ class WorkerRegistry:
                 connections.discard(connection)
                 if not connections:
                     del self._serving[username]
-        if self.workers.get(name) is connection:
+        if self._holder(name) is connection:
             del self.workers[name]
             self.directory.discard(name)
             self.log.info("worker {name} disconnected", name=name)
@@ -130,7 +219,7 @@ class WorkerRegistry:
         """List worker ``name`` (just accepted on ``connection``) in the directory at ``client_address``,
         and send it the directory, now and whenever it changes.  A worker without a usable client
         address is not listed; one that gave none (from before the directory) is sent nothing."""
-        if self.workers.get(name) is not connection or client_address is None:
+        if self._holder(name) is not connection or client_address is None:
             return
         self._directory_readers.add(connection)
         try:
@@ -155,9 +244,10 @@ class WorkerRegistry:
         within ``timeout``: it is closed anyway), or fails with
         WorkerNotConnected.  The worker reconnects after its refusal back-off.
         """
-        connection = self.workers.get(name)
-        if connection is None:
+        record = self.workers.get(name)
+        if record is None:
             return fail(WorkerNotConnected(f"no worker named {name!r} is connected"))
+        connection = record.connection
         self.log.info("kicking worker {name}: {reason}", name=name, reason=reason)
         self.directory.discard(name)
         d = connection.callRemote(BootOff, reason=reason[:1000], workers=self.directory.sample(without=name))
@@ -208,8 +298,8 @@ class WorkerRegistry:
     def _tick_writes(self, tick: int, as_of: str, prices: dict[str, int]) -> Iterator[None]:
         rows = [{"symbol": symbol, "price_cents": cents} for symbol, cents in prices.items()]
         data = push_bytes(PriceTick, tick=tick, as_of=as_of, prices=rows)
-        for connection in list(self.workers.values()):
-            connection.write(data)
+        for record in list(self.workers.values()):
+            record.connection.write(data)
             yield None
 
     def _update_writes(self, settled_at: str, settlements: Sequence[Settlement]) -> Iterator[None]:

@@ -56,6 +56,7 @@ from papertrader.protocol import (
     SellAsset,
     Subscribe,
     WorkerDirectory,
+    WorkerStatus,
     pack_prices,
     plain_text,
     price_fragments,
@@ -95,6 +96,8 @@ class ClientRegistry:
         self._user_of: dict[amp.AMP, str] = {}
         self._prices: dict[amp.AMP, Prices] = {}
         self.work = SlicedWork(clock, slice_size)
+        # Client commands and orders passed on to the master (for WorkerStatus).
+        self.relayed = 0
 
     def connected(self, connection: amp.AMP) -> None:
         self.connections.add(connection)
@@ -116,6 +119,10 @@ class ClientRegistry:
     def user_of(self, connection: amp.AMP) -> str | None:
         """The user ``connection`` acts for, if any."""
         return self._user_of.get(connection)
+
+    def sessions(self) -> int:
+        """How many connections are logged in."""
+        return len(self._user_of)
 
     def detach(self, connection: amp.AMP) -> None:
         username = self._user_of.pop(connection, None)
@@ -207,10 +214,12 @@ def _refresh_timeout(connection: amp.AMP) -> None:
 
 
 class MasterPushes(AnswersHeartbeats):
-    """What the master pushes to this worker: prices, order outcomes, the worker directory, and BootOff.
+    """What the master pushes to this worker (prices, order outcomes, the worker directory, BootOff), and
+    what it asks (Ping, WorkerStatus).
 
     ``on_tick(tick)``, if given, is called after each new tick is passed on;
-    ``on_boot_off(reason)`` when the master kicks this worker.
+    ``on_boot_off(reason)`` when the master kicks this worker.  Uptime counts
+    from when this was made (when the worker started).
     """
 
     def __init__(
@@ -218,11 +227,16 @@ class MasterPushes(AnswersHeartbeats):
         cache: QuoteCache,
         clients: ClientRegistry,
         on_tick: Callable[[int], None] | None = None,
+        clock: IReactorTime | None = None,
         on_boot_off: Callable[[str], None] | None = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.cache = cache
         self.clients = clients
         self.on_tick = on_tick
+        self.clock = clock
+        self.started_at = clock.seconds()
         self.on_boot_off = on_boot_off
 
     @WorkerDirectory.responder
@@ -253,6 +267,19 @@ class MasterPushes(AnswersHeartbeats):
     def ping(self) -> dict:
         return {}
 
+    @WorkerStatus.responder
+    def status(self) -> dict[str, Any]:
+        answer: dict[str, Any] = {
+            "clients": len(self.clients.connections),
+            "sessions": self.clients.sessions(),
+            "commands_relayed": self.clients.relayed,
+            "uptime": max(0.0, self.clock.seconds() - self.started_at),
+            "tick": self.cache.tick,
+        }
+        if self.cache.as_of is not None:
+            answer["as_of"] = self.cache.as_of
+        return answer
+
 
 class ClientLocator(AnswersHeartbeats):
     """Answers one client connection by relaying to the master.
@@ -282,6 +309,7 @@ class ClientLocator(AnswersHeartbeats):
 
     def relay(self, command: type[amp.Command], **arguments: Any) -> Deferred:
         """Pass ``command`` on to the master as its relayed twin, stamped with the envelope."""
+        self.clients.relayed += 1
         return self.link.call(RELAYED[command], **arguments, **self._envelope())
 
     @Ping.responder
@@ -392,6 +420,7 @@ class ClientLocator(AnswersHeartbeats):
         order = self._client_order(side, failed, symbol, quantity, client_order_id)
         envelope = self._envelope()
         group = OrderGroup(token, envelope["received_at"], envelope["client_address"], [order])
+        self.clients.relayed += 1
         return self.batcher.submit_group(group).addCallback(self._order_result)
 
     @staticmethod
@@ -428,6 +457,7 @@ class ClientLocator(AnswersHeartbeats):
         # Each ClientOrder was bounded to `plain_text` fields as it was received
         # (ClientOrder.from_wire): the checks of `_client_order` hold already.
         group = OrderGroup(token, envelope["received_at"], envelope["client_address"], orders)
+        self.clients.relayed += len(orders)
         return self.batcher.submit_group(group).addCallback(self._group_placed)
 
     def _group_placed(self, results: list[OrderResult | PaperTraderError]) -> dict[str, Any]:

@@ -85,12 +85,14 @@ class WorkerService(service.MultiService):
                 self.cache,
                 self.clients,
                 on_tick=None if self.stalls is None else self.stalls.update_arrived,
+                clock=reactor,
                 on_boot_off=lambda reason: self.link.booted_off(reason),
             ),
             timeouts=config.timeouts,
             served_users=lambda: list(self.clients.by_user),
             sign=self._sign,
             client_address=self.client_address,
+            client_count=lambda: len(self.clients.connections),
         )
         self.key_fingerprint: str | None = None
         self.batcher = OrderBatcher(reactor, self.link.call, master_takes_groups=lambda: self.link.order_groups)

@@ -73,6 +73,10 @@ class _MasterAMP(GuardedAMP):
         self._interval = interval
         super().start_heartbeats(interval)
 
+    def heartbeat_arguments(self) -> dict[str, Any]:
+        """Each Heartbeat tells the master how many clients this worker holds."""
+        return {"clients": self.link.client_count()}
+
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         self.link._lost(self)
@@ -94,11 +98,13 @@ class MasterLink:
         served_users: Callable[[], Iterable[str]] = tuple,
         sign: Callable[[bytes], Deferred[str]] | None = None,
         client_address: Callable[[], str | None] = lambda: None,
+        client_count: Callable[[], int] = lambda: 0,
     ) -> None:
         self._clock = clock
         self._sign = sign
         self._served_users = served_users
         self._client_address = client_address
+        self.client_count = client_count
         self._timeouts = timeouts
         self.name = name
         self.cache = cache
