@@ -19,6 +19,7 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.client import cli
+from papertrader.client import session as session_module
 from papertrader.client.library import ClientAMP, client_from_connection
 from papertrader.client.session import FIRST_RETRY_DELAY, NoWorkerReachable
 
@@ -301,7 +302,7 @@ class RunFailureTests(SynchronousTestCase):
         self.connection = ClientAMP()
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
-        self.patch(cli, "connect", lambda *args: succeed(client_from_connection(self.connection)))
+        self.patch(session_module, "connect", lambda *args: succeed(client_from_connection(self.connection)))
 
     def run_cli(self, *argv: str) -> tuple[int, str]:
         """Run ``papertrader ARGV`` in process; return its exit code and what it printed on stderr."""
@@ -340,7 +341,7 @@ class RunFailureTests(SynchronousTestCase):
                 super().__init__(*args, **kwargs)
                 sessions.append(self)
 
-        self.patch(cli, "connect", connect)
+        self.patch(session_module, "connect", connect)
         self.patch(cli, "Session", Recorded)
         self.patch(cli.PaperTraderClient, "quote", lambda client, symbol: fail(amp.UnknownRemoteError("x")))
         self.run_cli("quote", "AAPL", "--timeout", "2.5")
@@ -389,7 +390,7 @@ class RunFailureTests(SynchronousTestCase):
     def test_no_worker_reachable(self) -> None:
         """When no worker in the list answers, after the rounds of attempts the error names each and
         says why (exit code 2)."""
-        self.patch(cli, "connect", lambda reactor, host, port, ca, timeout: fail(ConnectionRefusedError()))
+        self.patch(session_module, "connect", lambda reactor, host, port, ca, timeout: fail(ConnectionRefusedError()))
         args = cli.build_parser().parse_args(["quote", "AAPL", "--data-dir", self.data])
         clock = Clock()
         err = io.StringIO()

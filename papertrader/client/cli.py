@@ -24,25 +24,26 @@ from typing import Any
 
 from OpenSSL.crypto import Error as CertificateError
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredList, fail, inlineCallbacks
-from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.error import ConnectionClosed
 from twisted.protocols import amp
 
 from papertrader import tls
-from papertrader.client.library import PaperTraderClient, RequestTimedOut, connect, new_client_order_ids
+from papertrader.client.library import PaperTraderClient, RequestTimedOut, new_client_order_ids
 from papertrader.client.session import (
     DEFAULT_DIRECTORY_PORT,
+    DEFAULT_WORKER_PORT,
     REQUEST_TIMEOUT,
     DirectoryUnavailable,
     NoWorkerReachable,
     Session,
     read_directory,
+    tls_connector,
 )
 from papertrader.config import default_data_dir
 from papertrader.errors import PaperTraderError, ServiceUnavailable
 from papertrader.money import format_cents
 
-DEFAULT_PORT = 2049
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
@@ -156,7 +157,7 @@ def resolve_server(args: argparse.Namespace, session: dict[str, Any] | None) -> 
         with open(addresses[0], encoding="ascii") as f:
             server = f.read().strip()
     try:
-        host, port = tls.split_address(server, DEFAULT_PORT)
+        host, port = tls.split_address(server, DEFAULT_WORKER_PORT)
     except ValueError as e:
         raise CommandError(str(e)) from None
     ca = args.ca or remembered.get("ca") or os.path.join(data_dir, "tls", "ca.pem")
@@ -522,19 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connector(reactor: Any, ca: str, timeout: float) -> Any:
-    """Connects the session to a worker's HOST:PORT, trusting ``ca``, within ``timeout`` seconds."""
-
-    def connect_to(address: str) -> Deferred[PaperTraderClient]:
-        try:
-            host, port = tls.split_address(address, DEFAULT_PORT)
-        except ValueError as e:
-            return fail(ConnectError(string=str(e)))
-        return connect(reactor, host, port, ca, timeout)
-
-    return connect_to
-
-
 @inlineCallbacks
 def _workers_from_directory(reactor: Any, args: argparse.Namespace, session: Any) -> Any:
     address, ca = resolve_directory(args, session)
@@ -564,7 +552,7 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
             workers, ca = yield _workers_from_directory(reactor, args, saved)
         else:
             workers, ca = resolve_workers(args, saved)
-        session = Session(reactor, _connector(reactor, ca, args.timeout), workers, request_timeout=args.timeout)
+        session = Session(reactor, tls_connector(reactor, ca, args.timeout), workers, request_timeout=args.timeout)
         try:
             yield args.run(session, args, saved, ca)
         except NoWorkerReachable as e:
