@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -44,6 +45,31 @@ class _Watcher(ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(reason.value)
+
+
+def worker_args(
+    name: str, master: str, identity: Any, log: str, *extra: str, listen: str = "tcp:0:interface=127.0.0.1"
+) -> list[str]:
+    """The arguments of ``python`` that run ``twistd papertrader-worker`` as ``name`` with the TLS
+    ``identity``, connecting to ``master`` (HOST:PORT) and logging to ``log``; ``extra`` options follow."""
+    return [
+        "-c", TWISTD, "--nodaemon", "--pidfile=", "--logfile", log,
+        "papertrader-worker",
+        "--name", name,
+        "--master", master,
+        "--listen", listen,
+        "--ca", identity.ca, "--cert", identity.certificate, "--key", identity.key,
+        *extra,
+    ]
+
+
+@inlineCallbacks
+def run_admin(data: str, env: dict[str, str], path: str, *args: str) -> Any:
+    """Run ``papertrader-admin ARGS --data-dir DATA``; fires with (exit code, stdout, stderr) as text."""
+    out, err, code = yield getProcessOutputAndValue(
+        sys.executable, ["-m", "papertrader.admin.cli", *args, "--data-dir", data], env=env, path=path
+    )
+    returnValue((code, out.decode("utf-8"), err.decode("utf-8")))
 
 
 class RunningDeployment:
@@ -111,6 +137,15 @@ class RunningDeployment:
             except OSError:
                 pass
         return "\n".join(parts)
+
+    def master_port(self) -> int:
+        """The port the master listens for workers on, as its log says."""
+        with open(os.path.join(self.base, "master.log"), encoding="utf-8") as f:
+            return int(re.search(r"listening for workers on .*port=(\d+)", f.read()).group(1))
+
+    def admin(self, *args: str) -> Any:
+        """Run ``papertrader-admin ARGS`` against this master; fires with (exit code, stdout, stderr)."""
+        return run_admin(self.data, self.env, self.base, *args)
 
     def worker_address(self, number: int = 1) -> tuple[str, int]:
         """The HOST and PORT local worker ``number`` listens for clients on."""

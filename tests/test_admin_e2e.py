@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 from datetime import datetime
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks, returnValue
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from papertrader import __version__
@@ -21,18 +19,6 @@ from papertrader.client.session import Session, read_directory, tls_connector
 from tests.processes import RunningDeployment
 
 PASSWORD = "correct horse battery"
-
-
-@inlineCallbacks
-def run_admin(deployment: RunningDeployment, *args: str) -> Any:
-    """Run ``papertrader-admin ARGS --data-dir DATA``; fires with (exit code, stdout, stderr)."""
-    out, err, code = yield getProcessOutputAndValue(
-        sys.executable,
-        ["-m", "papertrader.admin.cli", *args, "--data-dir", deployment.data],
-        env=deployment.env,
-        path=deployment.base,
-    )
-    returnValue((code, out.decode("utf-8"), err.decode("utf-8")))
 
 
 class AdminEndToEndTests(TestCase):
@@ -48,7 +34,7 @@ class AdminEndToEndTests(TestCase):
         yield self.deployment.start()
 
     def admin(self, *args: str) -> Any:
-        return run_admin(self.deployment, *args)
+        return self.deployment.admin(*args)
 
     @inlineCallbacks
     def admin_json(self, *args: str) -> Any:
@@ -163,12 +149,12 @@ class KickEndToEndTests(TestCase):
         alice, bob = sessions["alice"], sessions["bob"]
         self.assertEqual((alice.address, bob.address), (listed["local-1"], listed["local-2"]))
         token = alice.token
-        before = yield run_admin(d, "worker", "info", "local-1", "--json")
+        before = yield d.admin("worker", "info", "local-1", "--json")
         self.assertEqual(json.loads(before[1])["live"]["sessions"], 1)
 
         first = yield alice.buy("AAPL", 3, "alice-kick-0")
         waiting = alice.wait_for_settlement(first["order_id"])
-        code, out, err = yield run_admin(d, "worker", "kick", "local-1")
+        code, out, err = yield d.admin("worker", "kick", "local-1")
         self.assertEqual((code, out), (0, "worker local-1 kicked; it was connected and has been disconnected\n"), err)
         placed = yield gatherResults([alice.buy("KO", 1, f"alice-kick-{i}") for i in range(1, 6)])
         more = yield bob.buy("MSFT", 1, "bob-kick-0")
@@ -184,7 +170,7 @@ class KickEndToEndTests(TestCase):
         self.assertEqual(sorted(o["client_order_id"] for o in orders), sorted(f"alice-kick-{i}" for i in range(6)))
         self.assertEqual({o["status"] for o in orders}, {"filled"})
 
-        rows = {row["name"]: row for row in json.loads((yield run_admin(d, "worker", "list", "--json"))[1])}
+        rows = {row["name"]: row for row in json.loads((yield d.admin("worker", "list", "--json"))[1])}
         self.assertEqual(rows["local-2"]["connected"], True)
         self.assertTrue(rows["local-1"]["registered"])  # kicked, not forgotten: it may come back
         if rows["local-1"]["connected"]:  # back after its back-off: a new connection, counted afresh

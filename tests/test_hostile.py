@@ -118,8 +118,7 @@ class HostileInputTests(TestCase):
         yield d.cli_json("login", "honest", "--password-file", password)
         self.tls_dir = os.path.join(d.data, "tls")
         self.ca = os.path.join(self.tls_dir, "ca.pem")
-        with open(os.path.join(d.base, "master.log"), encoding="utf-8") as f:
-            self.master_port = int(re.search(r"listening for workers on .*port=(\d+)", f.read()).group(1))
+        self.master_port = d.master_port()
         self.worker_host, self.worker_port = d.worker_address()
         self.master_pid = d.process.pid
         self.worker_pid = child_pid(self.master_pid)

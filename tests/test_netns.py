@@ -27,7 +27,7 @@ from papertrader import tls
 from papertrader.client.session import Session, read_directory, tls_connector
 from tests.databases import fresh_postgresql, query
 from tests.netns import PrivateNetwork, postgresql_socket_url
-from tests.processes import ROOT, SAMPLE_CONFIG, TWISTD, _Watcher
+from tests.processes import ROOT, SAMPLE_CONFIG, TWISTD, _Watcher, run_admin, worker_args
 
 PASSWORD = "correct horse battery"
 
@@ -97,19 +97,15 @@ class NetworkDeployment:
         proving who it is with the key in ``gnupg_home``."""
         identity = self.worker_identity(name)
         address = self.network.addresses[name]
-        args = [
-            "-c", TWISTD, "--nodaemon", "--pidfile=",
-            "--logfile", os.path.join(self.base, f"{name}.log"),
-            "papertrader-worker",
-            "--name", name,
-            "--master", f"{self.master_address}:2048",
-            "--listen", f"tcp:2049:interface={address}",
-            "--ca", identity.ca,
-            "--cert", identity.certificate,
-            "--key", identity.key,
+        args = worker_args(
+            name,
+            f"{self.master_address}:2048",
+            identity,
+            os.path.join(self.base, f"{name}.log"),
             "--gnupg-home", gnupg_home,
             "--event-log", os.path.join(self.base, f"{name}-events.log"),
-        ]
+            listen=f"tcp:2049:interface={address}",
+        )
         self.hosts[name] = _Host(self.network, name, args, self.env, self.base)
         return self.hosts[name]
 
@@ -128,16 +124,9 @@ class NetworkDeployment:
                 raise AssertionError(f"gpg {' '.join(argv)} exited {code}: {err.decode('utf-8', 'replace')}")
         returnValue(os.path.join(self.base, f"{name}.asc"))
 
-    @inlineCallbacks
     def admin(self, *args: str) -> Any:
         """Run ``papertrader-admin ARGS`` against the master's socket; fires with (exit code, stdout, stderr)."""
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable,
-            ["-m", "papertrader.admin.cli", *args, "--data-dir", self.data],
-            env=self.env,
-            path=self.base,
-        )
-        returnValue((code, out.decode("utf-8"), err.decode("utf-8")))
+        return run_admin(self.data, self.env, self.base, *args)
 
     @inlineCallbacks
     def cli(self, worker: str, *args: str) -> Any:

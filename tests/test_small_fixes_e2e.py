@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from papertrader import tls
-from tests.processes import TWISTD, RunningDeployment, _Watcher
+from tests.processes import RunningDeployment, _Watcher, worker_args
 
 
 class CLIFailureTests(TestCase):
@@ -81,8 +81,7 @@ class RefusedWorkerTests(TestCase):
         self.deployment = RunningDeployment(self.mktemp())
         self.addCleanup(self.deployment.stop)
         yield self.deployment.start()
-        with open(os.path.join(self.deployment.base, "master.log"), encoding="utf-8") as f:
-            self.master_port = int(re.search(r"listening for workers on .*port=(\d+)", f.read()).group(1))
+        self.master_port = self.deployment.master_port()
 
     @inlineCallbacks
     def run_worker(self, identity: tls.Identity, name: str, expected: str) -> Any:
@@ -90,17 +89,15 @@ class RefusedWorkerTests(TestCase):
         base = os.path.join(self.deployment.base, f"worker-{name}")
         os.makedirs(base)
         log = os.path.join(base, "worker.log")
-        args = [
-            "-c", TWISTD, "--nodaemon", "--pidfile=", "--logfile", log,
-            "papertrader-worker",
-            "--name", name,
-            "--master", f"localhost:{self.master_port}",
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--ca", identity.ca, "--cert", identity.certificate, "--key", identity.key,
+        args = worker_args(
+            name,
+            f"localhost:{self.master_port}",
+            identity,
+            log,
             # local-1's key (registered as local-1 only): what these workers are refused for is their certificate.
             "--gnupg-home", os.path.join(self.deployment.data, "workers", "local-1", "gnupg"),
             "--event-log", os.path.join(base, "events.log"),
-        ]
+        )
         watcher = _Watcher()
         process = reactor.spawnProcess(watcher, sys.executable, [sys.executable, *args], env=self.deployment.env,
                                        path=base)

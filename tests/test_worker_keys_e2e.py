@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from typing import Any
 
@@ -29,8 +28,7 @@ from twisted.trial.unittest import TestCase
 from papertrader import gpg, tls
 from papertrader.protocol import WorkerHello
 from tests.gpgkeys import fresh_home, new_key
-from tests.processes import TWISTD, RunningDeployment, _Watcher
-from tests.test_admin_e2e import run_admin
+from tests.processes import RunningDeployment, _Watcher, worker_args
 
 
 class WorkerKeyEndToEndTests(TestCase):
@@ -43,8 +41,7 @@ class WorkerKeyEndToEndTests(TestCase):
         self.deployment = RunningDeployment(self.mktemp())
         self.addCleanup(self.deployment.stop)
         yield self.deployment.start()
-        with open(os.path.join(self.deployment.base, "master.log"), encoding="utf-8") as f:
-            self.master_port = int(re.search(r"listening for workers on .*port=(\d+)", f.read()).group(1))
+        self.master_port = self.deployment.master_port()
 
     @inlineCallbacks
     def register(self, name: str, public_key: str) -> Any:
@@ -52,7 +49,7 @@ class WorkerKeyEndToEndTests(TestCase):
         key_file = os.path.join(self.deployment.base, f"{name}.asc")
         with open(key_file, "w", encoding="ascii") as f:
             f.write(public_key)
-        code, out, err = yield run_admin(self.deployment, "worker", "add", name, "--key", key_file, "--json")
+        code, out, err = yield self.deployment.admin("worker", "add", name, "--key", key_file, "--json")
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)["name"], name)
 
@@ -63,18 +60,16 @@ class WorkerKeyEndToEndTests(TestCase):
         hostnames = ["localhost", "127.0.0.1"]
         identity = tls.issue_certificate(os.path.join(d.data, "tls"), f"worker-{name}", name, hostnames)
         log = os.path.join(d.base, f"worker-{name}.log")
-        args = [
-            "-c", TWISTD, "--nodaemon", "--pidfile=", "--logfile", log,
-            "papertrader-worker",
-            "--name", name,
-            "--master", f"localhost:{self.master_port}",
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--ca", identity.ca, "--cert", identity.certificate, "--key", identity.key,
+        args = worker_args(
+            name,
+            f"localhost:{self.master_port}",
+            identity,
+            log,
             "--gnupg-home", gnupg_home,
             "--address-file", os.path.join(d.base, f"{name}.address"),
             "--event-log", os.path.join(d.base, f"worker-{name}-events.log"),
             "--exit-with-stdin",
-        ]
+        )
         watcher = _Watcher()
         process = reactor.spawnProcess(watcher, sys.executable, [sys.executable, *args], env=d.env, path=d.base)
 
