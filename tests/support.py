@@ -22,7 +22,7 @@ from papertrader.gpg import proof_statement
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import CHUNK_ORDERS, Database
 from papertrader.master.exchange import Exchange
-from papertrader.master.market import PriceBoard
+from papertrader.master.market import PriceBoard, Quote, Retrieval
 from papertrader.master.protocol import MasterFactory, MasterLocator
 from papertrader.master.registration import RegisteredWorker, WorkerRegistrations, parse_networks
 from papertrader.master.workers import WorkerRegistry
@@ -263,8 +263,8 @@ class FixedPrices:
     def __init__(self, prices: dict[str, int]) -> None:
         self.prices = dict(prices)
 
-    def fetch(self) -> Deferred[dict[str, int]]:
-        return succeed(dict(self.prices))
+    def fetch(self) -> Deferred[Retrieval]:
+        return succeed(Retrieval({symbol: Quote(cents) for symbol, cents in self.prices.items()}))
 
 
 class SimWorker:

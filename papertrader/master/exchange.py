@@ -366,7 +366,8 @@ class Exchange:
                     count=tick.orders,
                 )
                 yield self._settle(tick, self._clock.seconds())
-            prices = yield self._source.fetch()
+            retrieval = yield self._source.fetch()
+            prices = {symbol: quote.price_cents for symbol, quote in retrieval.quotes.items()}
             started = self._clock.seconds()
             now = iso(started)
             self.log.info("new prices as of {now}; settling the order queue", now=now)

@@ -1,8 +1,10 @@
 """Assets data retrieval (spec 3.1.6): price sources and the latest prices in memory.
 
-A price source answers a Deferred of ``{symbol: cents}``, so a real market
-data API (over treq, say) can replace the simulated one without touching the
-rest.  `PriceBoard` is what readers see: the prices of the latest update.
+A price source answers a Deferred `Retrieval`: a `Quote` for each symbol it
+could price and a short reason for each it could not.  It never fails as a
+whole; a source that cannot reach its provider says so for every symbol.
+`PriceBoard` is what readers see: the latest good price of every symbol and,
+for those whose latest retrieval failed, why (they are *stale*).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import random
 from collections.abc import Mapping
 from typing import Protocol
 
+import attr
 from twisted.internet.defer import Deferred, succeed
 
 from papertrader.assets import Asset
@@ -19,11 +22,36 @@ from papertrader.assets import Asset
 MAX_STEP_BASIS_POINTS = 50
 
 
+# The longest reason a stale symbol carries (it travels in every PriceTick).
+MAX_STALE_REASON = 40
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Quote:
+    """One retrieved price: integer cents, and the market time it is of (seconds since the epoch).
+
+    ``quoted_at`` is the provider's time for the price (a replayed row's
+    time, Finnhub's ``t``, Alpha Vantage's latest trading day), which history
+    ranges are measured in; None when the source gives none (the retrieval time is used).
+    """
+
+    price_cents: int
+    quoted_at: int | None = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Retrieval:
+    """What one retrieval found: a quote per symbol priced, a reason per symbol not."""
+
+    quotes: dict[str, Quote] = attr.ib(factory=dict)
+    failures: dict[str, str] = attr.ib(factory=dict)
+
+
 class PriceSource(Protocol):
     """Where prices come from."""
 
-    def fetch(self) -> Deferred[dict[str, int]]:
-        """The current price of every asset, in cents."""
+    def fetch(self) -> Deferred[Retrieval]:
+        """Retrieve every asset's price once; never fails (failures are per symbol, in the answer)."""
 
 
 class SimulatedPriceSource:
@@ -39,11 +67,11 @@ class SimulatedPriceSource:
             if symbol in self._prices:
                 self._prices[symbol] = cents
 
-    def fetch(self) -> Deferred[dict[str, int]]:
+    def fetch(self) -> Deferred[Retrieval]:
         for symbol, cents in self._prices.items():
             step = self._random.randint(-MAX_STEP_BASIS_POINTS, MAX_STEP_BASIS_POINTS)
             self._prices[symbol] = max(1, cents + (cents * step) // 10_000)
-        return succeed(dict(self._prices))
+        return succeed(Retrieval({symbol: Quote(cents) for symbol, cents in self._prices.items()}))
 
 
 class PriceBoard:
