@@ -57,8 +57,15 @@ class ShippedAssetsTests(SynchronousTestCase):
         """A known row is read field by field, with its price in exact cents."""
         self.assertEqual(
             self.assets["AAPL"],
-            Asset("AAPL", "Apple Inc.", "NASDAQ", "Technology", "Consumer Electronics", 18_950),
+            Asset("AAPL", "Apple Inc.", "NASDAQ", "Technology", "Consumer Electronics", 18_950, "USD"),
         )
+
+    def test_everyCurrencyGiven(self) -> None:
+        """The shipped file names the currency of every asset."""
+        with open(SHIPPED_ASSETS, encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+        self.assertIn("currency", header)
+        self.assertEqual({asset.currency for asset in self.assets.values()}, {"USD"})
 
 
 class ParseAssetsTests(SynchronousTestCase):
@@ -88,6 +95,27 @@ class ParseAssetsTests(SynchronousTestCase):
         assets, problems = parse_assets(csv_lines("1.00,Ind,Sec,EX,Name,ABC", header=header))
         self.assertEqual(problems, [])
         self.assertEqual(assets["ABC"], Asset("ABC", "Name", "EX", "Sec", "Ind", 100))
+
+    def test_currency(self) -> None:
+        """The optional currency column: USD where it is absent or empty, kept as written otherwise."""
+        header = HEADER.strip() + ",currency\n"
+        assets, problems = parse_assets(
+            csv_lines("VOD,Vodafone,LSE,Tel,Tel,0.70,GBX", "KO,Coca-Cola,NYSE,Cons,Bev,60.50,", header=header)
+        )
+        self.assertEqual(problems, [])
+        self.assertEqual((assets["VOD"].currency, assets["KO"].currency), ("GBX", "USD"))
+        assets, _ = parse_assets(csv_lines("KO,Coca-Cola,NYSE,Cons,Bev,60.50"))
+        self.assertEqual(assets["KO"].currency, "USD")
+
+    def test_badCurrency(self) -> None:
+        """A currency longer than 8 characters, or not letters and digits, is a problem of its line."""
+        header = HEADER.strip() + ",currency\n"
+        assets, problems = parse_assets(
+            csv_lines("A,A,X,S,I,1,DOLLARSXX", "B,B,X,S,I,1,US$", "C,C,X,S,I,1,EUR", header=header), "f"
+        )
+        self.assertEqual(sorted(assets), ["C"])
+        self.assertEqual([p.split(":")[1] for p in problems], ["2", "3"])
+        self.assertIn("bad currency", problems[0])
 
     def test_badSymbol(self) -> None:
         """A malformed symbol is reported with its line number and the symbol."""
