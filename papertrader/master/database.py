@@ -18,6 +18,15 @@ failed -- is finished at its own prices and time before another tick may be
 recorded (`unsettled_ticks`, and `begin_tick` refuses with `TickUnsettled`).
 Every order is settled exactly once: a chunk only takes orders still queued,
 and its writes commit or vanish together.
+
+A tick records only the prices retrieved fresh, and settles only the orders
+in the symbols it records: an order in a symbol whose retrieval failed (stale)
+stays queued, whatever tick is being finished, until a tick prices it.
+
+Price history (`price_history`): every fresh price is stored with its market
+time, and folded as it arrives into OHLC bars of each bar length (table
+price_bars, an upsert per symbol and bar length per tick), so reading a range
+reads at most a page of bars through the primary key, never the ticks.
 """
 
 from __future__ import annotations
@@ -1443,6 +1452,13 @@ class Database:
         the pages add up whatever updates arrive meanwhile.  The window is the
         span's whole bars ending with the bar of the latest market time.  A
         position not of a reading of this symbol and bar length: DataFailed.
+
+        Market times may go backwards (a replayed file that loops): each price
+        goes into the bar of its own market time, whose open and close are the
+        prices of its first and last market time (ties: the earlier tick opens,
+        the later closes), and the window keeps ending at the latest market
+        time stored; so a looped replay's prices merge into the bars it wrote
+        on its first pass (widening their highs and lows) until it passes them.
         """
         return self._run(self._price_history, symbol, span, bar_seconds, per_page, position)
 
