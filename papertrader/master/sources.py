@@ -604,7 +604,7 @@ class _Discard:
 
 
 def _count(number: float) -> str:
-    return f"{number:,.0f}" if number == int(number) else f"{number:,.2f}"
+    return f"{number:,.0f}" if number == int(number) else f"{number:,.2f}".rstrip("0")
 
 
 def _duration(seconds: float) -> str:
