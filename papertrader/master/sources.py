@@ -361,6 +361,8 @@ class Finnhub:
         price, when = answer["c"], answer["t"]
         if isinstance(when, bool) or not isinstance(when, (int, type(None))):
             return MALFORMED
+        if isinstance(price, bool) or not isinstance(price, (int, Decimal)):
+            return MALFORMED
         if price == 0 and not when:
             return "unknown symbol at Finnhub"
         cents = _price(price)
@@ -561,11 +563,27 @@ class HttpPriceSource:
         url = self.provider.url(self._base, symbol, self._key)
         d = self._client.get(url, headers={"Accept": ["application/json"]})
         d.addCallback(self._read)
-        d.addTimeout(self._timeout, self._clock)
-        d.addCallback(lambda answer: self.provider.parse(answer[0], answer[1], self._clock.seconds()))
-        d.addErrback(_failure_reason, self._timeout)
-        d.addCallback(_reason)
+        # Cancelling the request fails it as the agent sees fit: whatever it says, it timed out.
+        d.addTimeout(self._timeout, self._clock, onTimeoutCancel=lambda result, timeout: Failure(TimeoutError()))
+        d.addCallback(self._parse)
+        d.addErrback(self._failed, symbol)
         return d
+
+    def _failed(self, failure: Failure, symbol: str) -> str:
+        reason = _failure_reason(failure, self._timeout)
+        if reason.startswith("request failed"):
+            # Unexpected: say what it was, but never the request (its URL holds the key).
+            log.warn(
+                "{provider}: request for {symbol} failed: {error}",
+                provider=self.provider.name,
+                symbol=symbol,
+                error=type(failure.value).__name__,
+            )
+        return reason
+
+    def _parse(self, answer: tuple[int, bytes]) -> Quote | str:
+        result = self.provider.parse(answer[0], answer[1], self._clock.seconds())
+        return result if isinstance(result, Quote) else _reason(result)
 
     def _read(self, response: Any) -> Deferred[tuple[int, bytes]]:
         """The status and body of a response, the body read up to MAX_ANSWER_BYTES."""
