@@ -257,10 +257,10 @@ class ReplayPriceSource:
         step = steps[self._next]
         self._next += 1
         log.info(
-            "replay step {number} of {count}: prices of {time}",
+            "replay step {number} of {count}: prices of {when}",
             number=self._next,
             count=len(steps),
-            time=step.label(),
+            when=step.label(),
         )
         quotes: dict[str, Quote] = {}
         failures: dict[str, str] = {}
