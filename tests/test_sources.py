@@ -12,14 +12,16 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from papertrader.master.market import MAX_STALE_REASON, Quote
+from papertrader.config import load_master_config
+from papertrader.master.market import MAX_STALE_REASON, Quote, SimulatedPriceSource
+from papertrader.master.service import build_price_source
 from papertrader.master.sources import (
     BUDGET_SPENT,
     AlphaVantage,
@@ -469,3 +471,42 @@ class DecimalCentsTests(SynchronousTestCase):
         """Zero, negative, below a cent, infinite and non-numbers are refused."""
         for text in ("0", "-1", "0.004", "inf", "NaN", "abc", ""):
             self.assertRaises(ValueError, decimal_cents, text)
+
+
+class BuildPriceSourceTests(SynchronousTestCase):
+    """The master builds the configured source, and warns at start when a provider's quota is too small."""
+
+    def build(self, overrides: dict[str, str]) -> tuple[Any, list[str]]:
+        events: list[dict[str, Any]] = []
+        config = load_master_config(None, overrides, {})
+        source, pool = build_price_source(config, reactor, Logger(observer=events.append))
+        return source, [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_simulated_default(self) -> None:
+        """Without price_source the market is simulated."""
+        source, warnings = self.build({})
+        self.assertIsInstance(source, SimulatedPriceSource)
+        self.assertEqual(warnings, [])
+
+    def test_alpha_vantage_quota_warning(self) -> None:
+        """The 24 sample assets every 60 s on Alpha Vantage's free quota: one warning saying by how much."""
+        source, warnings = self.build({"price_source": "alphavantage", "price_api_key": KEY})
+        self.assertIsInstance(source, HttpPriceSource)
+        self.assertIsInstance(source.provider, AlphaVantage)
+        self.assertEqual(
+            warnings,
+            [
+                "price quota exceeded: Alpha Vantage: 24 assets every 60 s need 34,560 requests a day; the quota is "
+                "25: the interval must be at least 82,944 s (23 h 2 min), 1,382.4 times longer"
+            ],
+        )
+
+    def test_finnhub_within_quota(self) -> None:
+        """The sample assets every 60 s fit Finnhub's free quota; configured limits replace the provider's."""
+        source, warnings = self.build({"price_source": "finnhub", "price_api_key": KEY})
+        self.assertEqual(warnings, [])
+        _, warnings = self.build({"price_source": "finnhub", "price_api_key": KEY, "price_requests_per_minute": "10"})
+        [warning] = warnings
+        self.assertIn("the quota is 10 a minute", warning)
+        _, warnings = self.build({"price_source": "alphavantage", "price_api_key": KEY, "price_requests_per_day": "0"})
+        self.assertEqual(warnings, [])
