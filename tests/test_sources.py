@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from papertrader.config import load_master_config
 from papertrader.master.market import MAX_STALE_REASON, Quote, SimulatedPriceSource
-from papertrader.master.service import build_price_source
+from papertrader.master.service import build_price_source, log_price_source
 from papertrader.master.sources import (
     BUDGET_SPENT,
     AlphaVantage,
@@ -479,7 +479,8 @@ class BuildPriceSourceTests(SynchronousTestCase):
     def build(self, overrides: dict[str, str]) -> tuple[Any, list[str]]:
         events: list[dict[str, Any]] = []
         config = load_master_config(None, overrides, {})
-        source, pool = build_price_source(config, reactor, Logger(observer=events.append))
+        source, pool = build_price_source(config, reactor)
+        log_price_source(config, Logger(observer=events.append))
         return source, [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
 
     def test_simulated_default(self) -> None:

@@ -99,13 +99,8 @@ def timeouts(config: MasterConfig) -> Timeouts:
     )
 
 
-def build_price_source(config: MasterConfig, reactor: Any, log: Any) -> tuple[PriceSource, Any]:
-    """The configured price source (the reactor its clock), and the HTTP connection pool it uses (or None).
-
-    For a provider, a quota the configured interval and asset list would
-    exceed is logged as a warning: the source's request budget keeps within
-    it, and the assets left out are priced at later updates.
-    """
+def build_price_source(config: MasterConfig, reactor: Any) -> tuple[PriceSource, Any]:
+    """The configured price source (the reactor its clock), and the HTTP connection pool it uses (or None)."""
     if config.price_source == "replay":
         return ReplayPriceSource(config.replay, config.assets, loop=config.price_replay_loop), None
     if config.price_source in PROVIDERS:
@@ -113,10 +108,7 @@ def build_price_source(config: MasterConfig, reactor: Any, log: Any) -> tuple[Pr
         from twisted.web.client import Agent, HTTPConnectionPool
 
         provider = PROVIDERS[config.price_source]()
-        per_minute = config.price_requests_per_minute
-        per_day = config.price_requests_per_day
-        per_minute = provider.requests_per_minute if per_minute is None else per_minute or None
-        per_day = provider.requests_per_day if per_day is None else per_day or None
+        per_minute, per_day = price_quota(config)
         pool = HTTPConnectionPool(reactor)
         source = HttpPriceSource(
             provider,
@@ -130,17 +122,39 @@ def build_price_source(config: MasterConfig, reactor: Any, log: Any) -> tuple[Pr
             requests_per_minute=per_minute,
             requests_per_day=per_day,
         )
-        log.info(
-            "prices from {provider} at {url}, {count} assets every {interval:g} s",
-            provider=provider.name,
-            url=config.price_api_url or provider.default_url,
-            count=len(config.assets),
-            interval=config.update_interval,
-        )
-        for problem in quota_problems(provider.name, len(config.assets), config.update_interval, per_minute, per_day):
-            log.warn("price quota exceeded: {problem}", problem=problem)
         return source, pool
     return SimulatedPriceSource(config.assets, config.price_seed), None
+
+
+def price_quota(config: MasterConfig) -> tuple[int | None, int | None]:
+    """The configured provider's requests allowed a minute and a day (None: no limit)."""
+    provider = PROVIDERS[config.price_source]
+    per_minute, per_day = config.price_requests_per_minute, config.price_requests_per_day
+    return (
+        provider.requests_per_minute if per_minute is None else per_minute or None,
+        provider.requests_per_day if per_day is None else per_day or None,
+    )
+
+
+def log_price_source(config: MasterConfig, log: Any) -> None:
+    """Say where prices come from; for a provider, warn if the asset list and interval need more than its quota.
+
+    The master starts all the same: the source's request budget keeps within
+    the quota, and the assets left out at one update are asked for first at the next.
+    """
+    if config.price_source not in PROVIDERS:
+        return
+    provider = PROVIDERS[config.price_source]
+    per_minute, per_day = price_quota(config)
+    log.info(
+        "prices from {provider} at {url}, {count} assets every {interval:g} s",
+        provider=provider.name,
+        url=config.price_api_url or provider.default_url,
+        count=len(config.assets),
+        interval=config.update_interval,
+    )
+    for problem in quota_problems(provider.name, len(config.assets), config.update_interval, per_minute, per_day):
+        log.warn("price quota exceeded: {problem}", problem=problem)
 
 
 class MasterService(service.MultiService):
@@ -211,7 +225,7 @@ class MasterService(service.MultiService):
             registrations_per_address_per_hour=config.registrations_per_address_per_hour,
             run_in_thread=self.hashing.run,
         )
-        source, self._price_pool = build_price_source(config, self.reactor, self.log)
+        source, self._price_pool = build_price_source(config, self.reactor)
         self.exchange = Exchange(
             self.database,
             self.accounts,
@@ -240,6 +254,7 @@ class MasterService(service.MultiService):
             where=describe(config.database) or "in the data directory",
             version=version,
         )
+        log_price_source(config, self.log)
         yield self.exchange.resume()
         options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
         # Clients of the directory have no certificate; they check the master's against the deployment's CA.

@@ -218,7 +218,7 @@ class ReplayPriceSource:
     A listed asset without a row at a step fails with ``no replay price at
     DATE``; after the last step the replay starts again if ``loop``, else every
     asset fails with ``replay finished``.  Symbols of the file that are not
-    assets were ignored when it was parsed; they are logged once, here.
+    assets were ignored when it was parsed; they are logged once, at the first retrieval.
     """
 
     def __init__(self, replay: Replay, assets: Mapping[str, Asset], loop: bool = False) -> None:
@@ -226,6 +226,12 @@ class ReplayPriceSource:
         self._symbols = tuple(assets)
         self._loop = loop
         self._next = 0
+        self._announced = False
+
+    def _announce(self) -> None:
+        """Say once (at the first retrieval, when the log is running) what is replayed and what is ignored."""
+        self._announced = True
+        replay = self._replay
         if replay.ignored:
             shown = ", ".join(replay.ignored[:20]) + (" ..." if len(replay.ignored) > 20 else "")
             log.warn(
@@ -240,7 +246,7 @@ class ReplayPriceSource:
             origin=replay.origin,
             first=replay.steps[0].label(),
             last=replay.steps[-1].label(),
-            looping=", looping" if loop else "",
+            looping=", looping" if self._loop else "",
         )
 
     @property
@@ -249,6 +255,8 @@ class ReplayPriceSource:
         return self._next
 
     def fetch(self) -> Deferred[Retrieval]:
+        if not self._announced:
+            self._announce()
         steps = self._replay.steps
         if self._next >= len(steps):
             if not self._loop:
