@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import attr
+import treq
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -595,8 +596,6 @@ class HttpPriceSource:
 
     def _read(self, response: Any) -> Deferred[tuple[int, bytes]]:
         """The status and body of a response, the body read up to MAX_ANSWER_BYTES."""
-        import treq
-
         length = response.length
         if isinstance(length, int) and length > MAX_ANSWER_BYTES:
             response.deliverBody(_Discard())
