@@ -14,6 +14,8 @@ COLUMNS = ("symbol", "name", "exchange", "sector", "industry", "reference_price"
 # whose compact encoding keeps this many assets far under AMP's 64 KiB value limit.
 MAX_ASSETS = 1000
 MAX_TEXT = 60
+# The longest reason a stale price carries (why the latest retrieval of its symbol failed).
+MAX_STALE_REASON = 40
 _SYMBOL = re.compile(r"^[A-Z][A-Z0-9.\-]{0,9}$")
 
 

@@ -3,7 +3,8 @@
 Traffic in each direction:
 
 - client -> worker: Register, Login, LoginWithToken, Logout, LogoutEverywhere,
-  ChangePassword, GetAssetValue,
+  ChangePassword, GetAssetValue, GetAssetInfo, GetPriceHistory (the worker
+  answers these from its cache where it can),
   PurchaseAsset, SellAsset, ListOrders, GetUserPortfolio,
   GetUserTransactionHistory; Subscribe, which the worker answers itself
   (which price ticks the connection wants: none until it asks).
@@ -45,7 +46,7 @@ from typing import Any
 import attr
 from twisted.protocols import amp
 
-from papertrader.assets import MAX_TEXT
+from papertrader.assets import MAX_ASSETS, MAX_STALE_REASON, MAX_TEXT
 from papertrader.errors import (
     AdminRefused,
     BadRequest,
@@ -83,6 +84,7 @@ class JSON(amp.Argument):
 # Longest accepted client-supplied fields of an order; they bound the size of a SubmitOrders batch.
 MAX_TOKEN_LENGTH = 128
 MAX_SYMBOL_LENGTH = 16
+MAX_CURRENCY_LENGTH = 8
 MAX_QUANTITY_LENGTH = 32
 MAX_CLIENT_ORDER_ID_LENGTH = 64
 
@@ -262,8 +264,17 @@ class ChangePassword(amp.Command):
     errors = declared(SessionInvalid, PasswordChangeFailed, Busy)
 
 
+# A list request without ``cursor`` asks for the first page; each answer is
+# page ``page`` of ``pages`` and, but on the last, gives the next page's ``next_cursor``.
+_PAGE_REQUEST = [(b"cursor", amp.Unicode(optional=True))]
+
+
 class GetAssetValue(amp.Command):
-    """The current price of one asset, as of the latest price update."""
+    """The current price of one asset, as of the latest price update.
+
+    ``stale`` says why, when the latest retrieval of the symbol failed:
+    ``price_cents`` is then its last good price, and its orders wait.
+    """
 
     arguments = [(b"symbol", amp.Unicode())]
     response = [
@@ -272,6 +283,65 @@ class GetAssetValue(amp.Command):
         (b"exchange", amp.Unicode()),
         (b"price_cents", amp.Integer()),
         (b"as_of", amp.Unicode()),
+        (b"stale", amp.Unicode(optional=True)),
+    ]
+    errors = declared(DataFailed)
+
+
+class GetAssetInfo(amp.Command):
+    """What the asset list says of one company, with its latest price if it has one (spec 2.3.1).
+
+    ``price_cents``, ``as_of`` and ``stale`` as for GetAssetValue, left out
+    while the market has no price for it.  An unknown symbol: DataFailed.
+    """
+
+    arguments = [(b"symbol", amp.Unicode())]
+    response = [
+        (b"symbol", amp.Unicode()),
+        (b"name", amp.Unicode()),
+        (b"exchange", amp.Unicode()),
+        (b"sector", amp.Unicode()),
+        (b"industry", amp.Unicode()),
+        (b"currency", amp.Unicode()),
+        (b"price_cents", amp.Integer(optional=True)),
+        (b"as_of", amp.Unicode(optional=True)),
+        (b"stale", amp.Unicode(optional=True)),
+    ]
+    errors = declared(DataFailed)
+
+
+# The ranges of price history one can ask for, longest last.
+HISTORY_RANGES = ("day", "week", "month", "year", "all")
+
+BAR_FIELDS = [
+    # The bar's first instant (ISO 8601 UTC); it spans the answer's ``bar_seconds``.
+    (b"start", BoundedText(MAX_TIMESTAMP_LENGTH, ascii=True)),
+    (b"open_cents", amp.Integer()),
+    (b"high_cents", amp.Integer()),
+    (b"low_cents", amp.Integer()),
+    (b"close_cents", amp.Integer()),
+]
+BARS_PER_PAGE = rows_per_page(BAR_FIELDS)
+
+
+class GetPriceHistory(amp.Command):
+    """A page of one asset's price history over ``range`` (HISTORY_RANGES) as OHLC bars, oldest first.
+
+    Each range has its own bar length (``bar_seconds``: minutes for a day,
+    days for a year), and ends at the symbol's latest price.  Paged like
+    ListOrders: the pages of one reading hold the history as of its first
+    page, whatever updates come meanwhile.  An unknown symbol or range, or a
+    cursor not from this reading: DataFailed.
+    """
+
+    arguments = [(b"symbol", amp.Unicode()), (b"range", amp.Unicode()), *_PAGE_REQUEST]
+    response = [
+        (b"symbol", amp.Unicode()),
+        (b"range", amp.Unicode()),
+        (b"bar_seconds", amp.Integer()),
+        (b"bars", amp.AmpList(BAR_FIELDS)),
+        (b"as_of", amp.Unicode(optional=True)),
+        *page_fields(),
     ]
     errors = declared(DataFailed)
 
@@ -320,9 +390,6 @@ ORDER_FIELDS = [
 ]
 ORDERS_PER_PAGE = rows_per_page(ORDER_FIELDS)
 
-# A list request without ``cursor`` asks for the first page; each answer is
-# page ``page`` of ``pages`` and, but on the last, gives the next page's ``next_cursor``.
-_PAGE_REQUEST = [(b"cursor", amp.Unicode(optional=True))]
 
 
 class ListOrders(amp.Command):
@@ -446,6 +513,8 @@ RELAYED: dict[type[amp.Command], type[amp.Command]] = {
         LogoutEverywhere,
         ChangePassword,
         GetAssetValue,
+        GetAssetInfo,
+        GetPriceHistory,
         ListOrders,
         GetUserPortfolio,
         GetUserTransactionHistory,
@@ -458,6 +527,8 @@ RelayedLogout = RELAYED[Logout]
 RelayedLogoutEverywhere = RELAYED[LogoutEverywhere]
 RelayedChangePassword = RELAYED[ChangePassword]
 RelayedGetAssetValue = RELAYED[GetAssetValue]
+RelayedGetAssetInfo = RELAYED[GetAssetInfo]
+RelayedGetPriceHistory = RELAYED[GetPriceHistory]
 RelayedListOrders = RELAYED[ListOrders]
 RelayedGetUserPortfolio = RELAYED[GetUserPortfolio]
 RelayedGetUserTransactionHistory = RELAYED[GetUserTransactionHistory]
@@ -587,6 +658,8 @@ ASSET_FIELDS = [
     (b"sector", BoundedText(MAX_TEXT)),
     (b"industry", BoundedText(MAX_TEXT)),
     (b"price_cents", amp.Integer(optional=True)),
+    (b"currency", BoundedText(MAX_CURRENCY_LENGTH, ascii=True, optional=True)),
+    (b"stale", BoundedText(MAX_STALE_REASON, optional=True)),
 ]
 ASSETS_PER_PAGE = rows_per_page(ASSET_FIELDS)
 
@@ -1033,13 +1106,39 @@ def pack_prices(fragments: list[bytes]) -> bytes:
     return b"{" + b",".join(fragments) + b"}"
 
 
+class StaleList(JSON):
+    """Stale symbols and why, as one JSON object ``{symbol: reason}`` checked as it is received.
+
+    At most MAX_ASSETS symbols, each reason at most MAX_STALE_REASON characters
+    (a sender cuts them): about 60 bytes an asset, so it fits one AMP value.
+    """
+
+    def toString(self, inObject: dict[str, str]) -> bytes:
+        return super().toString({symbol: reason[:MAX_STALE_REASON] for symbol, reason in inObject.items()})
+
+    def fromString(self, inString: bytes) -> dict[str, str]:
+        stale = super().fromString(inString)
+        if not isinstance(stale, dict) or len(stale) > MAX_ASSETS:
+            raise BadRequest(f"expected an object of at most {MAX_ASSETS} stale symbols")
+        for symbol, reason in stale.items():
+            if len(symbol) > MAX_SYMBOL_LENGTH or not isinstance(reason, str) or len(reason) > MAX_STALE_REASON:
+                raise BadRequest("malformed stale symbol")
+        return stale
+
+
 class PriceTick(amp.Command):
-    """New prices after an update; the settlement of that tick follows."""
+    """New prices after an update; the settlement of that tick follows.
+
+    ``prices`` holds the latest good price of every symbol priced so far;
+    ``stale`` (left out when none is) the symbols whose latest retrieval
+    failed, and why: their prices are the last good ones.
+    """
 
     arguments = [
         (b"tick", amp.Integer()),
         (b"as_of", amp.Unicode()),
         (b"prices", PriceList()),
+        (b"stale", StaleList(optional=True)),
     ]
     requiresAnswer = False
 

@@ -16,14 +16,11 @@ from typing import Protocol
 import attr
 from twisted.internet.defer import Deferred, succeed
 
+from papertrader.assets import MAX_STALE_REASON as MAX_STALE_REASON  # re-exported: sources cut reasons to it
 from papertrader.assets import Asset
 
 # A step of the random walk is at most this many basis points either way.
 MAX_STEP_BASIS_POINTS = 50
-
-
-# The longest reason a stale symbol carries (it travels in every PriceTick).
-MAX_STALE_REASON = 40
 
 
 @attr.s(frozen=True, auto_attribs=True)

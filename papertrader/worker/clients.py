@@ -251,7 +251,9 @@ class MasterPushes(AnswersHeartbeats):
         return {"clients": self.clients.go_away(reason, workers)}
 
     @PriceTick.responder
-    def price_tick(self, tick: int, as_of: str, prices: list[dict[str, Any]]) -> dict:
+    def price_tick(
+        self, tick: int, as_of: str, prices: list[dict[str, Any]], stale: dict[str, str] | None = None
+    ) -> dict:
         if self.cache.update(tick, as_of, prices):
             self.clients.push_tick(tick, as_of, self.cache.prices)
             if self.on_tick is not None:
