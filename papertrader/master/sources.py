@@ -250,11 +250,6 @@ class ReplayPriceSource:
             looping=", looping" if self._loop else "",
         )
 
-    @property
-    def position(self) -> int:
-        """How many steps have been answered (in this pass, when looping)."""
-        return self._next
-
     def fetch(self) -> Deferred[Retrieval]:
         if not self._announced:
             self._announce()
