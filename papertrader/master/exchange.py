@@ -206,7 +206,7 @@ class Exchange:
             except ValueError as e:
                 raise failed(str(e)) from None
         if symbol not in self.board.prices:
-            raise failed("the market has no price yet; try again after the next update")
+            raise failed(self._no_price(symbol))
         return NewOrder(
             session.user_id,
             session.username,
@@ -260,7 +260,7 @@ class Exchange:
         """The latest price of ``symbol`` (GetAssetValue), with ``stale`` if its latest retrieval failed."""
         symbol, asset = self._asset(symbol)
         if symbol not in self.board.prices:
-            raise DataFailed("the market has no price yet; try again after the next update")
+            raise DataFailed(self._no_price(symbol))
         answer = {"symbol": symbol, "name": asset.name, "exchange": asset.exchange}
         answer.update(self._price_of(symbol))
         return answer
@@ -286,6 +286,13 @@ class Exchange:
         if asset is None:
             raise DataFailed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}")
         return symbol, asset
+
+    def _no_price(self, symbol: str) -> str:
+        """Why ``symbol`` (listed) has no price: none retrieved yet, and why its retrievals failed if they did."""
+        reason = self.board.failing.get(symbol)
+        if reason is None:
+            return "the market has no price yet; try again after the next update"
+        return f"the market has no price yet for {symbol} (its retrieval failed: {reason}); try again later"
 
     def _price_of(self, symbol: str) -> dict[str, Any]:
         """``price_cents``, ``as_of`` (the update that brought it) and, if stale, ``stale`` of a priced symbol."""
