@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from papertrader.assets import Asset
 from papertrader.errors import DataFailed, PurchaseFailed
+from papertrader.master import database as database_module
 from papertrader.master import workers as master_workers
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import Database
@@ -234,6 +235,31 @@ class SettlementMixin(BackendFixture):
         yield restarted.resume()
         self.assertEqual(restarted.board.prices, {"AAPL": 19_000, "KO": 6_100})
         self.assertEqual((restarted.board.tick, restarted.board.latest["AAPL"].quoted_at), (2, START))
+
+    @inlineCallbacks
+    def test_upgrade_keeps_the_latest_prices(self) -> Any:
+        """A database of schema version 8 with recorded ticks, upgraded: the last tick's prices are every
+        symbol's latest (market time unknown), so a restarted master resumes them; history starts empty."""
+        url = fresh_database_url(self, self.backend)
+        old = Database.open(url, self.mktemp())
+        self.addCleanup(old.close)
+        newest = database_module.schema_files
+        self.patch(database_module, "schema_files", lambda dialect="sqlite": newest(dialect)[:8])
+        version = yield old.migrate()
+        self.assertEqual(version, 8)
+        for tick, cents in ((1, 100), (2, 200)):
+            query(url, "INSERT INTO ticks (id, retrieved_at, settled) VALUES (?, ?, 1)", tick, f"t{tick}")
+            for symbol in ("AAPL", "KO"):
+                query(url, "INSERT INTO prices (tick_id, symbol, price_cents) VALUES (?, ?, ?)", tick, symbol, cents)
+        self.patch(database_module, "schema_files", newest)
+        version = yield old.migrate()
+        self.assertEqual(version, 9)
+        exchange = self.exchange(old)
+        yield exchange.resume()
+        self.assertEqual((exchange.board.prices, exchange.board.tick), ({"AAPL": 200, "KO": 200}, 2))
+        self.assertIsNone(exchange.board.latest["KO"].quoted_at)
+        answer = yield exchange.price_history("KO", "all")
+        self.assertEqual(answer["bars"], [])
 
     @inlineCallbacks
     def test_killed_mid_partial_tick_settles_exactly_once(self) -> Any:
