@@ -102,6 +102,12 @@ class BoardTests(SynchronousTestCase):
         self.assertEqual(self.stale_lines()[-1]["count"], 1000)
         self.assertEqual(board.stale, {})
 
+    def test_every_range_has_bars(self) -> None:
+        """Each range the protocol offers has its span and bar length, the bar length dividing the span."""
+        self.assertEqual(tuple(HISTORY_BARS), HISTORY_RANGES)
+        for span, bar in HISTORY_BARS.values():
+            self.assertEqual((span or bar) % bar, 0)
+
     def test_long_reason_cut(self) -> None:
         """A reason is kept at most MAX_STALE_REASON characters long."""
         board = PriceBoard(ASSETS)
