@@ -1,7 +1,7 @@
 """A price chart drawn in characters, for ``papertrader chart``: pure, so the same bars always draw the same lines.
 
 Each column is one bar, or (when there are more bars than columns) the bars
-of an even share of them, drawn as a ``|`` from its highest to its lowest
+of an even share of them, drawn as a column of ``#`` from its highest to its lowest
 price.  Rows are price levels from the highest high (top) to the lowest low
 (bottom); the y axis is labelled in dollars and cents, worked out from the
 integer cents; the x axis names the first and the last bar's time.
@@ -20,6 +20,7 @@ MIN_WIDTH = 20
 MAX_WIDTH = 160
 # Every this many rows (and the bottom one) carries its price on the y axis.
 LABEL_EVERY = 3
+BAR = "#"
 NO_BARS = "no price history in this range yet"
 
 
@@ -77,7 +78,7 @@ def render(
     grid = [[" "] * len(plot) for _ in range(height)]
     for c, (top, bottom) in enumerate(plot):
         for r in range(_row(top, high, span, height), _row(bottom, high, span, height) + 1):
-            grid[r][c] = "|"
+            grid[r][c] = BAR
     lines = [f"{labels.get(r, ''):>{label_width}} |{''.join(cells)}".rstrip() for r, cells in enumerate(grid)]
     lines.append(" " * label_width + " +" + "-" * len(plot))
     first, last = bar_time(bars[0]["start"], bar_seconds), bar_time(bars[-1]["start"], bar_seconds)

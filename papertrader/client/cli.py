@@ -343,6 +343,11 @@ def cmd_info(client: PaperTraderClient, args: argparse.Namespace, session: Any, 
     _print(args, info, "\n".join(lines))
 
 
+def terminal_columns() -> int:
+    """The terminal's width in columns (``COLUMNS``, else the terminal's, else 80)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
 def _duration(seconds: int) -> str:
     for unit, length in (("day", 86400), ("hour", 3600), ("min", 60)):
         if seconds >= length and seconds % length == 0:
@@ -366,7 +371,7 @@ def cmd_chart(client: PaperTraderClient, args: argparse.Namespace, session: Any,
             f": {len(bars)} bars of {_duration(history['bar_seconds'])}, low {format_cents(low)}, "
             f"high {format_cents(high)}, last {format_cents(bars[-1]['close_cents'])} as of {history['as_of']}"
         )
-    width = chart_width(shutil.get_terminal_size((80, 24)).columns)
+    width = chart_width(terminal_columns())
     lines.extend(render(bars, history["bar_seconds"], width))
     print("\n".join(lines))
 
