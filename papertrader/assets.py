@@ -10,6 +10,10 @@ import attr
 from papertrader.money import parse_amount
 
 COLUMNS = ("symbol", "name", "exchange", "sector", "industry", "reference_price")
+# An optional column: the currency prices are in (ISO 4217 codes and the like: GBX for pence).
+CURRENCY_COLUMN = "currency"
+DEFAULT_CURRENCY = "USD"
+MAX_CURRENCY = 8
 # The list travels in pages (ListAssets); every price update in one PriceTick,
 # whose compact encoding keeps this many assets far under AMP's 64 KiB value limit.
 MAX_ASSETS = 1000
@@ -17,11 +21,12 @@ MAX_TEXT = 60
 # The longest reason a stale price carries (why the latest retrieval of its symbol failed).
 MAX_STALE_REASON = 40
 _SYMBOL = re.compile(r"^[A-Z][A-Z0-9.\-]{0,9}$")
+_CURRENCY = re.compile(rf"^[A-Za-z0-9]{{1,{MAX_CURRENCY}}}$")
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class Asset:
-    """One tradable asset; ``reference_cents`` seeds the simulated market."""
+    """One tradable asset; ``reference_cents`` seeds the simulated market; ``currency`` its prices' currency."""
 
     symbol: str
     name: str
@@ -29,6 +34,7 @@ class Asset:
     sector: str
     industry: str
     reference_cents: int
+    currency: str = DEFAULT_CURRENCY
 
 
 def parse_assets(lines: list[str], origin: str = "assets") -> tuple[dict[str, Asset], list[str]]:
@@ -62,6 +68,12 @@ def parse_assets(lines: list[str], origin: str = "assets") -> tuple[dict[str, As
         if any(len(row[c] or "") > MAX_TEXT for c in ("name", "exchange", "sector", "industry")):
             problems.append(f"{where}: name, exchange, sector and industry must be at most {MAX_TEXT} characters")
             continue
+        currency = (row.get(CURRENCY_COLUMN) or "").strip() or DEFAULT_CURRENCY
+        if not _CURRENCY.match(currency):
+            problems.append(
+                f"{where}: bad currency {currency[:20]!r}: 1 to {MAX_CURRENCY} letters or digits (e.g. USD)"
+            )
+            continue
         assets[symbol] = Asset(
             symbol=symbol,
             name=(row["name"] or "").strip(),
@@ -69,6 +81,7 @@ def parse_assets(lines: list[str], origin: str = "assets") -> tuple[dict[str, As
             sector=(row["sector"] or "").strip(),
             industry=(row["industry"] or "").strip(),
             reference_cents=cents,
+            currency=currency,
         )
     if not assets and not problems:
         problems.append(f"{origin}: no assets listed")

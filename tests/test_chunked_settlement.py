@@ -194,7 +194,7 @@ class ChunkedSettlementMixin(BackendFixture):
         exchange.on_settled(lambda tick, as_of, settlements: settled_by_tick.setdefault(tick, []).extend(
             s.order.order_id for s in settlements
         ))
-        exchange.on_tick(lambda tick, as_of, prices: pushed.append((tick, settled_by_tick.pop(tick, []))))
+        exchange.on_tick(lambda tick, as_of, prices, stale: pushed.append((tick, settled_by_tick.pop(tick, []))))
         real = self.database.settle_chunk
         held: list[Deferred] = []
 

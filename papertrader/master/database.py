@@ -29,6 +29,7 @@ import random
 import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import attr
@@ -39,6 +40,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from papertrader.errors import DataFailed, RegisterFailed, WorkerExists
+from papertrader.master.market import BAR_SECONDS, BoardPrice
 from papertrader.master.registration import RegisteredWorker
 from papertrader.master.trading import (
     BUY,
@@ -132,6 +134,9 @@ class Dialect:
     arrays: bool = False
     settlement_settings: tuple[str, ...] = ()
     outcome_settings: tuple[str, ...] = ()
+    # The functions of the smaller and the larger of their arguments.
+    least: str = "min"
+    greatest: str = "max"
 
     def sql(self, statement: str) -> str:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
@@ -200,6 +205,8 @@ def _postgresql_dialect() -> Dialect:
         # a chunk of 10,000, over a minute for 100,000 queued orders.  A hash join is linear
         # whatever the estimates; it is the chunk's last statement, so the setting stays there.
         outcome_settings=("SET LOCAL enable_hashjoin = on",),
+        least="LEAST",
+        greatest="GREATEST",
     )
 
 
@@ -353,6 +360,27 @@ _OUTCOME: Columns = (
 )
 _POSITION_KEY: Columns = (("user_id", "bigint"), ("symbol", "text"))
 _POSITION: Columns = (*_POSITION_KEY, ("quantity", "bigint"))
+_PRICE: Columns = (("tick_id", "bigint"), ("symbol", "text"), ("price_cents", "bigint"), ("quoted_at", "bigint"))
+_BAR: Columns = (
+    ("symbol", "text"),
+    ("bar_seconds", "integer"),
+    ("start_at", "bigint"),
+    ("open_cents", "bigint"),
+    ("high_cents", "bigint"),
+    ("low_cents", "bigint"),
+    ("close_cents", "bigint"),
+    ("open_at", "bigint"),
+    ("close_at", "bigint"),
+    ("first_tick", "bigint"),
+    ("last_tick", "bigint"),
+)
+_LATEST: Columns = (
+    ("symbol", "text"),
+    ("price_cents", "bigint"),
+    ("quoted_at", "bigint"),
+    ("tick_id", "bigint"),
+    ("retrieved_at", "text"),
+)
 _TRADE: Columns = (
     ("user_id", "bigint"),
     ("order_id", "bigint"),
@@ -434,6 +462,8 @@ class OpenTick:
     prices: dict[str, int]
     through_order_id: int | None
     orders: int
+    # The market time of each price (epoch seconds).
+    quoted_at: dict[str, int] = attr.ib(factory=dict)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -443,6 +473,30 @@ class SettledChunk:
     settlements: list[Settlement]
     last_order_id: int
     done: bool
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class HistoryBar:
+    """One OHLC bar of a price history: its start (epoch seconds) and its prices."""
+
+    start: int
+    open_cents: int
+    high_cents: int
+    low_cents: int
+    close_cents: int
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class HistoryPage:
+    """A page of a price history reading pinned at ``tick`` and the market time ``latest`` (None:
+    no history); ``after`` is the start of its last bar when a page follows (the next position)."""
+
+    bars: list[HistoryBar]
+    page: int
+    pages: int
+    tick: int
+    latest: int | None
+    after: int | None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -1048,34 +1102,84 @@ class Database:
 
     # ------------------------------------------------------------ ticks and settlement
 
-    def begin_tick(self, prices: Mapping[str, int], now: str) -> Deferred[OpenTick]:
+    def begin_tick(
+        self, prices: Mapping[str, int], now: str, quoted_at: Mapping[str, int] | None = None
+    ) -> Deferred[OpenTick]:
         """Record a price update and which queued orders it settles, in one transaction.
 
-        It settles the orders queued now whose creation time is not later than
-        ``now`` (instants are sortable text): one placed later, or stored after
-        this, waits for the next update, so no order ever settles before it was
-        placed or at an update that began before it was stored.  Fails with
-        `TickUnsettled` while an earlier tick is not settled.
+        ``prices`` are the fresh prices retrieved (possibly none: the tick is
+        still recorded, and settles nothing), ``quoted_at`` their market times
+        (epoch seconds; a symbol without one is at ``now``).  Each is stored,
+        with its market time, in the history (`price_history`) and as its
+        symbol's latest price (`latest_prices`).
+
+        It settles the orders queued now in a symbol it prices whose creation
+        time is not later than ``now`` (instants are sortable text): one placed
+        later, or stored after this, waits for the next update, so no order ever
+        settles before it was placed or at an update that began before it was
+        stored; one in a symbol it does not price (stale) stays queued for a
+        later tick that does.  Fails with `TickUnsettled` while an earlier tick
+        is not settled.
         """
-        return self._run_writing_orders(self._begin_tick, dict(prices), now)
+        retrieved = _epoch(now)
+        times = {symbol: (quoted_at or {}).get(symbol, retrieved) for symbol in prices}
+        return self._run_writing_orders(self._begin_tick, dict(prices), now, times)
 
     @staticmethod
-    def _begin_tick(txn: Cursor, prices: dict[str, int], now: str) -> OpenTick:
+    def _begin_tick(txn: Cursor, prices: dict[str, int], now: str, times: dict[str, int]) -> OpenTick:
         txn.execute("SELECT id FROM ticks WHERE settled = 0 ORDER BY id LIMIT 1")
         row = txn.fetchone()
         if row is not None:
             raise TickUnsettled(f"tick {row[0]} is not settled yet")
-        txn.execute("SELECT MAX(id), COUNT(*) FROM orders WHERE status = 'queued' AND created_at <= ?", (now,))
+        tick_id = txn.insert("INSERT INTO ticks (retrieved_at, through_order_id, settled) VALUES (?, NULL, 1)", (now,))
+        rows = [(tick_id, symbol, cents, times[symbol]) for symbol, cents in sorted(prices.items())]
+        txn.insert_rows("prices", _PRICE, rows)
+        # The orders it settles: those queued in the symbols it prices (the tick's own prices).
+        txn.execute(
+            "SELECT MAX(o.id), COUNT(*) FROM orders o JOIN prices p ON p.tick_id = ? AND p.symbol = o.symbol "
+            "WHERE o.status = 'queued' AND o.created_at <= ?",
+            (tick_id, now),
+        )
         through, count = txn.fetchone()
-        tick_id = txn.insert(
-            "INSERT INTO ticks (retrieved_at, through_order_id, settled) VALUES (?, ?, ?)",
-            (now, through, 0 if through is not None else 1),
+        if through is not None:
+            txn.execute("UPDATE ticks SET through_order_id = ?, settled = 0 WHERE id = ?", (through, tick_id))
+        Database._record_history(txn, tick_id, now, rows)
+        return OpenTick(tick_id, now, prices, through, int(count), times)
+
+    @staticmethod
+    def _record_history(txn: Cursor, tick_id: int, now: str, rows: list[tuple[int, str, int, int]]) -> None:
+        """Fold a tick's prices (tick, symbol, cents, market time) into every bar length's bars and
+        the latest prices: one upsert of a row per symbol and bar length."""
+        if not rows:
+            return
+        least, greatest = txn.dialect.least, txn.dialect.greatest
+        bars = [
+            (symbol, seconds, at - at % seconds, cents, cents, cents, cents, at, at, tick_id, tick_id)
+            for _, symbol, cents, at in rows
+            for seconds in BAR_SECONDS
+        ]
+        txn.insert_rows(
+            "price_bars",
+            _BAR,
+            bars,
+            "ON CONFLICT (symbol, bar_seconds, start_at) DO UPDATE SET "
+            "open_cents = CASE WHEN excluded.open_at < price_bars.open_at "
+            "THEN excluded.open_cents ELSE price_bars.open_cents END, "
+            f"open_at = {least}(price_bars.open_at, excluded.open_at), "
+            f"high_cents = {greatest}(price_bars.high_cents, excluded.high_cents), "
+            f"low_cents = {least}(price_bars.low_cents, excluded.low_cents), "
+            "close_cents = CASE WHEN excluded.close_at >= price_bars.close_at "
+            "THEN excluded.close_cents ELSE price_bars.close_cents END, "
+            f"close_at = {greatest}(price_bars.close_at, excluded.close_at), "
+            "last_tick = excluded.last_tick",
         )
-        txn.executemany(
-            "INSERT INTO prices (tick_id, symbol, price_cents) VALUES (?, ?, ?)",
-            [(tick_id, symbol, cents) for symbol, cents in prices.items()],
+        txn.insert_rows(
+            "latest_prices",
+            _LATEST,
+            [(symbol, cents, at, tick_id, now) for _, symbol, cents, at in rows],
+            "ON CONFLICT (symbol) DO UPDATE SET price_cents = excluded.price_cents, quoted_at = excluded.quoted_at, "
+            "tick_id = excluded.tick_id, retrieved_at = excluded.retrieved_at",
         )
-        return OpenTick(tick_id, now, prices, through, int(count))
 
     def unsettled_ticks(self) -> Deferred[list[OpenTick]]:
         """Every recorded tick whose queue is not settled yet (oldest first), with its own prices.
@@ -1089,13 +1193,16 @@ class Database:
         txn.execute("SELECT id, retrieved_at, through_order_id FROM ticks WHERE settled = 0 ORDER BY id")
         ticks = []
         for tick_id, as_of, through in txn.fetchall():
-            txn.execute("SELECT symbol, price_cents FROM prices WHERE tick_id = ?", (tick_id,))
-            prices = dict(txn.fetchall())
+            txn.execute("SELECT symbol, price_cents, quoted_at FROM prices WHERE tick_id = ?", (tick_id,))
+            rows = txn.fetchall()
+            prices = {symbol: cents for symbol, cents, _ in rows}
+            times = {symbol: at for symbol, _, at in rows if at is not None}
             txn.execute(
-                "SELECT COUNT(*) FROM orders WHERE status = 'queued' AND id <= ? AND created_at <= ?",
-                (through, as_of),
+                "SELECT COUNT(*) FROM orders o JOIN prices p ON p.tick_id = ? AND p.symbol = o.symbol "
+                "WHERE o.status = 'queued' AND o.id <= ? AND o.created_at <= ?",
+                (tick_id, through, as_of),
             )
-            ticks.append(OpenTick(tick_id, as_of, prices, through, int(txn.fetchone()[0])))
+            ticks.append(OpenTick(tick_id, as_of, prices, through, int(txn.fetchone()[0]), times))
         return ticks
 
     def settle_chunk(
@@ -1114,13 +1221,15 @@ class Database:
         rows: list[Any] = []
         if tick.through_order_id is not None:
             # Each order with its user's cash and what the user holds of its symbol: read together,
-            # in the same transaction as the writes.
+            # in the same transaction as the writes.  Only orders in the symbols the tick prices:
+            # the others (stale symbols) stay queued for a later tick.
             txn.execute(
                 "SELECT o.id, o.user_id, u.username, o.side, o.symbol, o.quantity, u.cash_cents, p.quantity "
-                "FROM orders o JOIN users u ON u.id = o.user_id "
+                "FROM orders o JOIN prices pr ON pr.tick_id = ? AND pr.symbol = o.symbol "
+                "JOIN users u ON u.id = o.user_id "
                 "LEFT JOIN positions p ON p.user_id = o.user_id AND p.symbol = o.symbol "
                 "WHERE o.status = 'queued' AND o.id > ? AND o.id <= ? AND o.created_at <= ? ORDER BY o.id LIMIT ?",
-                (after, tick.through_order_id, tick.as_of, limit),
+                (tick.tick_id, after, tick.through_order_id, tick.as_of, limit),
             )
             rows = txn.fetchall()
         done = len(rows) < limit or rows[-1][0] == tick.through_order_id
@@ -1166,7 +1275,8 @@ class Database:
             "positions", _POSITION, [(*key, q) for key, q in changed if q > 0 and key not in holdings_before]
         )
         txn.delete_rows("positions", _POSITION_KEY, [key for key, q in changed if q == 0 and key in holdings_before])
-        Database._write_outcomes(txn, tick, queued, settlements)
+        if settlements:
+            Database._write_outcomes(txn, tick, queued, settlements)
         return settlements
 
     @staticmethod
@@ -1298,18 +1408,103 @@ class Database:
         page = _newest_first_page(txn, "transactions", "id, " + ", ".join(keys), user_id, per_page, position)
         return attr.evolve(page, rows=[dict(zip(keys, row[1:])) for row in page.rows])
 
-    def latest_prices(self) -> Deferred[tuple[int, str, dict[str, int]] | None]:
-        """The last recorded tick (id, time, prices), to resume the market after a restart."""
+    def latest_prices(self) -> Deferred[tuple[int, str, dict[str, BoardPrice]] | None]:
+        """The last recorded tick (id, time) and the latest good price of every symbol (whichever
+        tick brought it), to resume the market after a restart; None before the first tick."""
         return self._run(self._latest_prices)
 
     @staticmethod
-    def _latest_prices(txn: Cursor) -> tuple[int, str, dict[str, int]] | None:
+    def _latest_prices(txn: Cursor) -> tuple[int, str, dict[str, BoardPrice]] | None:
         txn.execute("SELECT id, retrieved_at FROM ticks ORDER BY id DESC LIMIT 1")
         row = txn.fetchone()
         if row is None:
             return None
-        txn.execute("SELECT symbol, price_cents FROM prices WHERE tick_id = ?", (row[0],))
-        return row[0], row[1], dict(txn.fetchall())
+        txn.execute("SELECT symbol, price_cents, quoted_at, tick_id, retrieved_at FROM latest_prices")
+        latest = {symbol: BoardPrice(cents, at, tick, as_of) for symbol, cents, at, tick, as_of in txn.fetchall()}
+        return row[0], row[1], latest
+
+    # ------------------------------------------------------------ price history
+
+    def price_history(
+        self,
+        symbol: str,
+        span: int | None,
+        bar_seconds: int,
+        per_page: int,
+        position: tuple[int, int, int, int] | None,
+    ) -> Deferred[HistoryPage]:
+        """A page of ``symbol``'s OHLC bars of ``bar_seconds``, oldest first, over the ``span`` seconds
+        (None: all) up to its latest market time; ``position`` is a decoded cursor (None: the first page).
+
+        A reading is pinned at the tick recorded last when its first page was
+        read, and at the latest market time then: its later pages hold the bars
+        as they were at that tick (bars made since are left out; bars changed
+        since are rebuilt from the stored prices of that tick and earlier), so
+        the pages add up whatever updates arrive meanwhile.  The window is the
+        span's whole bars ending with the bar of the latest market time.  A
+        position not of a reading of this symbol and bar length: DataFailed.
+        """
+        return self._run(self._price_history, symbol, span, bar_seconds, per_page, position)
+
+    @staticmethod
+    def _price_history(
+        txn: Cursor,
+        symbol: str,
+        span: int | None,
+        bar: int,
+        per_page: int,
+        position: tuple[int, int, int, int] | None,
+    ) -> HistoryPage:
+        txn.execute("SELECT MAX(id) FROM ticks")
+        current = txn.fetchone()[0] or 0
+        if position is None:
+            tick, page, after = current, 1, None
+            # The bar of the latest market time is the one that starts last (bars never overlap).
+            txn.execute(
+                "SELECT close_at FROM price_bars WHERE symbol = ? AND bar_seconds = ? ORDER BY start_at DESC LIMIT 1",
+                (symbol, bar),
+            )
+            row = txn.fetchone()
+            if row is None:
+                return HistoryPage([], 1, 1, tick, None, None)
+            latest = int(row[0])
+        else:
+            page, tick, latest, after = position
+        last_start = latest - latest % bar
+        first_start = last_start - span + bar if span is not None else -(2**62)
+        where = "symbol = ? AND bar_seconds = ? AND start_at >= ? AND start_at <= ? AND first_tick <= ?"
+        window = (symbol, bar, first_start, last_start, tick)
+        txn.execute(f"SELECT COUNT(*) FROM price_bars WHERE {where}", window)
+        pages = page_count(int(txn.fetchone()[0]), per_page)
+        if after is not None:
+            txn.execute(f"SELECT COUNT(*) FROM price_bars WHERE {where} AND start_at <= ?", (*window, after))
+            sent = int(txn.fetchone()[0])
+            if tick > current or not 2 <= page <= pages or sent != (page - 1) * per_page:
+                raise DataFailed("this cursor is not from this price history; read it again from the first page")
+        txn.execute(
+            "SELECT start_at, open_cents, high_cents, low_cents, close_cents, last_tick FROM price_bars "
+            f"WHERE {where} AND start_at > ? ORDER BY start_at LIMIT ?",
+            (*window, first_start - 1 if after is None else after, per_page),
+        )
+        bars = []
+        for start, open_cents, high, low, close, last_tick in txn.fetchall():
+            if last_tick > tick:
+                open_cents, high, low, close = Database._bar_at(txn, symbol, start, bar, tick)
+            bars.append(HistoryBar(int(start), int(open_cents), int(high), int(low), int(close)))
+        return HistoryPage(bars, page, pages, tick, latest, bars[-1].start if page < pages else None)
+
+    @staticmethod
+    def _bar_at(txn: Cursor, symbol: str, start: int, bar: int, tick: int) -> tuple[int, int, int, int]:
+        """The bar of ``symbol`` starting at ``start`` as it was at ``tick``, from the stored prices."""
+        prices = "FROM prices WHERE symbol = ? AND quoted_at >= ? AND quoted_at < ? AND tick_id <= ?"
+        parameters = (symbol, start, start + bar, tick)
+        txn.execute(f"SELECT MIN(price_cents), MAX(price_cents) {prices}", parameters)
+        low, high = txn.fetchone()
+        txn.execute(f"SELECT price_cents {prices} ORDER BY quoted_at, tick_id LIMIT 1", parameters)
+        open_cents = txn.fetchone()[0]
+        txn.execute(f"SELECT price_cents {prices} ORDER BY quoted_at DESC, tick_id DESC LIMIT 1", parameters)
+        close = txn.fetchone()[0]
+        return open_cents, high, low, close
 
 
 def retry_delay(tries: int) -> float:
@@ -1325,6 +1520,14 @@ def _claim(state: AccountState, side: str, symbol: str, total: Any, prices: Mapp
         state.queued_buy_cents += quantity * prices.get(symbol, 0)
     else:
         state.queued_sell_shares[symbol] = quantity
+
+
+def _epoch(instant: str) -> int:
+    """The epoch seconds of an ISO 8601 instant (0 for text that is none, as tests' labels)."""
+    try:
+        return int(datetime.fromisoformat(instant).timestamp())
+    except ValueError:
+        return 0
 
 
 def _execute(cursor: Cursor, statement: str, parameters: Sequence[Any]) -> None:

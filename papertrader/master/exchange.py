@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from papertrader.assets import Asset
 from papertrader.errors import (
     DataFailed,
     OrderConflict,
@@ -25,8 +26,8 @@ from papertrader.errors import (
 )
 from papertrader.eventlog import EventLogger
 from papertrader.master.accounts import Accounts
-from papertrader.master.database import CHUNK_ORDERS, Database, OpenTick, SettledChunk
-from papertrader.master.market import PriceBoard, PriceSource
+from papertrader.master.database import CHUNK_ORDERS, Database, HistoryPage, OpenTick, SettledChunk
+from papertrader.master.market import HISTORY_BARS, PriceBoard, PriceSource, Retrieval
 from papertrader.master.trading import (
     BUY,
     SIDES,
@@ -43,6 +44,9 @@ from papertrader.master.trading import (
 )
 from papertrader.paging import BadCursor, Page, decode_cursor, encode_cursor, page_count
 from papertrader.protocol import (
+    BARS_PER_PAGE,
+    HISTORY_RANGES,
+    MAX_SYMBOL_LENGTH,
     ORDERS_PER_PAGE,
     POSITIONS_PER_PAGE,
     TRANSACTIONS_PER_PAGE,
@@ -52,7 +56,8 @@ from papertrader.protocol import (
 )
 from papertrader.timestamps import iso
 
-TickListener = Callable[[int, str, dict[str, int]], None]
+# (tick, as_of, the latest good price of every symbol priced so far, the stale ones' reasons)
+TickListener = Callable[[int, str, dict[str, int], dict[str, str]], None]
 SettledListener = Callable[[int, str, list[Settlement]], None]
 
 
@@ -88,8 +93,9 @@ class Exchange:
         self._settled_listeners: list[SettledListener] = []
 
     def on_tick(self, listener: TickListener) -> None:
-        """Call ``listener(tick, as_of, prices)`` after every settled update (its orders' outcomes
-        went to the `on_settled` listeners chunk by chunk)."""
+        """Call ``listener(tick, as_of, prices, stale)`` after every settled update (its orders' outcomes
+        went to the `on_settled` listeners chunk by chunk): ``prices`` the latest good price of every
+        symbol priced so far, ``stale`` why those whose latest retrieval failed did."""
         self._tick_listeners.append(listener)
 
     def on_settled(self, listener: SettledListener) -> None:
@@ -251,20 +257,98 @@ class Exchange:
     # ------------------------------------------------------------ reading
 
     def asset_value(self, symbol: str) -> dict[str, Any]:
-        """The latest price of ``symbol``."""
-        symbol = symbol.strip().upper()
-        asset = self.board.assets.get(symbol)
-        if asset is None:
-            raise DataFailed(f"unknown symbol {symbol!r}")
+        """The latest price of ``symbol`` (GetAssetValue), with ``stale`` if its latest retrieval failed."""
+        symbol, asset = self._asset(symbol)
         if symbol not in self.board.prices:
             raise DataFailed("the market has no price yet; try again after the next update")
-        return {
+        answer = {"symbol": symbol, "name": asset.name, "exchange": asset.exchange}
+        answer.update(self._price_of(symbol))
+        return answer
+
+    def asset_info(self, symbol: str) -> dict[str, Any]:
+        """What the asset list says of ``symbol`` and its latest price, if any (GetAssetInfo)."""
+        symbol, asset = self._asset(symbol)
+        answer = {
             "symbol": symbol,
             "name": asset.name,
             "exchange": asset.exchange,
-            "price_cents": self.board.prices[symbol],
-            "as_of": self.board.as_of,
+            "sector": asset.sector,
+            "industry": asset.industry,
+            "currency": asset.currency,
         }
+        if symbol in self.board.prices:
+            answer.update(self._price_of(symbol))
+        return answer
+
+    def _asset(self, symbol: str) -> tuple[str, Asset]:
+        symbol = symbol.strip().upper()
+        asset = self.board.assets.get(symbol)
+        if asset is None:
+            raise DataFailed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}")
+        return symbol, asset
+
+    def _price_of(self, symbol: str) -> dict[str, Any]:
+        """``price_cents``, ``as_of`` (the update that brought it) and, if stale, ``stale`` of a priced symbol."""
+        latest = self.board.latest.get(symbol)
+        answer: dict[str, Any] = {
+            "price_cents": self.board.prices[symbol],
+            "as_of": latest.as_of if latest is not None else self.board.as_of,
+        }
+        reason = self.board.failing.get(symbol)
+        if reason is not None:
+            answer["stale"] = reason
+        return answer
+
+    @inlineCallbacks
+    def price_history(self, symbol: str, range: str, cursor: str | None = None) -> Any:
+        """A page of ``symbol``'s price history over ``range`` (GetPriceHistory's answer): OHLC bars,
+        oldest first, over the range up to its latest market time.
+
+        The cursor holds the next page's number, the tick and market time the
+        reading is pinned at, the start of the last bar sent and a fingerprint
+        of the symbol and range: the pages of one reading hold the history as
+        of its first page (`Database.price_history`).  An unknown symbol or
+        range, or a cursor not of this reading: DataFailed.
+        """
+        symbol, _ = self._asset(symbol)
+        if range not in HISTORY_BARS:
+            raise DataFailed(f"unknown history range {range[:20]!r}; one of {', '.join(HISTORY_RANGES)}")
+        span, bar = HISTORY_BARS[range]
+        fingerprint = zlib.crc32(f"{symbol} {range}".encode())
+        position = None
+        if cursor is not None:
+            try:
+                page, tick, latest, after, fingerprinted = decode_cursor(cursor, 5)
+            except BadCursor:
+                raise DataFailed("malformed price history cursor; read it again from the first page") from None
+            if fingerprinted != fingerprint:
+                raise DataFailed("this cursor is not from this price history; read it again from the first page")
+            position = (page, tick, latest, after)
+        reading: HistoryPage = yield self._read(self._db.price_history(symbol, span, bar, BARS_PER_PAGE, position))
+        answer: dict[str, Any] = {
+            "symbol": symbol,
+            "range": range,
+            "bar_seconds": bar,
+            "bars": [
+                {
+                    "start": iso(b.start),
+                    "open_cents": b.open_cents,
+                    "high_cents": b.high_cents,
+                    "low_cents": b.low_cents,
+                    "close_cents": b.close_cents,
+                }
+                for b in reading.bars
+            ],
+            "page": reading.page,
+            "pages": reading.pages,
+        }
+        if reading.latest is not None:
+            answer["as_of"] = iso(reading.latest)
+        if reading.after is not None:
+            answer["next_cursor"] = encode_cursor(
+                reading.page + 1, reading.tick, reading.latest, reading.after, fingerprint
+            )
+        returnValue(answer)
 
     @inlineCallbacks
     def orders(self, token: str, cursor: str | None = None) -> Any:
@@ -330,14 +414,21 @@ class Exchange:
         latest = yield self._db.latest_prices()
         if latest is not None:
             tick, as_of, prices = latest
-            self.board.update(tick, as_of, prices)
+            self.board.restore(tick, as_of, prices)
             resume_from = getattr(self._source, "resume_from", None)
             if resume_from is not None:
-                resume_from(prices)
+                resume_from(dict(self.board.prices))
 
     @inlineCallbacks
     def tick(self) -> Any:
-        """Retrieve prices, settle the whole queue at them, then tell the listeners.
+        """Retrieve prices, settle the whole queue at the fresh ones, then tell the listeners.
+
+        The tick records only the prices retrieved fresh (none: it settles
+        nothing, but is recorded all the same and its listeners told, so the
+        stale state reaches the workers); queued orders in the other symbols
+        stay queued for a later tick that prices them.  The board then keeps
+        the last good price of each symbol whose retrieval failed and marks it
+        stale (`PriceBoard.update`).
 
         A tick left unsettled earlier (the master was killed mid-way, or a
         chunk failed) is finished first, at its own prices and time, and its
@@ -367,12 +458,17 @@ class Exchange:
                 )
                 yield self._settle(tick, self._clock.seconds())
             retrieval = yield self._source.fetch()
-            prices = {symbol: quote.price_cents for symbol, quote in retrieval.quotes.items()}
             started = self._clock.seconds()
             now = iso(started)
-            self.log.info("new prices as of {now}; settling the order queue", now=now)
-            tick = yield self._db.begin_tick(prices, now)
-            yield self._settle(tick, started)
+            prices, quoted_at, failures = self._fresh(retrieval, int(started))
+            self.log.info(
+                "new prices as of {now} ({fresh} fresh, {failed} failed); settling the order queue",
+                now=now,
+                fresh=len(prices),
+                failed=len(failures),
+            )
+            tick = yield self._db.begin_tick(prices, now, quoted_at)
+            yield self._settle(tick, started, failures)
         except Exception:
             self.log.failure("price update failed; the queue stays for the next one")
         finally:
@@ -380,11 +476,30 @@ class Exchange:
             self._forget_account_states()
             self._ticking = False
 
+    def _fresh(self, retrieval: Retrieval, now: int) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+        """The fresh prices of listed assets in ``retrieval``, their market times (``now`` where it
+        gives none) and the failures; a price that is not a positive integer counts as a failure."""
+        prices: dict[str, int] = {}
+        quoted_at: dict[str, int] = {}
+        failures = {symbol: reason for symbol, reason in retrieval.failures.items() if symbol in self.board.assets}
+        for symbol, quote in retrieval.quotes.items():
+            if symbol not in self.board.assets:
+                continue
+            if not isinstance(quote.price_cents, int) or quote.price_cents <= 0:
+                failures[symbol] = "not a positive price"
+                continue
+            prices[symbol] = quote.price_cents
+            quoted_at[symbol] = now if quote.quoted_at is None else int(quote.quoted_at)
+            failures.pop(symbol, None)
+        return prices, quoted_at, failures
+
     @inlineCallbacks
-    def _settle(self, tick: OpenTick, started: float) -> Any:
+    def _settle(self, tick: OpenTick, started: float, failures: dict[str, str] | None = None) -> Any:
         """Settle ``tick``'s queue chunk by chunk, publish its prices and tell the listeners.
 
-        The time logged is the database's part, from ``started`` (before the tick was recorded).
+        ``failures`` are the retrieval's (None: a tick recorded earlier, being
+        finished: only its prices are published).  The time logged is the
+        database's part, from ``started`` (before the tick was recorded).
         """
         progress = [0]
 
@@ -406,16 +521,17 @@ class Exchange:
 
         settlements = yield self._db.settle_queue(tick, settle_orders, self._chunk_orders, committed)
         if tick.tick_id >= self.board.tick:
-            self.board.update(tick.tick_id, tick.as_of, tick.prices)
+            self.board.update(tick.tick_id, tick.as_of, tick.prices, tick.quoted_at, failures)
         self.log.info(
             "update {tick}: {count} orders settled in {seconds:.3f} s",
             tick=tick.tick_id,
             count=len(settlements),
             seconds=self._clock.seconds() - started,
         )
+        prices, stale = dict(self.board.prices), self.board.stale
         for listener in self._tick_listeners:
             try:
-                listener(tick.tick_id, tick.as_of, tick.prices)
+                listener(tick.tick_id, tick.as_of, prices, stale)
             except Exception:
                 self.log.failure("tick listener failed")
 

@@ -47,7 +47,9 @@ from papertrader.protocol import (
     OrderRequest,
     OrderResult,
     RelayedChangePassword,
+    RelayedGetAssetInfo,
     RelayedGetAssetValue,
+    RelayedGetPriceHistory,
     RelayedGetUserPortfolio,
     RelayedGetUserTransactionHistory,
     RelayedListOrders,
@@ -339,9 +341,12 @@ class MasterLocator(AnswersHeartbeats):
                 "exchange": asset.exchange,
                 "sector": asset.sector,
                 "industry": asset.industry,
+                "currency": asset.currency,
             }
             if asset.symbol in board.prices:
                 row["price_cents"] = board.prices[asset.symbol]
+                if asset.symbol in board.failing:
+                    row["stale"] = board.failing[asset.symbol]
             assets.append(row)
         answer: dict[str, Any] = {**attr.evolve(page, rows=assets).answer("assets"), "tick": board.tick}
         if board.as_of is not None:
@@ -353,6 +358,20 @@ class MasterLocator(AnswersHeartbeats):
     @_guarded
     def asset_value(self, symbol: str, received_at: str, client_address: str) -> dict[str, Any]:
         return self.exchange.asset_value(symbol)
+
+    @RelayedGetAssetInfo.responder
+    @_forwarded
+    @_guarded
+    def asset_info(self, symbol: str, received_at: str, client_address: str) -> dict[str, Any]:
+        return self.exchange.asset_info(symbol)
+
+    @RelayedGetPriceHistory.responder
+    @_forwarded
+    @_guarded
+    def price_history(
+        self, symbol: str, range: str, received_at: str, client_address: str, cursor: str | None = None
+    ) -> Any:
+        return self.exchange.price_history(symbol, range, cursor)
 
     # ------------------------------------------------------------ orders
 

@@ -156,13 +156,14 @@ def settle_orders(
     """Settle ``orders`` in queue order at ``prices``, updating ``cash`` and ``holdings``.
 
     A buy needs enough cash and a sell enough shares at the moment it is
-    reached; anything else is rejected with its reason.
+    reached; anything else is rejected with its reason.  An order in a symbol
+    without a price (its latest retrieval failed: it is stale) gets no
+    settlement: it stays queued for an update that prices it.
     """
     results = []
     for order in orders:
         price = prices.get(order.symbol)
         if price is None:
-            results.append(Settlement(order, False, None, reason=f"no price for {order.symbol}"))
             continue
         total = price * order.quantity
         key = (order.user_id, order.symbol)

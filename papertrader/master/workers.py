@@ -285,9 +285,11 @@ class WorkerRegistry:
         exchange.on_settled(self.push_updates)
         exchange.on_tick(self.broadcast_tick)
 
-    def broadcast_tick(self, tick: int, as_of: str, prices: dict[str, int]) -> None:
-        """Push the new prices to every worker, encoded once for all of them."""
-        self.work.add(self._tick_writes(tick, as_of, prices))
+    def broadcast_tick(
+        self, tick: int, as_of: str, prices: dict[str, int], stale: dict[str, str] | None = None
+    ) -> None:
+        """Push the new prices (and which are stale, and why) to every worker, encoded once for all of them."""
+        self.work.add(self._tick_writes(tick, as_of, prices, stale or {}))
 
     def push_updates(self, tick: int, as_of: str, settlements: Sequence[Settlement]) -> None:
         """Push each order outcome to the workers serving its user: packed into compact boxes, each
@@ -295,9 +297,10 @@ class WorkerRegistry:
         if settlements:
             self.work.add(self._update_writes(as_of, settlements))
 
-    def _tick_writes(self, tick: int, as_of: str, prices: dict[str, int]) -> Iterator[None]:
+    def _tick_writes(self, tick: int, as_of: str, prices: dict[str, int], stale: dict[str, str]) -> Iterator[None]:
         rows = [{"symbol": symbol, "price_cents": cents} for symbol, cents in prices.items()]
-        data = push_bytes(PriceTick, tick=tick, as_of=as_of, prices=rows)
+        extra = {"stale": stale} if stale else {}
+        data = push_bytes(PriceTick, tick=tick, as_of=as_of, prices=rows, **extra)
         for record in list(self.workers.values()):
             record.connection.write(data)
             yield None
