@@ -3,15 +3,21 @@ history cached until the next price update, and the client library's readings of
 
 from __future__ import annotations
 
+import io
+import json
+from contextlib import redirect_stdout
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
+from papertrader.client import cli
 from papertrader.client.library import HISTORY_ATTEMPTS
 from papertrader.errors import DataFailed, ServiceUnavailable
+from papertrader.master.market import Quote, Retrieval
 from papertrader.master.protocol import MasterLocator
-from papertrader.protocol import PriceTick, RelayedGetPriceHistory
+from papertrader.protocol import BAR_FIELDS, PriceTick, RelayedGetPriceHistory
 from papertrader.worker.cache import DEFAULT_CURRENCY, HistoryCache, QuoteCache, page_bytes
 from tests.support import ASSETS, Deployment
 
@@ -393,3 +399,73 @@ class WorkerMarketTests(SynchronousTestCase):
         self.assertEqual(ticks[-1]["prices"], [{"symbol": "KO", "price_cents": ASSETS["KO"].reference_cents}])
 
 
+
+
+class _DatedPrices:
+    """A price source giving each symbol's next price at a market time the test sets, or a failure."""
+
+    def __init__(self, prices: dict[str, int]) -> None:
+        self.prices = dict(prices)
+        self.quoted_at: int | None = None
+        self.failures: dict[str, str] = {}
+
+    def fetch(self) -> Deferred[Retrieval]:
+        quotes = {s: Quote(c, self.quoted_at) for s, c in self.prices.items() if s not in self.failures}
+        return succeed(Retrieval(quotes, dict(self.failures)))
+
+
+class MasterHistoryTests(SynchronousTestCase):
+    """The worker with the master's own history and stale board (no stand-ins on the master side)."""
+
+    def setUp(self) -> None:
+        self.d = Deployment(self.mktemp() + ".db")
+        self.source = _DatedPrices({s: a.reference_cents for s, a in ASSETS.items()})
+        self.d.source.fetch = self.source.fetch  # the exchange's source answers as this one
+
+    def test_history_over_64_kib_reassembled_through_the_worker(self) -> None:
+        """Seven hundred daily bars (over 64 KiB as sent) read through the worker page by page, by the
+        client library and by ``papertrader chart --json``, are the bars the master stores."""
+        start = 1_700_000_000 - 1_700_000_000 % 86_400
+        for day in range(700):
+            self.source.quoted_at = start + day * 86_400
+            self.source.prices["AAPL"] = 19_000 + (day * 37) % 500
+            self.d.exchange.tick()
+        self.d.flush()
+        client = self.d.client()
+        history = self.d.result(client.price_history("AAPL", "all"))
+        stored: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self.d.result(self.d.exchange.price_history("AAPL", "all", cursor))
+            stored.extend(page["bars"])
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                break
+        self.assertEqual(len(stored), 701)  # and the bar of the deployment's first update
+        self.assertEqual(history["bars"], stored)
+        self.assertGreater(len(amp.AmpList(BAR_FIELDS).toString(stored)), 64 * 1024)
+
+        args = cli.build_parser().parse_args(["chart", "AAPL", "--range", "all", "--json"])
+        out = io.StringIO()
+        with redirect_stdout(out):
+            d = cli.cmd_chart(client, args, None, None)
+            self.d.flush()
+        self.successResultOf(d)
+        self.assertEqual(json.loads(out.getvalue())["bars"], stored)
+
+    def test_stale_from_the_master(self) -> None:
+        """A symbol the source fails for is stale in the worker's quotes, asset info and pushes."""
+        ticks: list[dict[str, Any]] = []
+        client = self.d.client()
+        client.on_price_tick(ticks.append)
+        self.d.result(client.subscribe(["AAPL", "KO"]))
+        self.source.failures = {"AAPL": "source timed out"}
+        self.d.tick()
+        quote = self.d.result(client.quote("AAPL"))
+        self.assertEqual((quote["price_cents"], quote["stale"]), (ASSETS["AAPL"].reference_cents, "source timed out"))
+        self.assertEqual(self.d.result(client.asset_info("AAPL"))["stale"], "source timed out")
+        self.assertEqual(ticks[-1]["stale"], {"AAPL": "source timed out"})
+        self.source.failures = {}
+        self.d.tick()
+        self.assertIsNone(self.d.result(client.quote("AAPL")).get("stale"))
+        self.assertEqual(ticks[-1]["stale"], {})
