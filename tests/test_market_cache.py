@@ -443,7 +443,7 @@ class MasterHistoryTests(SynchronousTestCase):
                 break
         self.assertEqual(len(stored), 701)  # and the bar of the deployment's first update
         self.assertEqual(history["bars"], stored)
-        self.assertGreater(len(amp.AmpList(BAR_FIELDS).toString(stored)), 64 * 1024)
+        self.assertGreater(len(amp.AmpList(BAR_FIELDS).toStringProto(stored, None)), 64 * 1024)
 
         args = cli.build_parser().parse_args(["chart", "AAPL", "--range", "all", "--json"])
         out = io.StringIO()
