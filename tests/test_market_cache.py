@@ -18,7 +18,14 @@ from papertrader.errors import DataFailed, ServiceUnavailable
 from papertrader.master.market import Quote, Retrieval
 from papertrader.master.protocol import MasterLocator
 from papertrader.protocol import BAR_FIELDS, PriceTick, RelayedGetPriceHistory
-from papertrader.worker.cache import DEFAULT_CURRENCY, HistoryCache, QuoteCache, page_bytes
+from papertrader.worker.cache import (
+    DEFAULT_CURRENCY,
+    QUOTE_CACHE_ENV,
+    HistoryCache,
+    QuoteCache,
+    page_bytes,
+    quote_cache_from_environment,
+)
 from tests.support import ASSETS, Deployment
 
 LISTED = [
@@ -86,6 +93,17 @@ class QuoteCacheTests(SynchronousTestCase):
         self.assertNotIn("stale", cache.quote("SAP"))
         self.assertFalse(cache.update(3, "t3", prices, {}))
         self.assertEqual(cache.quote("AAPL")["stale"], "no answer")
+
+
+    def test_switched_off(self) -> None:
+        """With PAPERTRADER_QUOTE_CACHE=off (the benchmark's baseline) the cache answers no quote or info,
+        so the worker relays them; any other value, or none, leaves it on."""
+        self.assertFalse(quote_cache_from_environment({QUOTE_CACHE_ENV: "off"}))
+        self.assertTrue(quote_cache_from_environment({}))
+        self.assertTrue(quote_cache_from_environment({QUOTE_CACHE_ENV: "on"}))
+        cache = QuoteCache(answers=False)
+        cache.load(LISTED, 4, "t4")
+        self.assertEqual((cache.quote("AAPL"), cache.info("AAPL"), cache.info("NOPE")), (None, None, None))
 
 
 class HistoryCacheTests(SynchronousTestCase):

@@ -3,6 +3,7 @@ price history until the next tick; and the worker directory the master last push
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +23,25 @@ DEFAULT_CURRENCY = "USD"
 # `papertrader.paging.PAGE_BUDGET` bytes of bars on the wire: ~32 KiB).
 HISTORY_ENTRIES = 256
 HISTORY_BYTES = 4 * 1024 * 1024
+# Set to "off", the worker passes every quote and asset info on to the master instead of answering them
+# itself: the baseline of benchmarks/quotes.py, and nothing else.
+QUOTE_CACHE_ENV = "PAPERTRADER_QUOTE_CACHE"
+
+
+def quote_cache_from_environment(environ: dict[str, str] | None = None) -> bool:
+    """Whether the worker answers quotes and asset info from its cache (unless QUOTE_CACHE_ENV says "off")."""
+    return (os.environ if environ is None else environ).get(QUOTE_CACHE_ENV, "").strip().lower() != "off"
 
 
 class QuoteCache:
-    """Answers quotes and asset facts between price updates without asking the master."""
+    """Answers quotes and asset facts between price updates without asking the master.
 
-    def __init__(self) -> None:
+    With ``answers`` false it answers neither (`quote` and `info` say they
+    cannot), so the worker relays each: the benchmarks' baseline.
+    """
+
+    def __init__(self, answers: bool = True) -> None:
+        self.answers = answers
         self.assets: dict[str, dict[str, str]] = {}
         self.prices: dict[str, int] = {}
         # Symbols whose latest retrieval failed, and why: their price is the last good one.
@@ -83,7 +97,7 @@ class QuoteCache:
         return symbol in self.assets
 
     def _asset(self, symbol: str) -> dict[str, str] | None:
-        if not self.assets:
+        if not self.assets or not self.answers:
             return None
         asset = self.assets.get(symbol)
         if asset is None:
