@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, fail, inlineCallbacks, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from papertrader.client import cli
 from papertrader.errors import DataFailed
 from papertrader.protocol import HISTORY_RANGES
-from tests.processes import RunningDeployment
+from tests.processes import RunningDeployment, _Watcher
 from tests.test_chart import bar
+from tests.test_cli import _Watcher as _WatchClient
 
 QUOTES = {
     "AAPL": {"symbol": "AAPL", "name": "Apple Inc.", "exchange": "NASDAQ", "price_cents": 19_050, "as_of": "t1"},
@@ -126,9 +129,7 @@ class MarketCommandTests(SynchronousTestCase):
 
     def test_watch_shows_stale(self) -> None:
         """``watch`` marks a stale symbol's price with its reason."""
-        from tests.test_cli import _Watcher
-
-        client = _Watcher()
+        client = _WatchClient()
         out = io.StringIO()
         with redirect_stdout(out):
             d = cli.cmd_watch(client, cli.build_parser().parse_args(["watch", "AAPL", "KO", "--count", "1"]), None,
@@ -178,3 +179,35 @@ class MarketEndToEndTests(TestCase):
         self.assertEqual(len(lines), 2)
         for line in lines:
             self.assertRegex(line, r"^update \d+ as of \S+: AAPL \d+\.\d\d  KO \d+\.\d\d")
+
+    @inlineCallbacks
+    def test_chart_and_interrupted_watch(self) -> Any:
+        """``chart`` draws the master's bars (``--json``: the bars themselves); ``watch`` of several symbols
+        prints updates until interrupted (SIGINT: Ctrl-C), then ends without an error."""
+        d = self.deployment
+        history = yield d.cli_json("chart", "AAPL", "--range", "week")
+        self.assertEqual((history["symbol"], history["range"]), ("AAPL", "week"))
+        self.assertTrue(history["bars"])
+        for b in history["bars"]:
+            self.assertTrue(b["low_cents"] <= min(b["open_cents"], b["close_cents"]) <= b["high_cents"], b)
+        code, out, err = yield d.cli("chart", "AAPL", "--range", "week")
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        self.assertTrue(lines[0].startswith("AAPL over the last week: "), lines[0])
+        self.assertIn(" +-", lines[-2])
+        self.assertIn("#", out)
+
+        watcher = _Watcher()
+        process = reactor.spawnProcess(
+            watcher,
+            sys.executable,
+            [sys.executable, "-m", "papertrader.client.cli", "watch", "AAPL", "KO", "--data-dir", d.data],
+            env=d.env,
+            path=d.base,
+        )
+        yield watcher.wait_for(b"update ")
+        process.signalProcess("INT")
+        reason = yield watcher.ended
+        self.assertEqual(getattr(reason, "exitCode", None), 0, watcher.output)
+        self.assertRegex(watcher.output.decode(), r"update \d+ as of \S+: AAPL \d+\.\d\d  KO \d+\.\d\d")
+        self.assertNotIn(b"Traceback", watcher.output)

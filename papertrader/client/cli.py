@@ -19,8 +19,9 @@ import glob
 import json
 import os
 import shutil
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from OpenSSL.crypto import Error as CertificateError
@@ -491,9 +492,27 @@ def cmd_watch(client: PaperTraderClient, args: argparse.Namespace, session: Any,
     client.on_price_tick(show)
     yield client.subscribe("all" if args.all else args.symbols)
     client.keep_alive(WATCH_HEARTBEAT)  # and a lost worker is replaced at once
-    result, which = yield DeferredList([done, client.when_given_up()], fireOnOneCallback=True, consumeErrors=True)
+    restore = _on_interrupt(lambda: None if done.called else done.callback(None))
+    try:
+        result, which = yield DeferredList(
+            [done, client.when_given_up()], fireOnOneCallback=True, consumeErrors=True
+        )
+    finally:
+        restore()
     if which == 1:
         raise result
+
+
+def _on_interrupt(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` in the reactor when the user presses Ctrl-C (SIGINT), instead of the reactor
+    stopping under the command's feet; returns what restores the previous handling."""
+    from twisted.internet import reactor
+
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: reactor.callFromThread(callback))
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 @inlineCallbacks
