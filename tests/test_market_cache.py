@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from papertrader.client import cli
 from papertrader.client.library import HISTORY_ATTEMPTS
+from papertrader.client.session import Session
 from papertrader.errors import DataFailed, ServiceUnavailable
 from papertrader.master.market import Quote, Retrieval
 from papertrader.master.protocol import MasterLocator
@@ -26,7 +27,7 @@ from papertrader.worker.cache import (
     page_bytes,
     quote_cache_from_environment,
 )
-from tests.support import ASSETS, Deployment
+from tests.support import ASSETS, Deployment, SimWorker, sim_connector
 
 LISTED = [
     {
@@ -487,3 +488,23 @@ class MasterHistoryTests(SynchronousTestCase):
         self.d.tick()
         self.assertIsNone(self.d.result(client.quote("AAPL")).get("stale"))
         self.assertEqual(ticks[-1]["stale"], {})
+
+
+class SessionMarketTests(SynchronousTestCase):
+    """A `Session` routes the market requests like the others: to another worker when its own is gone."""
+
+    def test_market_requests_fail_over(self) -> None:
+        """Asset info and a whole price history are read on the second worker once the first has crashed."""
+        d = Deployment(self.mktemp() + ".db")
+        first, second = SimWorker(d, "w1", "w1.example:2049"), SimWorker(d, "w2", "w2.example:2049")
+        session = Session(d.clock, sim_connector([first, second]), [first.address, second.address])
+        self.assertEqual(d.result(session.asset_info("KO"))["name"], ASSETS["KO"].name)
+        self.assertEqual(session.address, first.address)
+        first.crash()
+        history = d.result(session.price_history("AAPL", "day"))
+        self.assertEqual(session.address, second.address)
+        stored = d.result(d.exchange.price_history("AAPL", "day"))
+        self.assertEqual(history["bars"], stored["bars"])
+        self.assertTrue(history["bars"])
+        self.assertRaises(DataFailed, d.result, session.asset_info("NOPE"))
+        session.close()
