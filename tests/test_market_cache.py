@@ -183,14 +183,21 @@ class HistoryCacheTests(SynchronousTestCase):
         self.assertLessEqual(small.size, small.max_bytes)
 
     def test_fetch_across_a_tick_not_kept(self) -> None:
-        """A page whose fetch began before a price update is answered, but not kept for later requests."""
+        """A page whose fetch began before a price update is answered, but neither kept nor shared with
+        requests that come after the update: they wait for a fetch of their own."""
         key = ("AAPL", "day", None)
         d = self.cache.get(key, self.fetch)
         self.generation += 1
+        later = self.cache.get(key, self.fetch)  # after the update: not a share of the older fetch
+        self.assertEqual(len(self.fetches), 2)
         self.fetches[0].callback(self.page(100))
         self.successResultOf(d)
+        self.assertNoResult(later)
         self.cache.get(key, self.fetch)
-        self.assertEqual(len(self.fetches), 2)
+        self.assertEqual(len(self.fetches), 2)  # the newer fetch is still the one to wait for
+        self.fetches[1].callback(self.page(200))
+        self.assertEqual(self.successResultOf(later)["bars"][0]["close_cents"], 200)
+        self.assertEqual(self.successResultOf(self.cache.get(key, self.fetch))["bars"][0]["close_cents"], 200)
 
 
 class FakeHistory:

@@ -161,7 +161,9 @@ class HistoryCache:
         self._seen = generation()
         self._pages: OrderedDict[HistoryKey, tuple[dict[str, Any], int]] = OrderedDict()
         self._bytes = 0
-        self._fetching: dict[HistoryKey, list[Deferred[dict[str, Any]]]] = {}
+        # Fetches under way, by the prices they began under and the page: one begun before an update is not
+        # joined by requests that come after it.
+        self._fetching: dict[tuple[int, HistoryKey], list[Deferred[dict[str, Any]]]] = {}
         # Answers served from the cache, and fetches made (for tests and the benchmark).
         self.hits = 0
         self.fetches = 0
@@ -192,18 +194,19 @@ class HistoryCache:
             self.hits += 1
             return succeed(kept[0])
         waiting: Deferred[dict[str, Any]] = Deferred()
-        if key in self._fetching:
-            self.hits += 1
-            self._fetching[key].append(waiting)
-            return waiting
-        self._fetching[key] = [waiting]
-        self.fetches += 1
         started = self._seen
+        flight = (started, key)
+        if flight in self._fetching:
+            self.hits += 1
+            self._fetching[flight].append(waiting)
+            return waiting
+        self._fetching[flight] = [waiting]
+        self.fetches += 1
         fetch().addBoth(self._fetched, key, started)
         return waiting
 
     def _fetched(self, result: dict[str, Any] | Failure, key: HistoryKey, started: int) -> None:
-        waiters = self._fetching.pop(key, [])
+        waiters = self._fetching.pop((started, key), [])
         if not isinstance(result, Failure):
             self._keep(key, result, started)
         for d in waiters:
