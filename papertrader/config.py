@@ -11,7 +11,7 @@ import configparser
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attr
 
@@ -19,7 +19,12 @@ from papertrader.assets import Asset, parse_assets
 from papertrader.errors import ConfigError
 from papertrader.money import parse_amount
 
+if TYPE_CHECKING:
+    from papertrader.master.sources import Replay
+
 SECTION = "papertrader"
+PRICE_SOURCES = ("simulated", "replay", "finnhub", "alphavantage")
+HTTP_SOURCES = ("finnhub", "alphavantage")
 
 
 def default_data_dir() -> str:
@@ -77,6 +82,21 @@ class MasterConfig:
     settlement_chunk_orders: int = 10_000
     sqlite_cache_mib: int = 256
     sqlite_wal_autocheckpoint: int = 16_000
+    # Where prices come from (spec 3.1.6): see etc/papertrader.ini and papertrader.master.sources.
+    price_source: str = "simulated"
+    price_replay_file: str = ""
+    price_replay_loop: bool = False
+    # The parsed price_replay_file (with price_source = replay).
+    replay: Replay | None = attr.ib(default=None, repr=False, eq=False)
+    price_api_url: str = ""
+    # From the configuration or the environment; never shown (nor logged).
+    price_api_key: str = attr.ib(default="", repr=False)
+    # None: the provider's default (see papertrader.master.sources).
+    price_concurrency: int | None = None
+    price_timeout: float = 10.0
+    # None: the provider's free plan's limit; 0: no limit.
+    price_requests_per_minute: int | None = None
+    price_requests_per_day: int | None = None
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -128,6 +148,34 @@ def _seed(text: str) -> int | None:
     return None if text.strip() == "" else int(text)
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+def _price_source(text: str) -> str:
+    value = text.strip().lower()
+    if value not in PRICE_SOURCES:
+        raise ValueError(f"expected one of {', '.join(PRICE_SOURCES)}, got {text!r}")
+    return value
+
+
+def _http_url(text: str) -> str:
+    text = text.strip()
+    if text and not text.startswith(("http://", "https://")):
+        raise ValueError(f"expected empty (the provider's) or an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, but empty text means None (the default)."""
+    return lambda text: None if text.strip() == "" else parse(text)
+
+
 # key -> (attribute, parser); keys are the INI names, options use dashes.
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "assets": ("assets_file", str),
@@ -165,16 +213,29 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "settlement_chunk_orders": ("settlement_chunk_orders", _int_in(1, 1_000_000)),
     "sqlite_cache_mib": ("sqlite_cache_mib", _int_in(1, 1_048_576)),
     "sqlite_wal_autocheckpoint": ("sqlite_wal_autocheckpoint", _int_in(100, 10_000_000)),
+    "price_source": ("price_source", _price_source),
+    "price_replay_file": ("price_replay_file", str),
+    "price_replay_loop": ("price_replay_loop", _boolean),
+    "price_api_url": ("price_api_url", _http_url),
+    "price_api_key": ("price_api_key", str.strip),
+    "price_concurrency": ("price_concurrency", _optional(_int_in(1, 100))),
+    "price_timeout": ("price_timeout", positive_seconds),
+    "price_requests_per_minute": ("price_requests_per_minute", _optional(_int_in(0, 1_000_000))),
+    "price_requests_per_day": ("price_requests_per_day", _optional(_int_in(0, 100_000_000))),
 }
 
 KEYS = tuple(_PARSERS)
 
 
-def load_master_config(path: str | None, overrides: Mapping[str, str | None]) -> MasterConfig:
+def load_master_config(
+    path: str | None, overrides: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+) -> MasterConfig:
     """Read ``path`` (if any), apply non-None ``overrides``, validate, return the config.
 
     Raises `ConfigError` listing every problem. Relative paths in the file are
-    taken relative to the file's folder.
+    taken relative to the file's folder.  A price provider's API key not
+    configured is taken from ``environ`` (default: the process's environment).
+    A replay file is read and parsed here, before the reactor runs.
     """
     problems: list[str] = []
     raw: dict[str, str] = {}
@@ -197,8 +258,8 @@ def load_master_config(path: str | None, overrides: Mapping[str, str | None]) ->
                 problems.append(f"{path}: unknown key {key!r}")
             else:
                 raw[key] = value
-        for key in ("assets", "data_dir"):
-            if key in raw:
+        for key in ("assets", "data_dir", "price_replay_file"):
+            if key in raw and (raw[key] or key != "price_replay_file"):
                 raw[key] = os.path.join(base, os.path.expanduser(raw[key]))
     for key, value in overrides.items():
         if key not in _PARSERS:
@@ -232,6 +293,7 @@ def load_master_config(path: str | None, overrides: Mapping[str, str | None]) ->
         problems.append(
             f"heartbeat_interval: must be shorter than handshake_timeout ({handshake:g} s), got {heartbeat:g}"
         )
+    problems.extend(_check_price_source(values, assets, os.environ if environ is None else environ))
     if "data_dir" in values:
         values["data_dir"] = os.path.abspath(os.path.expanduser(values["data_dir"]))
         if os.path.exists(values["data_dir"]) and not os.path.isdir(values["data_dir"]):
@@ -239,3 +301,41 @@ def load_master_config(path: str | None, overrides: Mapping[str, str | None]) ->
     if problems:
         raise ConfigError(problems)
     return MasterConfig(assets=assets, assets_file=os.path.abspath(assets_file), **values)
+
+
+def _check_price_source(values: dict[str, Any], assets: Mapping[str, Asset], environ: Mapping[str, str]) -> list[str]:
+    """Check the price source's settings (filling in ``values``: the replay, the API key); the problems."""
+    problems: list[str] = []
+    source = values.get("price_source", "simulated")
+    if source == "replay":
+        path = values.get("price_replay_file", "")
+        if not path:
+            problems.append("price_replay_file: price_source = replay needs a CSV file of prices")
+        elif assets:
+            from papertrader.master.sources import load_replay
+
+            values["price_replay_file"] = path = os.path.abspath(os.path.expanduser(path))
+            values["replay"], replay_problems = load_replay(path, assets)
+            problems.extend(replay_problems)
+    elif source in HTTP_SOURCES:
+        from papertrader.master.sources import KEY_VARIABLES
+
+        interval = values.get("update_interval", 60.0)
+        timeout = values.get("price_timeout", 10.0)
+        if timeout >= interval:
+            # Each update's requests end before the next update asks again.
+            problems.append(
+                f"price_timeout: must be shorter than update_interval ({interval:g} s), got {timeout:g}"
+            )
+
+        if not values.get("price_api_key"):
+            for variable in KEY_VARIABLES[source]:
+                if environ.get(variable, "").strip():
+                    values["price_api_key"] = environ[variable].strip()
+                    break
+            else:
+                problems.append(
+                    f"price_api_key: price_source = {source} needs an API key: set price_api_key or the "
+                    f"environment variable {' or '.join(KEY_VARIABLES[source])}"
+                )
+    return problems

@@ -508,3 +508,135 @@ class LoadMasterConfigTests(ConfigTestMixin, SynchronousTestCase):
         """The loaded configuration is immutable."""
         config = load_master_config(SAMPLE_CONFIG, {})
         self.assertRaises(attr.exceptions.FrozenInstanceError, setattr, config, "workers", 2)
+
+
+class PriceSourceConfigTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    The market data keys: the source, its replay file or provider, and their checks.
+    """
+
+    def test_sampleDefaults(self) -> None:
+        """The sample says the simulated market and the dataclass defaults for every price key."""
+        sample, bare = load_master_config(SAMPLE_CONFIG, {}), load_master_config(None, {})
+        self.assertEqual(sample.price_source, "simulated")
+        for attribute in (
+            "price_source",
+            "price_replay_file",
+            "price_replay_loop",
+            "price_api_url",
+            "price_api_key",
+            "price_concurrency",
+            "price_timeout",
+            "price_requests_per_minute",
+            "price_requests_per_day",
+        ):
+            self.assertEqual(getattr(sample, attribute), getattr(bare, attribute), attribute)
+        self.assertIsNone(sample.replay)
+
+    def test_replayFileBesideConfig(self) -> None:
+        """A relative replay file is the one next to the configuration file; it is parsed at loading."""
+        path = self.config_file("price_source = replay\nprice_replay_file = prices.csv\nprice_replay_loop = yes\n")
+        replay_file = self.write(
+            os.path.join(os.path.dirname(path), "prices.csv"), "time,symbol,price\n2024-01-02,AAPL,185.64\n"
+        )
+        config = load_master_config(path, {})
+        self.assertEqual(config.price_replay_file, replay_file)
+        self.assertTrue(config.price_replay_loop)
+        self.assertEqual(dict(config.replay.steps[0].prices), {"AAPL": 18_564})
+
+    def test_replayNeedsFile(self) -> None:
+        """price_source = replay without a file is refused."""
+        problems = self.problems(None, {"price_source": "replay"})
+        self.assertEqual(problems, ["price_replay_file: price_source = replay needs a CSV file of prices"])
+
+    def test_replayProblemsReportedWithOthers(self) -> None:
+        """The replay file's problems come with the other settings' problems."""
+        path = self.config_file("price_source = replay\nprice_replay_file = prices.csv\nworkers = many\n")
+        self.write(os.path.join(os.path.dirname(path), "prices.csv"), "time,symbol,price\n2024-01-02,AAPL,-1\n")
+        problems = self.problems(path)
+        self.assertEqual(len(problems), 2, problems)
+        self.assertTrue(problems[0].startswith("workers: "), problems)
+        self.assertTrue(problems[1].endswith("prices.csv:2: price: price must be positive, got -1"), problems)
+
+    def test_providerNeedsKey(self) -> None:
+        """A provider without an API key is refused, naming where a key may be given."""
+        exc = self.assertRaises(ConfigError, load_master_config, None, {"price_source": "finnhub"}, {})
+        self.assertEqual(
+            exc.problems,
+            [
+                "price_api_key: price_source = finnhub needs an API key: set price_api_key or the environment "
+                "variable PAPERTRADER_PRICE_API_KEY or FINNHUB_API_KEY"
+            ],
+        )
+        exc = self.assertRaises(
+            ConfigError, load_master_config, None, {"price_source": "alphavantage"}, {"FINNHUB_API_KEY": "f"}
+        )
+        self.assertIn("ALPHAVANTAGE_API_KEY", exc.problems[0])
+
+    def test_keyFromEnvironment(self) -> None:
+        """The configured key wins; then PAPERTRADER_PRICE_API_KEY; then the provider's own variable."""
+        finnhub = {"price_source": "finnhub"}
+        both = {"PAPERTRADER_PRICE_API_KEY": "general", "FINNHUB_API_KEY": "specific"}
+        self.assertEqual(load_master_config(None, finnhub, {"FINNHUB_API_KEY": "specific"}).price_api_key, "specific")
+        self.assertEqual(load_master_config(None, finnhub, both).price_api_key, "general")
+        configured = load_master_config(None, {**finnhub, "price_api_key": "configured"}, both)
+        self.assertEqual(configured.price_api_key, "configured")
+        self.assertNotIn("configured", repr(configured))
+
+    def test_timeoutWithinInterval(self) -> None:
+        """A provider's price_timeout must be shorter than update_interval."""
+        problems = self.problems(
+            None, {"price_source": "finnhub", "price_api_key": "k", "update_interval": "5", "price_timeout": "5"}
+        )
+        self.assertEqual(problems, ["price_timeout: must be shorter than update_interval (5 s), got 5"])
+        config = load_master_config(
+            None, {"price_source": "finnhub", "price_api_key": "k", "update_interval": "5", "price_timeout": "4.5"}
+        )
+        self.assertEqual(config.price_timeout, 4.5)
+
+    def test_badValues(self) -> None:
+        """Every bad market data value is reported together."""
+        problems = self.problems(
+            None,
+            {
+                "price_source": "yahoo",
+                "price_replay_loop": "maybe",
+                "price_api_url": "ftp://example.com",
+                "price_concurrency": "0",
+                "price_timeout": "0",
+                "price_requests_per_minute": "-1",
+                "price_requests_per_day": "many",
+            },
+        )
+        self.assertEqual(
+            [p.split(":")[0] for p in problems],
+            [
+                "price_source",
+                "price_replay_loop",
+                "price_api_url",
+                "price_concurrency",
+                "price_timeout",
+                "price_requests_per_minute",
+                "price_requests_per_day",
+            ],
+        )
+        self.assertIn("expected one of simulated, replay, finnhub, alphavantage, got 'yahoo'", problems[0])
+
+    def test_limits(self) -> None:
+        """Empty limits mean the provider's defaults; 0 means none."""
+        config = load_master_config(
+            None,
+            {
+                "price_source": "alphavantage",
+                "price_api_key": "k",
+                "price_requests_per_minute": "",
+                "price_requests_per_day": "0",
+                "price_concurrency": "2",
+                "price_api_url": "http://127.0.0.1:8080",
+            },
+        )
+        self.assertEqual(
+            (config.price_requests_per_minute, config.price_requests_per_day, config.price_concurrency),
+            (None, 0, 2),
+        )
+        self.assertEqual(config.price_api_url, "http://127.0.0.1:8080")

@@ -31,9 +31,10 @@ from papertrader.master.database import Database, describe
 from papertrader.master.directory import DirectoryLocator
 from papertrader.master.exchange import Exchange
 from papertrader.master.hashing import HashingPool
-from papertrader.master.market import PriceBoard, SimulatedPriceSource
+from papertrader.master.market import PriceBoard, PriceSource, SimulatedPriceSource
 from papertrader.master.protocol import MasterLocator
 from papertrader.master.registration import WorkerRegistrations
+from papertrader.master.sources import PROVIDERS, HttpPriceSource, ReplayPriceSource, quota_problems
 from papertrader.master.workers import WorkerRegistry
 from papertrader.wire import Timeouts
 
@@ -98,6 +99,64 @@ def timeouts(config: MasterConfig) -> Timeouts:
     )
 
 
+def build_price_source(config: MasterConfig, reactor: Any) -> tuple[PriceSource, Any]:
+    """The configured price source (the reactor its clock), and the HTTP connection pool it uses (or None)."""
+    if config.price_source == "replay":
+        return ReplayPriceSource(config.replay, config.assets, loop=config.price_replay_loop), None
+    if config.price_source in PROVIDERS:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        provider = PROVIDERS[config.price_source]()
+        per_minute, per_day = price_quota(config)
+        pool = HTTPConnectionPool(reactor)
+        source = HttpPriceSource(
+            provider,
+            list(config.assets),
+            HTTPClient(Agent(reactor, pool=pool)),
+            reactor,
+            config.price_api_key,
+            base_url=config.price_api_url,
+            concurrency=config.price_concurrency or provider.concurrency,
+            timeout=config.price_timeout,
+            requests_per_minute=per_minute,
+            requests_per_day=per_day,
+        )
+        return source, pool
+    return SimulatedPriceSource(config.assets, config.price_seed), None
+
+
+def price_quota(config: MasterConfig) -> tuple[int | None, int | None]:
+    """The configured provider's requests allowed a minute and a day (None: no limit)."""
+    provider = PROVIDERS[config.price_source]
+    per_minute, per_day = config.price_requests_per_minute, config.price_requests_per_day
+    return (
+        provider.requests_per_minute if per_minute is None else per_minute or None,
+        provider.requests_per_day if per_day is None else per_day or None,
+    )
+
+
+def log_price_source(config: MasterConfig, log: Any) -> None:
+    """Say where prices come from; for a provider, warn if the asset list and interval need more than its quota.
+
+    The master starts all the same: the source's request budget keeps within
+    the quota, and the assets left out at one update are asked for first at the next.
+    """
+    if config.price_source not in PROVIDERS:
+        return
+    provider = PROVIDERS[config.price_source]
+    per_minute, per_day = price_quota(config)
+    log.info(
+        "prices from {provider} at {url}, {count} assets every {interval:g} s",
+        provider=provider.name,
+        url=config.price_api_url or provider.default_url,
+        count=len(config.assets),
+        interval=config.update_interval,
+    )
+    for problem in quota_problems(provider.name, len(config.assets), config.update_interval, per_minute, per_day):
+        log.warn("price quota exceeded: {problem}", problem=problem)
+
+
 class MasterService(service.MultiService):
     """The whole master process: the objects its services share, and the start-up they wait for.
 
@@ -128,6 +187,7 @@ class MasterService(service.MultiService):
         self.ready = self.startup.ready
         self._prepared: _Prepared | None = None
         self._listening: list[Deferred[Any]] = []
+        self._price_pool: Any = None
 
     # ------------------------------------------------------------ start-up
 
@@ -165,11 +225,12 @@ class MasterService(service.MultiService):
             registrations_per_address_per_hour=config.registrations_per_address_per_hour,
             run_in_thread=self.hashing.run,
         )
+        source, self._price_pool = build_price_source(config, self.reactor)
         self.exchange = Exchange(
             self.database,
             self.accounts,
             PriceBoard(config.assets),
-            SimulatedPriceSource(config.assets, config.price_seed),
+            source,
             self.reactor,
             config.max_order_quantity,
             config.settlement_chunk_orders,
@@ -193,6 +254,7 @@ class MasterService(service.MultiService):
             where=describe(config.database) or "in the data directory",
             version=version,
         )
+        log_price_source(config, self.log)
         yield self.exchange.resume()
         options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
         # Clients of the directory have no certificate; they check the master's against the deployment's CA.
@@ -354,6 +416,8 @@ class MasterService(service.MultiService):
                 os.unlink(os.path.join(self.config.data_dir, DIRECTORY_ADDRESS_FILE))
             except OSError:
                 pass
+        if self._price_pool is not None:
+            yield self._price_pool.closeCachedConnections()
         if self.hashing is not None:
             self.hashing.close()
         if self.database is not None:

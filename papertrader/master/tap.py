@@ -29,6 +29,14 @@ class Options(usage.Options):
     """Options of the master; each setting of the configuration file can be overridden."""
 
     synopsis = "[--config FILE] [--SETTING VALUE ...]"
+    longdesc = (
+        "Prices come from --price-source: simulated (default), replay (--price-replay-file CSV), finnhub or "
+        "alphavantage (API key in --price-api-key or the environment: PAPERTRADER_PRICE_API_KEY, FINNHUB_API_KEY, "
+        "ALPHAVANTAGE_API_KEY). With a provider the master warns at start when the asset list and "
+        "--update-interval need more requests than its quota (--price-requests-per-minute, "
+        "--price-requests-per-day; empty: the free plan's), says by how much and the shortest interval that fits, "
+        "and starts all the same: requests beyond the quota are not sent. etc/papertrader.ini documents every setting."
+    )
     optParameters = [["config", "c", None, "Configuration file (see etc/papertrader.ini)."]] + [
         [key.replace("_", "-"), None, None, f"Override '{key}' of the configuration file."]
         for key in KEYS
