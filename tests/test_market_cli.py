@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
@@ -211,3 +213,57 @@ class MarketEndToEndTests(TestCase):
         self.assertEqual(getattr(reason, "exitCode", None), 0, watcher.output)
         self.assertRegex(watcher.output.decode(), r"update \d+ as of \S+: AAPL \d+\.\d\d  KO \d+\.\d\d")
         self.assertNotIn(b"Traceback", watcher.output)
+
+
+REPLAY_ASSETS = (
+    "symbol,name,exchange,sector,industry,reference_price\n"
+    "AAPL,Apple Inc.,NASDAQ,Technology,Consumer Electronics,189.50\n"
+    "KO,Coca-Cola Co.,NYSE,Consumer Defensive,Beverages,60.50\n"
+)
+# KO has no price on the second day: replayed, it goes stale then, with the replay's reason.
+REPLAY_PRICES = (
+    "time,symbol,price\n"
+    "2024-01-02,AAPL,185.64\n2024-01-02,KO,59.60\n"
+    "2024-01-03,AAPL,184.25\n"
+)
+
+
+class StaleEndToEndTests(TestCase):
+    """A master replaying a CSV in which a symbol has no price on some days: the CLI shows it stale."""
+
+    timeout = 240
+
+    @inlineCallbacks
+    def test_stale_quote_and_watch(self) -> Any:
+        """``quote`` and ``watch`` show KO's last good price as stale, with the reason, on the day it has none."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        assets, prices = os.path.join(base, "assets.csv"), os.path.join(base, "prices.csv")
+        for path, text in ((assets, REPLAY_ASSETS), (prices, REPLAY_PRICES)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        d = RunningDeployment(
+            os.path.join(base, "deployment"),
+            "--assets", assets,
+            "--price-source", "replay",
+            "--price-replay-file", prices,
+            "--price-replay-loop", "yes",
+        )  # fmt: skip
+        self.addCleanup(d.stop)
+        yield d.start()
+        for _ in range(100):  # one update a second, alternating days: KO is stale every other one
+            code, out, err = yield d.cli("quote", "AAPL", "KO")
+            if "STALE" in out:
+                break
+        self.assertEqual(code, 0, err)
+        ko = [line for line in out.splitlines() if line.startswith("KO  ")]
+        self.assertEqual(ko, ["KO  59.60  Coca-Cola Co. (NYSE) as of " + ko[0].split(" as of ")[1]])
+        self.assertRegex(ko[0], r"STALE \(no replay price at 2024-01-03[^)]*\): last good price$")
+        code, out, err = yield d.cli("watch", "KO", "--count", "2")
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(any(re.search(r"KO 59\.60 \(stale: no replay price at 2024-01-03", line) for line in lines),
+                        lines)
+        info = yield d.cli_json("info", "KO")
+        self.assertEqual((info["currency"], info["price_cents"]), ("USD", 5960))
