@@ -24,7 +24,8 @@ from papertrader.client.library import ClientAMP, client_from_connection
 from papertrader.client.session import FIRST_RETRY_DELAY, NoWorkerReachable
 
 COMMANDS = (
-    "register", "login", "logout", "quote", "buy", "sell", "orders", "portfolio", "history", "watch", "workers"
+    "register", "login", "logout", "quote", "info", "chart", "buy", "sell", "orders", "portfolio", "history", "watch",
+    "workers",
 )
 
 

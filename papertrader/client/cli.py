@@ -18,8 +18,10 @@ import getpass
 import glob
 import json
 import os
+import shutil
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from OpenSSL.crypto import Error as CertificateError
@@ -29,6 +31,7 @@ from twisted.internet.error import ConnectionClosed
 from twisted.protocols import amp
 
 from papertrader import tls
+from papertrader.client.chart import chart_width, render
 from papertrader.client.library import PaperTraderClient, RequestTimedOut, new_client_order_ids
 from papertrader.client.session import (
     DEFAULT_DIRECTORY_PORT,
@@ -43,6 +46,7 @@ from papertrader.client.session import (
 from papertrader.config import default_data_dir
 from papertrader.errors import PaperTraderError, ServiceUnavailable
 from papertrader.money import format_cents
+from papertrader.protocol import HISTORY_RANGES
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -131,7 +135,10 @@ def check_argument_sizes(args: argparse.Namespace) -> None:
     """Refuse, before connecting, any argument too long to send to the server."""
     for name in _SENT_ARGUMENTS:
         value = getattr(args, name, None)
-        if isinstance(value, list):  # sent as one value: each item with a 2-byte length
+        if name == "symbol" and isinstance(value, list):  # several symbols, each sent on its own
+            for symbol in value:
+                _check_sendable(name.upper(), symbol)
+        elif isinstance(value, list):  # sent as one value: each item with a 2-byte length
             _check_sendable(name.upper(), "".join(value) + "  " * len(value))
         elif isinstance(value, str):
             _check_sendable(name.upper(), value)
@@ -290,14 +297,84 @@ def cmd_passwd(client: PaperTraderClient, args: argparse.Namespace, session: Any
     )
 
 
+def _stale_note(quote: dict[str, Any]) -> str:
+    """How text output marks a price that is the last good one (the latest retrieval failed), or ""."""
+    return f"  STALE ({quote['stale']}): last good price" if quote.get("stale") else ""
+
+
+def _quote_line(q: dict[str, Any]) -> str:
+    return (
+        f"{q['symbol']}  {format_cents(q['price_cents'])}  {q['name']} ({q['exchange']}) as of {q['as_of']}"
+        + _stale_note(q)
+    )
+
+
 @inlineCallbacks
 def cmd_quote(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
-    q = yield client.quote(args.symbol)
-    _print(
-        args,
-        {**q, "price": format_cents(q["price_cents"])},
-        f"{q['symbol']}  {format_cents(q['price_cents'])}  {q['name']} ({q['exchange']}) as of {q['as_of']}",
-    )
+    """The price of each symbol (one line each; --json: an object for one symbol, a list for several).
+
+    Those that could be quoted are printed; a symbol that could not be is the
+    error (exit 1), naming every one that failed.
+    """
+    symbols = list(dict.fromkeys(args.symbol))
+    results = yield DeferredList([client.quote(symbol) for symbol in symbols], consumeErrors=True)
+    quotes = [{**q, "price": format_cents(q["price_cents"])} for ok, q in results if ok]
+    if quotes:
+        _print(args, quotes[0] if len(symbols) == 1 else quotes, "\n".join(_quote_line(q) for q in quotes))
+    failures = [failure for ok, failure in results if not ok]
+    if failures:
+        first = failures[0].value
+        if len(failures) > 1 and all(isinstance(f.value, PaperTraderError) for f in failures):
+            raise type(first)("; ".join(str(f.value) for f in failures))
+        failures[0].raiseException()
+
+
+@inlineCallbacks
+def cmd_info(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    """What the asset list says of a company, and its latest price."""
+    info = yield client.asset_info(args.symbol)
+    lines = [f"{info['symbol']}  {info['name']}"]
+    for key in ("exchange", "sector", "industry", "currency"):
+        lines.append(f"  {key:9} {info[key]}")
+    if info.get("price_cents") is not None:
+        lines.append(f"  {'price':9} {format_cents(info['price_cents'])} as of {info['as_of']}{_stale_note(info)}")
+        info = {**info, "price": format_cents(info["price_cents"])}
+    else:
+        lines.append(f"  {'price':9} none yet")
+    _print(args, info, "\n".join(lines))
+
+
+def terminal_columns() -> int:
+    """The terminal's width in columns (``COLUMNS``, else the terminal's, else 80)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _duration(seconds: int) -> str:
+    for unit, length in (("day", 86400), ("hour", 3600), ("min", 60)):
+        if seconds >= length and seconds % length == 0:
+            return f"{seconds // length} {unit}"
+    return f"{seconds} s"
+
+
+@inlineCallbacks
+def cmd_chart(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    """A price chart of the symbol over the range, drawn in the terminal's width (--json: every bar)."""
+    history = yield client.price_history(args.symbol, args.range)
+    bars = history["bars"]
+    if args.json:
+        _print(args, history, "")
+        return
+    lines = [f"{history['symbol']} over the last {history['range']}"]
+    if bars:
+        low = min(b["low_cents"] for b in bars)
+        high = max(b["high_cents"] for b in bars)
+        lines[0] += (
+            f": {len(bars)} bars of {_duration(history['bar_seconds'])}, low {format_cents(low)}, "
+            f"high {format_cents(high)}, last {format_cents(bars[-1]['close_cents'])} as of {history['as_of']}"
+        )
+    width = chart_width(terminal_columns())
+    lines.extend(render(bars, history["bar_seconds"], width))
+    print("\n".join(lines))
 
 
 def _order_command(side: str) -> Any:
@@ -400,7 +477,13 @@ def cmd_watch(client: PaperTraderClient, args: argparse.Namespace, session: Any,
         if args.json:
             print(json.dumps({**tick, "prices": prices}, sort_keys=True), flush=True)
         else:
-            quoted = "  ".join(f"{p['symbol']} {format_cents(p['price_cents'])}" for p in prices)
+            stale = tick.get("stale") or {}
+            cents = {p["symbol"]: p["price_cents"] for p in prices}
+            quoted = "  ".join(
+                f"{symbol} {format_cents(cents[symbol]) if symbol in cents else '-'}"
+                + (f" (stale: {stale[symbol]})" if symbol in stale else "")
+                for symbol in sorted({*cents, *stale})
+            )
             print(f"update {tick['tick']} as of {tick['as_of']}: {quoted}", flush=True)
         shown += 1
         if args.count is not None and shown >= args.count and not done.called:
@@ -409,9 +492,27 @@ def cmd_watch(client: PaperTraderClient, args: argparse.Namespace, session: Any,
     client.on_price_tick(show)
     yield client.subscribe("all" if args.all else args.symbols)
     client.keep_alive(WATCH_HEARTBEAT)  # and a lost worker is replaced at once
-    result, which = yield DeferredList([done, client.when_given_up()], fireOnOneCallback=True, consumeErrors=True)
+    restore = _on_interrupt(lambda: None if done.called else done.callback(None))
+    try:
+        result, which = yield DeferredList(
+            [done, client.when_given_up()], fireOnOneCallback=True, consumeErrors=True
+        )
+    finally:
+        restore()
     if which == 1:
         raise result
+
+
+def _on_interrupt(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` in the reactor when the user presses Ctrl-C (SIGINT), instead of the reactor
+    stopping under the command's feet; returns what restores the previous handling."""
+    from twisted.internet import reactor
+
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: reactor.callFromThread(callback))
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 @inlineCallbacks
@@ -498,8 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("passwd", cmd_passwd, "change your password (ends every session: log in again)")
     p.add_argument("--password-file", metavar="FILE", help="read the current password from FILE's first line")
     p.add_argument("--new-password-file", metavar="FILE", help="read the new password from FILE's first line")
-    p = add("quote", cmd_quote, "show an asset's latest price")
+    p = add("quote", cmd_quote, "show the latest price of one or more assets (a stale one says so, and why)")
+    p.add_argument("symbol", nargs="+", metavar="SYMBOL")
+    p = add("info", cmd_info, "show what the asset list says of a company, and its latest price")
     p.add_argument("symbol")
+    p = add("chart", cmd_chart, "draw an asset's price history in the terminal (--json: the bars)")
+    p.add_argument("symbol")
+    p.add_argument("--range", choices=HISTORY_RANGES, default="day", help="how far back (default: day)")
     for side in ("buy", "sell"):
         p = add(side, _order_command(side), f"queue a market {side} order for the next price update")
         p.add_argument("symbol")
@@ -515,7 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("portfolio", cmd_portfolio, "show your cash and positions")
     p = add("history", cmd_history, "list your settled trades with the time each went through")
     _add_limit(p, 50, "trades")
-    p = add("watch", cmd_watch, "print the prices of every update as it comes (--json: one JSON object a line)")
+    p = add(
+        "watch",
+        cmd_watch,
+        "print the prices of every update as it comes, a stale one with its reason, until interrupted "
+        "(--json: one JSON object a line)",
+    )
     p.add_argument("symbols", nargs="*", metavar="SYMBOL", help="the symbols to watch")
     p.add_argument("--all", action="store_true", help="watch every symbol")
     p.add_argument("--count", type=_positive, metavar="N", help="stop after N updates (default: until interrupted)")

@@ -29,7 +29,9 @@ from papertrader.protocol import (
     MAX_CLIENT_BATCH,
     ChangePassword,
     ClientOrder,
+    GetAssetInfo,
     GetAssetValue,
+    GetPriceHistory,
     GetUserPortfolio,
     GetUserTransactionHistory,
     GoAway,
@@ -54,6 +56,13 @@ from papertrader.protocol import (
 MAX_ORDER_REQUESTS_IN_FLIGHT = 4
 # How many times `PaperTraderClient.portfolio` starts again when the portfolio changes between its pages.
 PORTFOLIO_ATTEMPTS = 5
+# How many times `PaperTraderClient.price_history` starts again when a price update came between its pages,
+# and the most pages it reads in one go (the longest history has a few hundred).
+HISTORY_ATTEMPTS = 5
+MAX_HISTORY_PAGES = 10_000
+
+
+range_ = range  # `price_history` has an argument of that name
 
 
 class RequestTimedOut(ConnectionClosed):
@@ -110,7 +119,8 @@ class _Pushes(amp.CommandLocator):
     @PriceTick.responder
     def price_tick(self, **tick: Any) -> dict:
         if self.on_price_tick is not None:
-            self.on_price_tick(tick)
+            # ``stale`` always there: the symbols (of those asked for) whose price is the last good one, and why.
+            self.on_price_tick({**tick, "stale": tick.get("stale") or {}})
         return {}
 
 
@@ -351,7 +361,50 @@ class PaperTraderClient:
         returnValue(answer)
 
     def quote(self, symbol: str) -> Deferred:
+        """The latest price of ``symbol`` (``symbol``, ``name``, ``exchange``, ``price_cents``, ``as_of``, and
+        ``stale``, the reason, when the latest retrieval failed and the price is the last good one)."""
         return self._call(GetAssetValue, symbol=symbol)
+
+    def asset_info(self, symbol: str) -> Deferred[dict[str, Any]]:
+        """What the asset list says of ``symbol`` (``name``, ``exchange``, ``sector``, ``industry``,
+        ``currency``) and its price as `quote` gives it (``price_cents``, ``as_of``, ``stale``: absent while
+        it has none).  An unknown symbol: DataFailed."""
+        return self._call(GetAssetInfo, symbol=symbol)
+
+    def price_history_page(self, symbol: str, range: str, cursor: str | None = None) -> Deferred[dict[str, Any]]:
+        """One page of ``symbol``'s OHLC bars over ``range`` (one of HISTORY_RANGES), oldest first, paged
+        like `orders_page`."""
+        return self._call(GetPriceHistory, symbol=symbol, range=range, cursor=cursor)
+
+    @inlineCallbacks
+    def price_history(self, symbol: str, range: str) -> Any:
+        """Every bar of ``symbol``'s history over ``range``, oldest first, read page by page: ``symbol``,
+        ``range``, ``bar_seconds``, ``bars`` and ``as_of``.
+
+        The pages of one reading are of one price update; if a page is
+        refused because an update came meanwhile, the reading starts again
+        from the first page (at most HISTORY_ATTEMPTS times).  An unknown
+        symbol or range: DataFailed.
+        """
+        for attempt in range_(HISTORY_ATTEMPTS):
+            first = yield self.price_history_page(symbol, range)
+            bars = list(first["bars"])
+            cursor = first.get("next_cursor")
+            pages = 1
+            try:
+                while cursor is not None and pages < MAX_HISTORY_PAGES:
+                    page = yield self.price_history_page(symbol, range, cursor)
+                    bars.extend(page["bars"])
+                    cursor = page.get("next_cursor")
+                    pages += 1
+            except DataFailed:
+                if attempt + 1 == HISTORY_ATTEMPTS:
+                    raise
+                continue
+            if cursor is not None:
+                raise DataFailed(f"the history of {symbol} has more than {MAX_HISTORY_PAGES} pages")
+            answer = {key: first[key] for key in ("symbol", "range", "bar_seconds")}
+            returnValue({**answer, "as_of": first.get("as_of"), "bars": bars})
 
     def buy(self, symbol: str, quantity: int | str, client_order_id: str | None = None) -> Deferred:
         """Queue a market buy; fires with ``{"order_id": ...}`` once it is stored.

@@ -428,6 +428,17 @@ class Session:
     def quote(self, symbol: str) -> Deferred:
         return self._request(lambda c: c.quote(symbol))
 
+    def asset_info(self, symbol: str) -> Deferred:
+        return self._request(lambda c: c.asset_info(symbol))
+
+    def price_history(self, symbol: str, range: str) -> Deferred:
+        """Every bar of the history (see `PaperTraderClient.price_history`), read again on another worker if
+        its worker fails during the reading."""
+        return self._request(lambda c: c.price_history(symbol, range))
+
+    def price_history_page(self, symbol: str, range: str, cursor: str | None = None) -> Deferred:
+        return self._request(lambda c: c.price_history_page(symbol, range, cursor))
+
     def buy(self, symbol: str, quantity: int | str, client_order_id: str | None = None) -> Deferred:
         """Queue a market buy; sent again (same client order id) on another worker if its worker fails it."""
         return self._order("buy", symbol, quantity, client_order_id)

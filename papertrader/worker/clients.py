@@ -39,7 +39,9 @@ from papertrader.protocol import (
     BootOff,
     ChangePassword,
     ClientOrder,
+    GetAssetInfo,
     GetAssetValue,
+    GetPriceHistory,
     GoAway,
     Login,
     LoginWithToken,
@@ -65,7 +67,7 @@ from papertrader.protocol import (
 from papertrader.slices import SlicedWork
 from papertrader.timestamps import iso
 from papertrader.wire import AnswersHeartbeats, BoundedWrites, GuardedFactory
-from papertrader.worker.cache import QuoteCache
+from papertrader.worker.cache import QuoteCache, check_range
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
 _RELAYED_BY_NAME = {command.commandName: command for command in RELAYED}
@@ -146,11 +148,12 @@ class ClientRegistry:
         """What ``connection`` is subscribed to (an empty set: nothing)."""
         return self._prices.get(connection, frozenset())
 
-    def push_tick(self, tick: int, as_of: str, prices: dict[str, int]) -> None:
-        """Push the tick to every subscribed connection; an unfinished push of the previous tick is dropped."""
-        self.work.add(self._tick_writes(tick, as_of, prices), supersedes=PriceTick)
+    def push_tick(self, tick: int, as_of: str, prices: dict[str, int], stale: dict[str, str] | None = None) -> None:
+        """Push the tick to every subscribed connection, with the stale reasons of the symbols it wants; an
+        unfinished push of the previous tick is dropped."""
+        self.work.add(self._tick_writes(tick, as_of, prices, stale or {}), supersedes=PriceTick)
 
-    def _tick_writes(self, tick: int, as_of: str, prices: dict[str, int]) -> Iterator[None]:
+    def _tick_writes(self, tick: int, as_of: str, prices: dict[str, int], stale: dict[str, str]) -> Iterator[None]:
         fragments = price_fragments(prices)
         encoded: dict[Prices, bytes | None] = {}
         for connection in list(self._prices):
@@ -160,10 +163,14 @@ class ClientRegistry:
             if wanted not in encoded:
                 if wanted == ALL_PRICES:
                     pieces = list(fragments.values())
+                    reasons = stale
                 else:
                     pieces = [fragments[symbol] for symbol in sorted(wanted) if symbol in fragments]
+                    reasons = {symbol: stale[symbol] for symbol in sorted(wanted) if symbol in stale}
                 encoded[wanted] = (
-                    push_bytes(PriceTick, tick=tick, as_of=as_of, prices=pack_prices(pieces)) if pieces else None
+                    push_bytes(PriceTick, tick=tick, as_of=as_of, prices=pack_prices(pieces), stale=reasons or None)
+                    if pieces or reasons
+                    else None
                 )
             data = encoded[wanted]
             if data is not None:
@@ -254,8 +261,8 @@ class MasterPushes(AnswersHeartbeats):
     def price_tick(
         self, tick: int, as_of: str, prices: list[dict[str, Any]], stale: dict[str, str] | None = None
     ) -> dict:
-        if self.cache.update(tick, as_of, prices):
-            self.clients.push_tick(tick, as_of, self.cache.prices)
+        if self.cache.update(tick, as_of, prices, stale):
+            self.clients.push_tick(tick, as_of, self.cache.prices, self.cache.stale)
             if self.on_tick is not None:
                 self.on_tick(tick)
         return {}
@@ -375,6 +382,26 @@ class ClientLocator(AnswersHeartbeats):
         if cached is not None:
             return succeed(cached)
         return self.relay(GetAssetValue, symbol=symbol)
+
+    @GetAssetInfo.responder
+    def asset_info(self, symbol: str) -> Any:
+        symbol = symbol.strip().upper()
+        cached = self.cache.info(symbol)
+        if cached is not None:
+            return succeed(cached)
+        return self.relay(GetAssetInfo, symbol=symbol)
+
+    @GetPriceHistory.responder
+    def price_history(self, symbol: str, range: str, cursor: str | None = None) -> Any:
+        """From the history cache: the master is asked once per page per price update, however many ask."""
+        symbol = symbol.strip().upper()
+        range = check_range(range.strip().lower())
+        if self.cache.known(symbol) is False:
+            raise DataFailed(f"unknown symbol {symbol[:MAX_SYMBOL_LENGTH]!r}")
+        return self.cache.history.get(
+            (symbol, range, cursor),
+            lambda: self.relay(GetPriceHistory, symbol=symbol, range=range, cursor=cursor),
+        )
 
     @Subscribe.responder
     def subscribe(self, prices: list[str] | None = None, all_prices: bool | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
 from papertrader.stalls import StallMonitor, interval_from_environment
 from papertrader.wire import Timeouts
-from papertrader.worker.cache import QuoteCache
+from papertrader.worker.cache import QuoteCache, quote_cache_from_environment
 from papertrader.worker.clients import ClientLocator, ClientRegistry, MasterPushes
 from papertrader.worker.upstream import MasterLink, OrderBatcher
 
@@ -65,7 +65,7 @@ class WorkerService(service.MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.cache = QuoteCache()
+        self.cache = QuoteCache(answers=quote_cache_from_environment())
         self.clients = ClientRegistry(reactor)
         interval = interval_from_environment()
         # Off unless a benchmark asks for it (see papertrader.stalls).
