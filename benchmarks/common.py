@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -206,3 +207,11 @@ class CPU:
             return ""
         parts = ", ".join(f"{name} {1e6 * seconds / orders:.0f}" for name, seconds in self.used.items())
         return f"{1e6 * sum(self.used.values()) / orders:.0f} us/order ({parts})"
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -50,7 +50,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import child_of  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import child_of, positive  # noqa: E402  (benchmarks/common.py, beside this script)
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, inlineCallbacks  # noqa: E402
 from twisted.internet.protocol import Factory  # noqa: E402
@@ -297,20 +297,13 @@ def _one_run(options: argparse.Namespace, number: int) -> dict[str, float]:
 # ---------------------------------------------------------------- main
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Memory and reactor stalls of a worker with many idle TLS clients.")
-    parser.add_argument("--clients", type=_positive, default=10_000, help="idle client connections (10000)")
-    parser.add_argument("--runs", type=_positive, default=3, help="runs, each with a fresh deployment (3)")
-    parser.add_argument("--ticks", type=_positive, default=10, help="updates measured in each phase (10)")
+    parser.add_argument("--clients", type=positive, default=10_000, help="idle client connections (10000)")
+    parser.add_argument("--runs", type=positive, default=3, help="runs, each with a fresh deployment (3)")
+    parser.add_argument("--ticks", type=positive, default=10, help="updates measured in each phase (10)")
     parser.add_argument("--update-interval", type=float, default=1.0, help="seconds between updates (1)")
-    parser.add_argument("--concurrency", type=_positive, default=50, help="handshakes the clients run at once (50)")
+    parser.add_argument("--concurrency", type=positive, default=50, help="handshakes the clients run at once (50)")
     parser.add_argument("--connect-timeout", type=float, default=900.0, help="seconds allowed to connect them all")
     return parser.parse_args(argv)
 

@@ -46,6 +46,7 @@ from common import (  # noqa: E402  (benchmarks/common.py, beside this script)
     SYMBOL,
     BenchmarkError,
     connect_retrying,
+    positive,
     show_logs,
     spawn,
     stop,
@@ -208,18 +209,11 @@ def _storm(reactor: Any, options: argparse.Namespace) -> Any:
 # ---------------------------------------------------------------- main
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description="Order acks during a storm of logins.")
-    parser.add_argument("--orders", type=_positive, default=3000, help="orders timed in each phase (3000)")
-    parser.add_argument("--users", type=_positive, default=20, help="connections logging in during the storm (20)")
-    parser.add_argument("--rounds", type=_positive, default=3, help="idle + storm rounds (3)")
+    parser.add_argument("--orders", type=positive, default=3000, help="orders timed in each phase (3000)")
+    parser.add_argument("--users", type=positive, default=20, help="connections logging in during the storm (20)")
+    parser.add_argument("--rounds", type=positive, default=3, help="idle + storm rounds (3)")
     parser.add_argument("--bcrypt-cost", type=int, default=12, help="the master's bcrypt cost (12)")
     parser.add_argument("--hashing-processes", type=int, default=0, help="the master's hashing_processes (0)")
     parser.add_argument("--hashing-nice", type=int, default=10, help="the master's hashing_nice (10)")

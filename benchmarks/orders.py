@@ -56,6 +56,7 @@ from common import (  # noqa: E402  (benchmarks/common.py, beside this script)
     child_of,
     connect_retrying,
     log_in,
+    positive,
     show_logs,
     spawn,
     stop,
@@ -303,21 +304,14 @@ def _benchmark(
 # ---------------------------------------------------------------- main
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="PaperTrader order throughput against a bare AMP/TLS relay.")
-    parser.add_argument("--orders", type=_positive, default=20000, help="orders per measurement (20000)")
-    parser.add_argument("--connections", type=_positive, default=4, help="client connections, one user each (4)")
-    parser.add_argument("--window", type=_positive, default=256, help="calls in flight per connection (256)")
-    parser.add_argument("--rounds", type=_positive, default=3, help="measurements of each; the best counts (3)")
+    parser.add_argument("--orders", type=positive, default=20000, help="orders per measurement (20000)")
+    parser.add_argument("--connections", type=positive, default=4, help="client connections, one user each (4)")
+    parser.add_argument("--window", type=positive, default=256, help="calls in flight per connection (256)")
+    parser.add_argument("--rounds", type=positive, default=3, help="measurements of each; the best counts (3)")
     parser.add_argument(
-        "--batch", type=_positive, default=1,
+        "--batch", type=positive, default=1,
         help="orders per PlaceOrders from each client (1: single orders, which the library batches while busy)",
     )
     return parser.parse_args(argv)

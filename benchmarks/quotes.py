@@ -48,6 +48,7 @@ from common import (  # noqa: E402  (benchmarks/common.py, beside this script)
     child_env,
     child_of,
     connect_retrying,
+    positive,
     show_logs,
     stop,
     wait_for_file,
@@ -187,19 +188,12 @@ def _benchmark(reactor: Any, targets: dict[str, tuple[int, str, int]], options: 
             print(f"cpu {name}: {text}")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Cached quote throughput against quotes relayed to the master.")
-    parser.add_argument("--quotes", type=_positive, default=20000, help="quotes per measurement (20000)")
-    parser.add_argument("--connections", type=_positive, default=4, help="client connections (4)")
-    parser.add_argument("--window", type=_positive, default=64, help="requests in flight per connection (64)")
-    parser.add_argument("--rounds", type=_positive, default=3, help="measurements of each; the best counts (3)")
+    parser.add_argument("--quotes", type=positive, default=20000, help="quotes per measurement (20000)")
+    parser.add_argument("--connections", type=positive, default=4, help="client connections (4)")
+    parser.add_argument("--window", type=positive, default=64, help="requests in flight per connection (64)")
+    parser.add_argument("--rounds", type=positive, default=3, help="measurements of each; the best counts (3)")
     return parser.parse_args(argv)
 
 

@@ -196,3 +196,21 @@ class RunningDeployment:
         if self.process is not None and not self.watcher.ended.called:
             self.process.signalProcess(signal.SIGTERM)
         yield self.watcher.ended
+
+
+def replay_deployment(base: str, assets: str, prices: str) -> RunningDeployment:
+    """A `RunningDeployment` (not started) under ``base`` whose master replays ``prices``, looping,
+    for the asset list ``assets`` (both CSV text, written to files there)."""
+    base = os.path.abspath(base)
+    os.makedirs(base)
+    files = os.path.join(base, "assets.csv"), os.path.join(base, "prices.csv")
+    for path, text in zip(files, (assets, prices)):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return RunningDeployment(
+        os.path.join(base, "deployment"),
+        "--assets", files[0],
+        "--price-source", "replay",
+        "--price-replay-file", files[1],
+        "--price-replay-loop", "yes",
+    )  # fmt: skip

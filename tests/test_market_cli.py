@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -18,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from papertrader.client import cli
 from papertrader.errors import DataFailed
 from papertrader.protocol import HISTORY_RANGES
-from tests.processes import RunningDeployment, _Watcher
+from tests.processes import RunningDeployment, _Watcher, replay_deployment
 from tests.test_chart import bar
 from tests.test_cli import _Watcher as _WatchClient
 
@@ -236,19 +235,7 @@ class StaleEndToEndTests(TestCase):
     @inlineCallbacks
     def test_stale_quote_and_watch(self) -> Any:
         """``quote`` and ``watch`` show KO's last good price as stale, with the reason, on the day it has none."""
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        assets, prices = os.path.join(base, "assets.csv"), os.path.join(base, "prices.csv")
-        for path, text in ((assets, REPLAY_ASSETS), (prices, REPLAY_PRICES)):
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-        d = RunningDeployment(
-            os.path.join(base, "deployment"),
-            "--assets", assets,
-            "--price-source", "replay",
-            "--price-replay-file", prices,
-            "--price-replay-loop", "yes",
-        )  # fmt: skip
+        d = replay_deployment(self.mktemp(), REPLAY_ASSETS, REPLAY_PRICES)
         self.addCleanup(d.stop)
         yield d.start()
         for _ in range(100):  # one update a second, alternating days: KO is stale every other one

@@ -12,7 +12,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from papertrader.money import parse_amount
-from tests.processes import ROOT, TWISTD, RunningDeployment, _Watcher
+from tests.processes import ROOT, TWISTD, _Watcher, replay_deployment
 
 PASSWORD = "correct horse battery"
 ASSETS = (
@@ -62,19 +62,7 @@ class ReplayEndToEndTests(TestCase):
     @inlineCallbacks
     def test_fills_at_replayed_prices(self) -> Any:
         """Orders bought and sold through the CLI fill at the CSV's close of the day their update replayed."""
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        assets, prices = os.path.join(base, "assets.csv"), os.path.join(base, "prices.csv")
-        for path, text in ((assets, ASSETS), (prices, PRICES)):
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-        d = RunningDeployment(
-            os.path.join(base, "deployment"),
-            "--assets", assets,
-            "--price-source", "replay",
-            "--price-replay-file", prices,
-            "--price-replay-loop", "yes",
-        )
+        d = replay_deployment(self.mktemp(), ASSETS, PRICES)
         self.addCleanup(d.stop)
         yield d.start()
         password = d.password_file(PASSWORD)
