@@ -8,6 +8,7 @@ Every problem is collected and reported together; unknown keys are refused.
 from __future__ import annotations
 
 import configparser
+import datetime
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -17,6 +18,14 @@ import attr
 
 from papertrader.assets import Asset, parse_assets
 from papertrader.errors import ConfigError
+from papertrader.market_calendar import (
+    DEFAULT_TIME_ZONE,
+    TradingCalendar,
+    parse_days,
+    parse_holidays,
+    parse_hours,
+    parse_time_zone,
+)
 from papertrader.money import parse_amount
 
 if TYPE_CHECKING:
@@ -25,6 +34,8 @@ if TYPE_CHECKING:
 SECTION = "papertrader"
 PRICE_SOURCES = ("simulated", "replay", "finnhub", "alphavantage")
 HTTP_SOURCES = ("finnhub", "alphavantage")
+# Price sources whose market runs around the clock unless market_always_open says otherwise.
+ALWAYS_OPEN_SOURCES = ("simulated", "replay")
 
 
 def default_data_dir() -> str:
@@ -97,6 +108,29 @@ class MasterConfig:
     # None: the provider's free plan's limit; 0: no limit.
     price_requests_per_minute: int | None = None
     price_requests_per_day: int | None = None
+    # The trading calendar (see papertrader.market_calendar and etc/papertrader.ini).
+    market_hours: tuple[datetime.time, datetime.time] = (datetime.time(9, 30), datetime.time(16, 0))
+    market_timezone: str = DEFAULT_TIME_ZONE
+    market_days: frozenset[int] = frozenset(range(5))
+    # market_holidays and the dates of market_holidays_file together.
+    market_holidays: frozenset[datetime.date] = frozenset()
+    market_holidays_file: str = ""
+    # None: around the clock for a simulated or replayed market, the calendar for a provider's prices.
+    market_always_open: bool | None = None
+
+    def calendar(self) -> TradingCalendar:
+        """The deployment's trading calendar, from the market_* settings."""
+        always_open = self.market_always_open
+        if always_open is None:
+            always_open = self.price_source in ALWAYS_OPEN_SOURCES
+        return TradingCalendar(
+            time_zone=parse_time_zone(self.market_timezone),
+            opening=self.market_hours[0],
+            closing=self.market_hours[1],
+            days=self.market_days,
+            holidays=self.market_holidays,
+            always_open=always_open,
+        )
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -171,6 +205,12 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _time_zone(text: str) -> str:
+    """An IANA time zone name the system knows (kept as the name); ValueError if not."""
+    parse_time_zone(text)
+    return text.strip()
+
+
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse``, but empty text means None (the default)."""
     return lambda text: None if text.strip() == "" else parse(text)
@@ -222,6 +262,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "price_timeout": ("price_timeout", positive_seconds),
     "price_requests_per_minute": ("price_requests_per_minute", _optional(_int_in(0, 1_000_000))),
     "price_requests_per_day": ("price_requests_per_day", _optional(_int_in(0, 100_000_000))),
+    "market_hours": ("market_hours", parse_hours),
+    "market_timezone": ("market_timezone", _time_zone),
+    "market_days": ("market_days", parse_days),
+    "market_holidays": ("market_holidays", lambda text: parse_holidays([text])),
+    "market_holidays_file": ("market_holidays_file", str.strip),
+    "market_always_open": ("market_always_open", _optional(_boolean)),
 }
 
 KEYS = tuple(_PARSERS)
@@ -258,8 +304,8 @@ def load_master_config(
                 problems.append(f"{path}: unknown key {key!r}")
             else:
                 raw[key] = value
-        for key in ("assets", "data_dir", "price_replay_file"):
-            if key in raw and (raw[key] or key != "price_replay_file"):
+        for key in ("assets", "data_dir", "price_replay_file", "market_holidays_file"):
+            if key in raw and (raw[key].strip() or key in ("assets", "data_dir")):
                 raw[key] = os.path.join(base, os.path.expanduser(raw[key]))
     for key, value in overrides.items():
         if key not in _PARSERS:
@@ -294,6 +340,7 @@ def load_master_config(
             f"heartbeat_interval: must be shorter than handshake_timeout ({handshake:g} s), got {heartbeat:g}"
         )
     problems.extend(_check_price_source(values, assets, os.environ if environ is None else environ))
+    problems.extend(_read_holidays(values))
     if "data_dir" in values:
         values["data_dir"] = os.path.abspath(os.path.expanduser(values["data_dir"]))
         if os.path.exists(values["data_dir"]) and not os.path.isdir(values["data_dir"]):
@@ -301,6 +348,23 @@ def load_master_config(
     if problems:
         raise ConfigError(problems)
     return MasterConfig(assets=assets, assets_file=os.path.abspath(assets_file), **values)
+
+
+def _read_holidays(values: dict[str, Any]) -> list[str]:
+    """Add the dates of ``market_holidays_file`` (if any) to ``market_holidays``; the problems."""
+    path = values.get("market_holidays_file", "")
+    if not path:
+        return []
+    values["market_holidays_file"] = path = os.path.abspath(os.path.expanduser(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            dates = parse_holidays(f.readlines())
+    except (OSError, UnicodeDecodeError) as e:
+        return [f"market_holidays_file: cannot read {path}: {e}"]
+    except ValueError as e:
+        return [f"market_holidays_file: {path}: {e}"]
+    values["market_holidays"] = values.get("market_holidays", frozenset()) | dates
+    return []
 
 
 def _check_price_source(values: dict[str, Any], assets: Mapping[str, Asset], environ: Mapping[str, str]) -> list[str]:

@@ -6,7 +6,7 @@ Traffic in each direction:
   ChangePassword, GetAssetValue, GetAssetInfo, GetPriceHistory (the worker
   answers these from its cache where it can),
   PurchaseAsset, SellAsset, ListOrders, GetUserPortfolio,
-  GetUserTransactionHistory; Subscribe, which the worker answers itself
+  GetUserTransactionHistory, GetMarketStatus; Subscribe, which the worker answers itself
   (which price ticks the connection wants: none until it asks).
 - worker -> master: WorkerHello and WorkerProof first (the handshake: the
   master's nonce signed with the worker's OpenPGP key), then each client
@@ -310,6 +310,28 @@ class GetAssetInfo(amp.Command):
     errors = declared(DataFailed)
 
 
+class GetMarketStatus(amp.Command):
+    """Whether the deployment's market is open now, and when that next changes (its trading calendar).
+
+    Times are ISO 8601 in the market's time zone (``time_zone``); ``hours``
+    (``09:30-16:00``) and ``days`` (``mon-fri``) are its sessions' local times
+    and weekdays.  ``next_change`` (the next opening while closed, the next
+    closing while open) is left out when the market is ``always_open``.
+    """
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [
+        (b"open", amp.Boolean()),
+        (b"always_open", amp.Boolean()),
+        (b"now", amp.Unicode()),
+        (b"next_change", amp.Unicode(optional=True)),
+        (b"time_zone", amp.Unicode()),
+        (b"hours", amp.Unicode()),
+        (b"days", amp.Unicode()),
+    ]
+    errors = declared()
+
+
 # The ranges of price history one can ask for, longest last.
 HISTORY_RANGES = ("day", "week", "month", "year", "all")
 
@@ -518,6 +540,7 @@ RELAYED: dict[type[amp.Command], type[amp.Command]] = {
         ListOrders,
         GetUserPortfolio,
         GetUserTransactionHistory,
+        GetMarketStatus,
     )
 }
 RelayedRegister = RELAYED[Register]
@@ -532,6 +555,7 @@ RelayedGetPriceHistory = RELAYED[GetPriceHistory]
 RelayedListOrders = RELAYED[ListOrders]
 RelayedGetUserPortfolio = RELAYED[GetUserPortfolio]
 RelayedGetUserTransactionHistory = RELAYED[GetUserTransactionHistory]
+RelayedGetMarketStatus = RELAYED[GetMarketStatus]
 
 
 class WorkerHello(amp.Command):

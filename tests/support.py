@@ -19,6 +19,7 @@ from twisted.test import iosim
 from papertrader.assets import Asset
 from papertrader.client.library import ClientAMP, PaperTraderClient, client_from_connection
 from papertrader.gpg import proof_statement
+from papertrader.market_calendar import TradingCalendar
 from papertrader.master.accounts import Accounts
 from papertrader.master.database import CHUNK_ORDERS, Database
 from papertrader.master.exchange import Exchange
@@ -100,6 +101,7 @@ class Deployment:
         max_order_quantity: int = 1000,
         assets: dict[str, Asset] | None = None,
         chunk_orders: int = CHUNK_ORDERS,
+        calendar: TradingCalendar | None = None,
         **accounts: Any,
     ) -> None:
         assets = ASSETS if assets is None else assets
@@ -129,6 +131,7 @@ class Deployment:
                 registrations=self.registrations,
                 clock=self.clock,
                 nonce_lifetime=self.nonce_lifetime,
+                calendar=calendar,
             ),
             clock=self.clock,
         )

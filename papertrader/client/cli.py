@@ -14,6 +14,7 @@ the same.
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import glob
 import json
@@ -344,6 +345,40 @@ def cmd_info(client: PaperTraderClient, args: argparse.Namespace, session: Any, 
     _print(args, info, "\n".join(lines))
 
 
+def _until(seconds: float) -> str:
+    """``2 h 15 min``, ``3 d 4 h``: how long until a change, to the minute (rounded down)."""
+    minutes = max(0, int(seconds // 60))
+    if minutes == 0:
+        return "less than a minute"
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"{days} d"] if days else []
+    if hours:
+        parts.append(f"{hours} h")
+    if minutes and not days:
+        parts.append(f"{minutes} min")
+    return " ".join(parts)
+
+
+def market_text(status: dict[str, Any]) -> str:
+    """The ``market`` command's line: open or closed, the sessions, and the next change (and how soon)."""
+    if status["always_open"]:
+        return "market open around the clock"
+    sessions = f"hours {status['hours']} {status['days']} {status['time_zone']}"
+    when = datetime.datetime.fromisoformat(status["next_change"])
+    wait = _until((when - datetime.datetime.fromisoformat(status["now"])).total_seconds())
+    if status["open"]:
+        return f"market open ({sessions}); closes at {status['next_change']} (in {wait})"
+    return f"market closed ({sessions}); opens at {status['next_change']} (in {wait})"
+
+
+@inlineCallbacks
+def cmd_market(client: PaperTraderClient, args: argparse.Namespace, session: Any, where: Any) -> Any:
+    """Whether the market is open, and when it next opens or closes (by the server's clock)."""
+    status = yield client.market_status()
+    _print(args, status, market_text(status))
+
+
 def terminal_columns() -> int:
     """The terminal's width in columns (``COLUMNS``, else the terminal's, else 80)."""
     return shutil.get_terminal_size((80, 24)).columns
@@ -630,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("symbols", nargs="*", metavar="SYMBOL", help="the symbols to watch")
     p.add_argument("--all", action="store_true", help="watch every symbol")
     p.add_argument("--count", type=_positive, metavar="N", help="stop after N updates (default: until interrupted)")
+    add("market", cmd_market, "show whether the market is open, and when it next opens or closes")
     add("workers", cmd_workers, "list the workers the master's directory names, and where clients reach each")
     return parser
 

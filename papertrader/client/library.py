@@ -31,6 +31,7 @@ from papertrader.protocol import (
     ClientOrder,
     GetAssetInfo,
     GetAssetValue,
+    GetMarketStatus,
     GetPriceHistory,
     GetUserPortfolio,
     GetUserTransactionHistory,
@@ -370,6 +371,12 @@ class PaperTraderClient:
         ``currency``) and its price as `quote` gives it (``price_cents``, ``as_of``, ``stale``: absent while
         it has none).  An unknown symbol: DataFailed."""
         return self._call(GetAssetInfo, symbol=symbol)
+
+    def market_status(self) -> Deferred[dict[str, Any]]:
+        """Whether the market is open (``open``, ``always_open``), the server's ``now``, the next opening or
+        closing (``next_change``: absent when always open), ``time_zone``, ``hours`` and ``days``; all times
+        ISO 8601 in the market's time zone."""
+        return self._call(GetMarketStatus)
 
     def price_history_page(self, symbol: str, range: str, cursor: str | None = None) -> Deferred[dict[str, Any]]:
         """One page of ``symbol``'s OHLC bars over ``range`` (one of HISTORY_RANGES), oldest first, paged

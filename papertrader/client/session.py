@@ -431,6 +431,9 @@ class Session:
     def asset_info(self, symbol: str) -> Deferred:
         return self._request(lambda c: c.asset_info(symbol))
 
+    def market_status(self) -> Deferred:
+        return self._request(lambda c: c.market_status())
+
     def price_history(self, symbol: str, range: str) -> Deferred:
         """Every bar of the history (see `PaperTraderClient.price_history`), read again on another worker if
         its worker fails during the reading."""

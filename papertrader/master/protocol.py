@@ -32,6 +32,7 @@ from papertrader.errors import (
     expected_or_unavailable,
 )
 from papertrader.eventlog import EventLogger
+from papertrader.market_calendar import TradingCalendar
 from papertrader.master.exchange import Exchange, group_of_one
 from papertrader.master.handshake import NONCE_LIFETIME, Handshake
 from papertrader.master.registration import WorkerRegistrations
@@ -49,6 +50,7 @@ from papertrader.protocol import (
     RelayedChangePassword,
     RelayedGetAssetInfo,
     RelayedGetAssetValue,
+    RelayedGetMarketStatus,
     RelayedGetPriceHistory,
     RelayedGetUserPortfolio,
     RelayedGetUserTransactionHistory,
@@ -119,9 +121,13 @@ class MasterLocator(AnswersHeartbeats):
         registrations: WorkerRegistrations | None = None,
         clock: IReactorTime | None = None,
         nonce_lifetime: float = NONCE_LIFETIME,
+        calendar: TradingCalendar | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
+        self.clock = clock
+        # The deployment's trading calendar (GetMarketStatus); by default a market that never closes.
+        self.calendar = TradingCalendar.around_the_clock() if calendar is None else calendar
         self.exchange = exchange
         self.registry = registry
         self.update_interval = update_interval
@@ -372,6 +378,24 @@ class MasterLocator(AnswersHeartbeats):
         self, symbol: str, range: str, received_at: str, client_address: str, cursor: str | None = None
     ) -> Any:
         return self.exchange.price_history(symbol, range, cursor)
+
+    @RelayedGetMarketStatus.responder
+    @_forwarded
+    @_guarded
+    def market_status(self, received_at: str, client_address: str) -> dict[str, Any]:
+        calendar = self.calendar
+        status = calendar.status(self.clock.seconds())
+        answer: dict[str, Any] = {
+            "open": status.open,
+            "always_open": calendar.always_open,
+            "now": calendar.isoformat(status.at),
+            "time_zone": calendar.zone_name,
+            "hours": calendar.hours,
+            "days": calendar.trading_days,
+        }
+        if status.next_change is not None:
+            answer["next_change"] = calendar.isoformat(status.next_change)
+        return answer
 
     # ------------------------------------------------------------ orders
 

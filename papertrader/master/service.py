@@ -25,6 +25,7 @@ from papertrader.admin.unixsocket import PrivatePort, admin_socket_path, bind_pr
 from papertrader.config import MasterConfig
 from papertrader.daemon import StartUp
 from papertrader.eventlog import EventLogger
+from papertrader.market_calendar import TradingCalendar
 from papertrader.master.accounts import Accounts
 from papertrader.master.admin import AdminLocator, WorkerAdmin
 from papertrader.master.database import Database, describe
@@ -157,6 +158,14 @@ def log_price_source(config: MasterConfig, log: Any) -> None:
         log.warn("price quota exceeded: {problem}", problem=problem)
 
 
+def describe_calendar(calendar: TradingCalendar) -> str:
+    """The trading calendar in a few words, for the start-up log."""
+    if calendar.always_open:
+        return "open around the clock"
+    holidays = f", {len(calendar.holidays)} holidays" if calendar.holidays else ""
+    return f"{calendar.hours} {calendar.trading_days} {calendar.zone_name}{holidays}"
+
+
 class MasterService(service.MultiService):
     """The whole master process: the objects its services share, and the start-up they wait for.
 
@@ -177,6 +186,8 @@ class MasterService(service.MultiService):
         self.accounts: Accounts | None = None
         self.hashing: HashingPool | None = None
         self.exchange: Exchange | None = None
+        # When the market is open: GetMarketStatus answers from it, and a day order expires at its session_end.
+        self.calendar = config.calendar()
         self.registry = WorkerRegistry(reactor)
         self.admin = WorkerAdmin(self.registry)
         self.registrations: WorkerRegistrations | None = None
@@ -255,6 +266,7 @@ class MasterService(service.MultiService):
             version=version,
         )
         log_price_source(config, self.log)
+        self.log.info("market calendar: {calendar}", calendar=describe_calendar(self.calendar))
         yield self.exchange.resume()
         options = yield threads.deferToThread(tls.server_options, master_identity, require_client_certificate=True)
         # Clients of the directory have no certificate; they check the master's against the deployment's CA.
@@ -323,6 +335,7 @@ class MasterService(service.MultiService):
             registrations=self.registrations,
             clock=self.reactor,
             nonce_lifetime=self.config.nonce_lifetime,
+            calendar=self.calendar,
         )
 
     def _listening_on(self, port: Any) -> Any:
