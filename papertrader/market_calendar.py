@@ -178,7 +178,10 @@ class TradingCalendar:
         for offset in range(7 * (len(self.holidays) + 2)):
             candidate = day + datetime.timedelta(days=offset)
             if self.is_trading_day(candidate):
-                yield self._session_of(candidate)
+                opening, closing = self._session_of(candidate)
+                # Hours inside a daylight-saving gap can leave no time between them: no session that day.
+                if closing > opening:
+                    yield opening, closing
 
     def session(self, at: float) -> tuple[float, float] | None:
         """(opening, closing) of the session in progress at ``at`` or, if none is, the next one.

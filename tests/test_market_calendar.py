@@ -109,6 +109,14 @@ class SessionTests(SynchronousTestCase):
         self.assertFalse(self.calendar.is_open(utc(2026, 11, 2, 14, 0)))
         self.assertTrue(self.calendar.is_open(utc(2026, 11, 2, 20, 30)))
 
+    def test_hours_in_a_gap(self) -> None:
+        """A session swallowed by the spring-forward gap (02:30-03:00 on 2026-03-08) does not happen."""
+        calendar = TradingCalendar(opening=datetime.time(2, 30), closing=datetime.time(3, 0), days=parse_days("sun"))
+        saturday = new_york(2026, 3, 7, 12, 0)
+        self.assertEqual(calendar.next_change(saturday), (new_york(2026, 3, 15, 2, 30), True))
+        self.assertEqual(calendar.session_end(saturday), new_york(2026, 3, 15, 3, 0))
+        self.assertEqual(calendar.session_end(new_york(2026, 3, 1, 2, 45)), new_york(2026, 3, 1, 3, 0))
+
     def test_session_end(self) -> None:
         """The end of the session in progress, or of the next one when the market is closed (at the close too)."""
         today_close = new_york(2026, 12, 2, 16, 0)
