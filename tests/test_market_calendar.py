@@ -23,6 +23,7 @@ from papertrader.market_calendar import (
 from tests.processes import RunningDeployment
 from tests.support import Deployment
 from tests.test_config import ConfigTestMixin
+from tests.test_session import A1, A2, TwoWorkers
 
 UTC = datetime.timezone.utc
 NEW_YORK = ZoneInfo("America/New_York")
@@ -285,6 +286,22 @@ class GetMarketStatusTests(SynchronousTestCase):
         self.assertTrue(status["open"])
         self.assertTrue(status["always_open"])
         self.assertIsNone(status.get("next_change"))
+
+
+class SessionMarketStatusTests(TwoWorkers):
+    """The reconnecting session asks for the market status, on another worker when its own dies."""
+
+    def test_failover(self) -> None:
+        """The status comes through the first worker, then, once it has crashed, through the second."""
+        d = self.deployment
+        session = self.session([A1, A2])
+        first = d.result(session.market_status())
+        self.assertEqual(session.address, A1)
+        self.w1.crash()
+        second = d.result(session.market_status())
+        self.assertEqual(session.address, A2)
+        self.assertEqual((first["open"], first["always_open"]), (True, True))
+        self.assertEqual(second, first)
 
 
 class MarketTextTests(SynchronousTestCase):
