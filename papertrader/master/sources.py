@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any, Protocol
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import attr
 import treq
@@ -309,9 +310,15 @@ def _status_reason(status: int) -> str:
     return f"HTTP {status}"
 
 
-def _json(body: bytes) -> Any:
-    """The JSON document of an answer, numbers as Decimal; ValueError if it is none."""
-    return json.loads(body.decode("utf-8"), parse_float=Decimal)
+def _answer(status: int, body: bytes) -> dict[str, Any] | str:
+    """The JSON object of a provider's answer (numbers as Decimal), or the reason it holds none."""
+    if status != 200:
+        return _status_reason(status)
+    try:
+        answer = json.loads(body.decode("utf-8"), parse_float=Decimal)
+    except ValueError:
+        return MALFORMED
+    return answer if isinstance(answer, dict) else MALFORMED
 
 
 def _price(value: Any) -> int | str:
@@ -350,14 +357,9 @@ class Finnhub:
         return f"{base.rstrip('/')}/api/v1/quote?{urlencode({'symbol': symbol, 'token': key})}"
 
     def parse(self, status: int, body: bytes, now: float) -> Quote | str:
-        if status != 200:
-            return _status_reason(status)
-        try:
-            answer = _json(body)
-        except ValueError:
-            return MALFORMED
-        if not isinstance(answer, dict):
-            return MALFORMED
+        answer = _answer(status, body)
+        if isinstance(answer, str):
+            return answer
         if "error" in answer:
             return "refused by Finnhub"
         if "c" not in answer or "t" not in answer:
@@ -375,20 +377,13 @@ class Finnhub:
         return Quote(cents, when if when else None)
 
 
-# When a US trading day's prices are final: 16:00 in New York.
-_CLOSE = datetime.time(16, 0)
+# When a US trading day's prices are final: 16:00 in New York (the zone's data is a dependency: tzdata).
+_CLOSE = datetime.time(16, 0, tzinfo=ZoneInfo("America/New_York"))
 
 
 def _close_of(day: datetime.date) -> int:
-    """The epoch seconds of ``day``'s US market close (16:00 New York; 21:00 UTC without time zone data)."""
-    try:
-        from zoneinfo import ZoneInfo
-
-        zone: datetime.tzinfo = ZoneInfo("America/New_York")
-    except Exception:  # no time zone data on this machine
-        return calendar.timegm(datetime.datetime.combine(day, datetime.time(21, 0)).utctimetuple())
-    moment = datetime.datetime.combine(day, _CLOSE, tzinfo=zone)
-    return calendar.timegm(moment.utctimetuple())
+    """The epoch seconds of ``day``'s US market close (16:00 New York)."""
+    return int(datetime.datetime.combine(day, _CLOSE).timestamp())
 
 
 class AlphaVantage:
@@ -414,14 +409,9 @@ class AlphaVantage:
         return f"{base.rstrip('/')}/query?{query}"
 
     def parse(self, status: int, body: bytes, now: float) -> Quote | str:
-        if status != 200:
-            return _status_reason(status)
-        try:
-            answer = _json(body)
-        except ValueError:
-            return MALFORMED
-        if not isinstance(answer, dict):
-            return MALFORMED
+        answer = _answer(status, body)
+        if isinstance(answer, str):
+            return answer
         if "Note" in answer:
             return "refused: over the API limit"
         if "Information" in answer:
