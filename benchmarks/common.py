@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import task
@@ -215,3 +216,22 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def run_measurement(benchmark: Callable[[Any], Any]) -> None:
+    """Run ``benchmark(reactor)`` under `task.react`; BenchmarkError if it failed."""
+    try:
+        task.react(benchmark)
+    except SystemExit as e:
+        if e.code:
+            raise BenchmarkError("the benchmark failed") from None
+
+
+def clean_up(processes: Sequence[subprocess.Popen], workdir: str) -> None:
+    """Stop ``processes`` (the last started first) and remove ``workdir``, unless PAPERTRADER_BENCH_KEEP is set."""
+    for process in reversed(processes):
+        stop(process)
+    if os.environ.get("PAPERTRADER_BENCH_KEEP"):
+        print(f"kept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -45,11 +44,12 @@ from common import (  # noqa: E402  (benchmarks/common.py, beside this script)
     PASSWORD,
     SYMBOL,
     BenchmarkError,
+    clean_up,
     connect_retrying,
     positive,
+    run_measurement,
     show_logs,
     spawn,
-    stop,
     wait_for_file,
 )
 from twisted.internet import task  # noqa: E402
@@ -245,21 +245,12 @@ def main(argv: Sequence[str]) -> None:
         address = wait_for_file(os.path.join(data, "worker-local-1.address"), master)
         _, port = tls.split_address(address, 0)
         ca = os.path.join(data, "tls", "ca.pem")
-        task.react(lambda reactor: _benchmark(reactor, port, ca, workdir, options))
-    except SystemExit as e:
-        if e.code:
-            show_logs(workdir)
-            raise BenchmarkError("the benchmark failed") from None
+        run_measurement(lambda reactor: _benchmark(reactor, port, ca, workdir, options))
     except BaseException:
         show_logs(workdir)
         raise
     finally:
-        if master is not None:
-            stop(master)
-        if os.environ.get("PAPERTRADER_BENCH_KEEP"):
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up([master] if master is not None else [], workdir)
 
 
 def _storm_main(argv: Sequence[str]) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -54,12 +53,13 @@ from common import (  # noqa: E402  (benchmarks/common.py, beside this script)
     SYMBOL,
     BenchmarkError,
     child_of,
+    clean_up,
     connect_retrying,
     log_in,
     positive,
+    run_measurement,
     show_logs,
     spawn,
-    stop,
     wait_for_file,
     write_port,
 )
@@ -361,23 +361,14 @@ def main(argv: Sequence[str]) -> None:
         processes.append(relay)
         relay_port = int(wait_for_file(relay_file, relay))
 
-        try:
-            ca = os.path.join(tls_dir, "ca.pem")
-            pids = {"master": master.pid, "relay": relay.pid, "sink": sink.pid}
-            task.react(lambda reactor: _benchmark(reactor, worker_port, relay_port, ca, pids, options))
-        except SystemExit as e:
-            if e.code:
-                raise BenchmarkError("the benchmark failed") from None
+        ca = os.path.join(tls_dir, "ca.pem")
+        pids = {"master": master.pid, "relay": relay.pid, "sink": sink.pid}
+        run_measurement(lambda reactor: _benchmark(reactor, worker_port, relay_port, ca, pids, options))
     except BaseException:
         show_logs(workdir)
         raise
     finally:
-        for process in reversed(processes):
-            stop(process)
-        if os.environ.get("PAPERTRADER_BENCH_KEEP"):
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up(processes, workdir)
 
 
 def _sub_command(argv: Sequence[str]) -> None:

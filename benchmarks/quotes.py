@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,13 +46,13 @@ from common import (  # noqa: E402  (benchmarks/common.py, beside this script)
     BenchmarkError,
     child_env,
     child_of,
+    clean_up,
     connect_retrying,
     positive,
+    run_measurement,
     show_logs,
-    stop,
     wait_for_file,
 )
-from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, inlineCallbacks  # noqa: E402
 
 from papertrader import tls  # noqa: E402
@@ -211,21 +210,12 @@ def main(argv: Sequence[str]) -> None:
             address = wait_for_file(os.path.join(data, "worker-local-1.address"), master)
             _, port = tls.split_address(address, 0)
             targets[name] = (port, os.path.join(data, "tls", "ca.pem"), master.pid)
-        try:
-            task.react(lambda reactor: _benchmark(reactor, targets, options))
-        except SystemExit as e:
-            if e.code:
-                raise BenchmarkError("the benchmark failed") from None
+        run_measurement(lambda reactor: _benchmark(reactor, targets, options))
     except BaseException:
         show_logs(workdir)
         raise
     finally:
-        for process in reversed(processes):
-            stop(process)
-        if os.environ.get("PAPERTRADER_BENCH_KEEP"):
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up(processes, workdir)
 
 
 if __name__ == "__main__":
