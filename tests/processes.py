@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
 
 import papertrader
 
@@ -214,3 +215,15 @@ def replay_deployment(base: str, assets: str, prices: str) -> RunningDeployment:
         "--price-replay-file", files[1],
         "--price-replay-loop", "yes",
     )  # fmt: skip
+
+
+class DeploymentTestCase(TestCase):
+    """A test case with a `RunningDeployment` started for each test (``self.deployment``)."""
+
+    timeout = 240
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.deployment = RunningDeployment(self.mktemp())
+        self.addCleanup(self.deployment.stop)
+        yield self.deployment.start()

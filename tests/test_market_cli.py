@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from papertrader.client import cli
 from papertrader.errors import DataFailed
 from papertrader.protocol import HISTORY_RANGES
-from tests.processes import RunningDeployment, _Watcher, replay_deployment
+from tests.processes import DeploymentTestCase, _Watcher, replay_deployment
 from tests.test_chart import bar
 from tests.test_cli import _Watcher as _WatchClient
 
@@ -141,16 +141,8 @@ class MarketCommandTests(SynchronousTestCase):
         self.assertEqual(out.getvalue(), "update 4 as of t4: AAPL 190.50  KO 60.00 (stale: source timed out)\n")
 
 
-class MarketEndToEndTests(TestCase):
+class MarketEndToEndTests(DeploymentTestCase):
     """The market commands through a real deployment."""
-
-    timeout = 240
-
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        self.deployment = RunningDeployment(self.mktemp())
-        self.addCleanup(self.deployment.stop)
-        yield self.deployment.start()
 
     @inlineCallbacks
     def test_quote_info_watch(self) -> Any:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from papertrader.money import parse_amount
-from tests.processes import ROOT, TWISTD, _Watcher, replay_deployment
+from tests.processes import RunningDeployment, replay_deployment
 
 PASSWORD = "correct horse battery"
 ASSETS = (
@@ -96,16 +94,12 @@ class ReplayEndToEndTests(TestCase):
         prices = os.path.join(base, "prices.csv")
         with open(prices, "w", encoding="utf-8") as f:
             f.write("time,symbol,close\n2024-01-02,AAPL,1\n")
-        watcher = _Watcher()
-        args = [
-            sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", "--logfile", os.path.join(base, "master.log"),
-            "papertrader-master", "--data-dir", os.path.join(base, "data"),
-            "--price-source", "replay", "--price-replay-file", prices,
-        ]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-        reactor.spawnProcess(watcher, sys.executable, args, env=env, path=base)
+        d = RunningDeployment(
+            os.path.join(base, "deployment"), "--price-source", "replay", "--price-replay-file", prices
+        )
+        watcher = d.spawn()
         reason = yield watcher.ended
         self.assertNotEqual(reason.exitCode, 0)
         output = watcher.output.decode("utf-8", "replace")
         self.assertIn(f"{prices}: missing column(s): price (or open, high, low)", output)
-        self.assertFalse(os.path.exists(os.path.join(base, "data")))
+        self.assertFalse(os.path.exists(d.data))

@@ -10,22 +10,13 @@ from typing import Any
 from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
 
 from papertrader import tls
-from tests.processes import RunningDeployment, _Watcher, worker_args
+from tests.processes import DeploymentTestCase, _Watcher, worker_args
 
 
-class CLIFailureTests(TestCase):
+class CLIFailureTests(DeploymentTestCase):
     """Whatever goes wrong, the real ``papertrader`` command prints one error line and exits non-zero."""
-
-    timeout = 240
-
-    @inlineCallbacks
-    def setUp(self) -> Any:
-        self.deployment = RunningDeployment(self.mktemp())
-        self.addCleanup(self.deployment.stop)
-        yield self.deployment.start()
 
     def assertOneLineError(self, err: str) -> None:
         """``err`` is exactly one ``papertrader: error: ...`` line, with no traceback."""
@@ -71,16 +62,12 @@ class CLIFailureTests(TestCase):
         self.assertIn("too long", err)
 
 
-class RefusedWorkerTests(TestCase):
+class RefusedWorkerTests(DeploymentTestCase):
     """A real ``twistd papertrader-worker`` that the master will not accept says why, once, and backs off."""
-
-    timeout = 240
 
     @inlineCallbacks
     def setUp(self) -> Any:
-        self.deployment = RunningDeployment(self.mktemp())
-        self.addCleanup(self.deployment.stop)
-        yield self.deployment.start()
+        yield super().setUp()
         self.master_port = self.deployment.master_port()
 
     @inlineCallbacks

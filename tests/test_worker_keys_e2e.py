@@ -23,24 +23,19 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
-from twisted.trial.unittest import TestCase
 
 from papertrader import gpg, tls
 from papertrader.protocol import WorkerHello
 from tests.gpgkeys import fresh_home, new_key
-from tests.processes import RunningDeployment, _Watcher, worker_args
+from tests.processes import DeploymentTestCase, _Watcher, worker_args
 
 
-class WorkerKeyEndToEndTests(TestCase):
+class WorkerKeyEndToEndTests(DeploymentTestCase):
     """A master and three workers as real processes: the one with a wrong key is refused."""
-
-    timeout = 240
 
     @inlineCallbacks
     def setUp(self) -> Any:
-        self.deployment = RunningDeployment(self.mktemp())
-        self.addCleanup(self.deployment.stop)
-        yield self.deployment.start()
+        yield super().setUp()
         self.master_port = self.deployment.master_port()
 
     @inlineCallbacks
