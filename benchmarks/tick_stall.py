@@ -85,7 +85,7 @@ PUSH_MARGIN = 0.5
 LEAD = 2.0
 TAIL = 1.0
 PUSH_TIMEOUT = 300.0
-_NEW_PRICES = re.compile(r"new prices as of (\S+); settling")
+_NEW_PRICES = re.compile(r"new prices as of ([^;\s]+)")
 _SETTLED = re.compile(r"update (\d+): (\d+) orders settled in ([\d.]+) s")
 
 

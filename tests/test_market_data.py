@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from papertrader.assets import Asset
@@ -28,6 +30,7 @@ from papertrader.protocol import (
 )
 from papertrader.timestamps import iso
 from tests.databases import fresh_database_url, query
+from tests.processes import ROOT
 from tests.support import ASSETS, PASSWORD, Deployment
 from tests.test_paging import encoded_size
 
@@ -564,3 +567,25 @@ class ThroughTheMasterTests(SynchronousTestCase):
             DataFailed, self.call, RelayedGetPriceHistory, symbol="AAPL", range="all", cursor="1.2.3"
         )
         self.assertRaises(DataFailed, self.call, RelayedGetPriceHistory, symbol="AAPL", range="ever")
+
+
+class BenchmarkLogReadingTests(SynchronousTestCase):
+    """benchmarks/tick_stall.py reads the master's log lines of each update: what the exchange logs now."""
+
+    def test_tick_stall_reads_every_update(self) -> None:
+        """Each update's "new prices" and "settled" lines, as the exchange logs them, are found by the
+        benchmark's patterns, with the update's time (the log line gained fresh and failed counts)."""
+        spec = importlib.util.spec_from_file_location("tick_stall", os.path.join(ROOT, "benchmarks", "tick_stall.py"))
+        assert spec is not None and spec.loader is not None
+        tick_stall = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tick_stall)
+        deployment = Deployment(self.mktemp())
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        deployment.tick()
+        lines = [formatEvent(event) for event in events]
+        started = [m.group(1) for m in map(tick_stall._NEW_PRICES.search, lines) if m]
+        settled = [m.group(1) for m in map(tick_stall._SETTLED.search, lines) if m]
+        self.assertEqual(started, [deployment.exchange.board.as_of])
+        self.assertEqual(settled, [str(deployment.exchange.board.tick)])
